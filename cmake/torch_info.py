@@ -1,0 +1,15 @@
+"""Prints the facts CMake needs about the installed torch, as `key=value` lines."""
+import os
+
+import torch
+
+lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+print(f"TORCH_DIR={os.path.dirname(torch.__file__)}")
+print(f"TORCH_LIB_DIR={lib}")
+print(f"TORCH_VERSION={torch.__version__}")
+print(f"TORCH_CUDA_VERSION={torch.version.cuda or ''}")
+print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+# nvidia wheels ship headers (cusparse.h, ...) some torch headers include.
+nv = [os.path.join(p, "nvidia") for p in __import__("site").getsitepackages()]
+inc = [os.path.join(d, sub, "include") for d in nv if os.path.isdir(d) for sub in sorted(os.listdir(d))]
+print("NVIDIA_WHEEL_INCLUDES=" + ";".join(p for p in inc if os.path.isdir(p)))

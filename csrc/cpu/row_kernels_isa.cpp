@@ -1,0 +1,328 @@
+// CPU row kernels, compiled once per instruction set (FL_CPU_ISA_NS = base | avx2; see CMakeLists.txt).
+// Rows are walked in chunks that stay in L1: each chunk is loaded once from memory (converted to the
+// accumulation type and pre-mapped when needed), then reduced or mapped with explicit SIMD vectors
+// (simd.h) whose lanes run the shared torch-free maths of fastloss/row_losses.h. Lane sums are combined in a
+// fixed order, so results are bit-reproducible for a given build and instruction set.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "fastloss/row_losses.h"
+#include "row_kernels.h"
+#include "simd.h"
+
+#ifndef FL_CPU_ISA_NS
+#error "FL_CPU_ISA_NS must name the instruction-set namespace"
+#endif
+
+namespace fastloss::cpu::FL_CPU_ISA_NS {
+namespace {
+
+constexpr int64_t kChunk = 512;  // elements per chunk (2 KiB of fp32), a multiple of every SIMD width
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Loads chunk [k0, k0 + n) of one row as acc_t with the pre-map applied. Returns the row itself when the
+// logits already are acc_t and the pre-map is the identity. With softcap on, dz/dx lands in `dz`.
+template <typename scalar_t>
+struct ChunkLoader {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* row;
+  PreMap<acc_t> pm;
+  bool identity, has_softcap;
+  acc_t buf[kChunk], dz[kChunk];
+
+  const acc_t* load(int64_t k0, int64_t n) {
+    const scalar_t* x = row + k0;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (identity) return x;
+    }
+    if (identity) {
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(x[i]);
+    } else if (!has_softcap) {
+      for (int64_t i = 0; i < n; ++i) buf[i] = pm.scale * static_cast<acc_t>(x[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) pm.value_and_grad(static_cast<acc_t>(x[i]), buf[i], dz[i]);
+    }
+    return buf;
+  }
+  // Writable copy of the chunk (to apply the target margin to one element).
+  acc_t* load_mutable(int64_t k0, int64_t n) {
+    const acc_t* z = load(k0, n);
+    if (z != buf) std::copy(z, z + n, buf);
+    return buf;
+  }
+};
+
+template <typename scalar_t>
+ChunkLoader<scalar_t> make_loader(const RowArgs& a) {
+  using acc_t = acc_type<scalar_t>;
+  ChunkLoader<scalar_t> L;
+  L.row = static_cast<const scalar_t*>(a.logits);
+  L.pm = {acc_t(a.scale), acc_t(a.softcap), a.softcap > 0 ? acc_t(1.0 / a.softcap) : acc_t(0)};
+  L.has_softcap = a.softcap > 0;
+  L.identity = a.scale == 1.0 && !L.has_softcap;
+  return L;
+}
+
+// Stores acc_t values as scalar_t.
+template <typename scalar_t, typename acc_t>
+FL_INLINE void store_chunk(const acc_t* d, int64_t n, scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(d[i]);
+}
+
+// ------------------------------------------------------------------------------------------------ CE
+
+// Folds one chunk into the online state: the chunk's own (max, rest) is exact, then LseState::merge.
+template <typename acc_t>
+void ce_reduce_chunk(const acc_t* z, const acc_t* w, int64_t n, bool smoothing, LseState<acc_t>& st,
+                     acc_t& sum_wz) {
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  constexpr int W = S::W;
+  int64_t i = 0;
+  V mv = S::splat(neg_inf<acc_t>());
+  for (; i + W <= n; i += W) {
+    V v = S::load(z + i);
+    mv = v > mv ? v : mv;
+  }
+  acc_t cm = S::max(mv);
+  for (; i < n; ++i) cm = z[i] > cm ? z[i] : cm;
+
+  if (cm != neg_inf<acc_t>()) {
+    const V cmv = S::splat(cm), zero = S::splat(0), one = S::splat(1);
+    V rv = zero, tv = zero;
+    for (i = 0; i + W <= n; i += W) {
+      V v = S::load(z + i);
+      rv += v == cmv ? zero : fl_exp(v - cmv);  // a NaN logit makes r NaN
+      tv += v == cmv ? one : zero;
+    }
+    acc_t r = S::sum(rv), ties = S::sum(tv);
+    for (; i < n; ++i) {
+      r += z[i] == cm ? acc_t(0) : fl_exp(z[i] - cm);
+      ties += z[i] == cm ? acc_t(1) : acc_t(0);
+    }
+    st.merge({cm, r + (ties - acc_t(1))});
+  } else {
+    // All -inf (masked), or NaN next to -inf only: let a NaN reach the state.
+    for (i = 0; i < n; ++i)
+      if (z[i] != z[i]) st.r = z[i];
+  }
+  if (smoothing) {
+    V sv = S::splat(0);
+    for (i = 0; i + W <= n; i += W) sv += (w ? S::load(w + i) : S::splat(1)) * S::load(z + i);
+    acc_t s = S::sum(sv);
+    for (; i < n; ++i) s += (w ? w[i] : acc_t(1)) * z[i];
+    sum_wz += s;
+  }
+}
+
+template <typename scalar_t>
+void ce_fwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t* margin = static_cast<const acc_t*>(a.margin);
+  acc_t* parts = static_cast<acc_t*>(a.parts);
+  acc_t* stats = static_cast<acc_t*>(a.stats);
+  const int64_t C = a.C;
+  auto L = make_loader<scalar_t>(a);
+  for (int64_t row = begin; row < end; ++row) {
+    L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
+    const int64_t y = a.target[row];
+    const bool ignored = y == a.ignore_index;
+    const acc_t margin_y = ignored ? acc_t(0) : (margin ? margin[y] : acc_t(a.margin_scalar));
+    LseState<acc_t> st = LseState<acc_t>::empty();
+    acc_t sum_wz = 0, z_y = 0;
+    for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - k0);
+      const acc_t* z;
+      if (!ignored && y >= k0 && y < k0 + n) {
+        acc_t* zm = L.load_mutable(k0, n);
+        zm[y - k0] -= margin_y;
+        z_y = zm[y - k0];
+        z = zm;
+      } else {
+        z = L.load(k0, n);
+      }
+      ce_reduce_chunk<acc_t>(z, weight ? weight + k0 : nullptr, n, a.with_smoothing, st, sum_wz);
+    }
+    const acc_t w_y = (ignored || !weight) ? acc_t(1) : weight[y];
+    CeParts<acc_t> p = ce_finalize<acc_t>(st, z_y, w_y, sum_wz, acc_t(a.sum_w), ignored, a.with_smoothing);
+    parts[3 * row + 0] = p.nll;
+    parts[3 * row + 1] = p.smooth;
+    parts[3 * row + 2] = p.lse;
+    stats[3 * row + 0] = st.m;
+    stats[3 * row + 1] = st.r;
+    stats[3 * row + 2] = z_y;
+  }
+}
+
+// d = dL/dz * dz/dx for one chunk; dzdx is the loader's derivative buffer (softcap) or the scale.
+template <typename acc_t, bool kSoftcap, bool kWeight>
+void ce_bwd_chunk(const CeGradRow<acc_t>& g, acc_t scale, const acc_t* z, const acc_t* dzdx, const acc_t* w,
+                  int64_t n, acc_t* d) {
+  using S = Simd<acc_t>;
+  int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) {
+    const auto dv = g.other(S::load(z + i), kWeight ? S::load(w + i) : S::splat(1));
+    S::store(d + i, kSoftcap ? dv * S::load(dzdx + i) : dv * scale);
+  }
+  for (; i < n; ++i) {
+    const acc_t dv = g.other(z[i], kWeight ? w[i] : acc_t(1));
+    d[i] = kSoftcap ? dv * dzdx[i] : dv * scale;
+  }
+}
+
+template <typename scalar_t>
+void ce_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t* stats = static_cast<const acc_t*>(a.stats);
+  const acc_t* gparts = static_cast<const acc_t*>(a.grad_parts);
+  const int64_t C = a.C;
+  auto L = make_loader<scalar_t>(a);
+  acc_t d[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
+    scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + row * C;
+    const int64_t y = a.target[row];
+    const bool ignored = y == a.ignore_index;
+    const acc_t z_y = stats[3 * row + 2];
+    acc_t zpre_y = 0, dz_y = 0, w_y = 1;
+    if (!ignored) {
+      L.pm.value_and_grad(static_cast<acc_t>(L.row[y]), zpre_y, dz_y);
+      if (weight) w_y = weight[y];
+    }
+    const auto g = CeGradRow<acc_t>::make(stats[3 * row], stats[3 * row + 1], gparts[3 * row],
+                                          gparts[3 * row + 1], gparts[3 * row + 2], w_y, acc_t(a.sum_w),
+                                          z_y, ignored);
+    if (g.ga + g.gp == acc_t(0) && g.gw == acc_t(0)) {  // ignored row with no use of its lse
+      std::fill(out, out + C, static_cast<scalar_t>(0));
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - k0);
+      const acc_t* z = L.load(k0, n);
+      const acc_t* w = weight ? weight + k0 : nullptr;
+      acc_t* dst = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out + k0) : d;
+      const acc_t sc = L.pm.scale;
+      if (L.has_softcap)
+        w ? ce_bwd_chunk<acc_t, true, true>(g, sc, z, L.dz, w, n, dst)
+          : ce_bwd_chunk<acc_t, true, false>(g, sc, z, L.dz, w, n, dst);
+      else
+        w ? ce_bwd_chunk<acc_t, false, true>(g, sc, z, L.dz, w, n, dst)
+          : ce_bwd_chunk<acc_t, false, false>(g, sc, z, L.dz, w, n, dst);
+      if (!std::is_same_v<scalar_t, acc_t>) store_chunk(d, n, out + k0);
+    }
+    if (!ignored) out[y] = static_cast<scalar_t>(g.target(z_y, w_y) * dz_y);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ Z-loss
+
+template <typename scalar_t>
+void zloss_fwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  acc_t* loss = static_cast<acc_t*>(a.parts);
+  acc_t* stats = static_cast<acc_t*>(a.stats);
+  const int64_t C = a.C;
+  auto L = make_loader<scalar_t>(a);
+  for (int64_t row = begin; row < end; ++row) {
+    L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
+    const acc_t K = static_cast<acc_t>(L.row[0]);  // shift: a value of the row itself
+    const V Kv = S::splat(K);
+    SphericalSums<acc_t> st{0, 0};
+    for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - k0);
+      const acc_t* z = L.load(k0, n);
+      V sv = S::splat(0), qv = S::splat(0);
+      int64_t i = 0;
+      for (; i + S::W <= n; i += S::W) {
+        const V v = S::load(z + i) - Kv;
+        sv += v;
+        qv += v * v;
+      }
+      SphericalSums<acc_t> cs{S::sum(sv), S::sum(qv)};
+      for (; i < n; ++i) cs.push(z[i] - K);
+      st.merge(cs);
+    }
+    const auto zr = ZLossRow<acc_t>::from_sums(st, C);
+    const int64_t y = a.target[row];
+    const bool ignored = y == a.ignore_index;
+    loss[row] = ignored ? acc_t(0)
+                        : zloss_value(zr.zscore(static_cast<acc_t>(L.row[y]) - K), acc_t(a.a), acc_t(a.b));
+    stats[2 * row + 0] = zr.d;
+    stats[2 * row + 1] = zr.sigma;
+  }
+}
+
+template <typename scalar_t>
+void zloss_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  using S = Simd<acc_t>;
+  const acc_t* stats = static_cast<const acc_t*>(a.stats);
+  const acc_t* gloss = static_cast<const acc_t*>(a.grad_parts);
+  const int64_t C = a.C;
+  auto L = make_loader<scalar_t>(a);
+  acc_t d[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
+    scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + row * C;
+    const int64_t y = a.target[row];
+    const bool ignored = y == a.ignore_index;
+    const acc_t K = static_cast<acc_t>(L.row[0]);
+    const auto zr = ZLossRow<acc_t>::from_saved(stats[2 * row], stats[2 * row + 1]);
+    const acc_t y_c = ignored ? acc_t(0) : static_cast<acc_t>(L.row[y]) - K;
+    const auto g = ZLossGradRow<acc_t>::make(zr, y_c, acc_t(a.a), acc_t(a.b), gloss[row], C, ignored);
+    if (g.coef == acc_t(0) && g.target_coef == acc_t(0)) {
+      std::fill(out, out + C, static_cast<scalar_t>(0));
+      continue;
+    }
+    const auto Kv = S::splat(K);
+    for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - k0);
+      const acc_t* z = L.load(k0, n);
+      acc_t* dst = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out + k0) : d;
+      int64_t i = 0;
+      for (; i + S::W <= n; i += S::W) S::store(dst + i, g.other(S::load(z + i) - Kv));
+      for (; i < n; ++i) dst[i] = g.other(z[i] - K);
+      if (!std::is_same_v<scalar_t, acc_t>) store_chunk(d, n, out + k0);
+    }
+    if (!ignored) out[y] = static_cast<scalar_t>(g.target(y_c));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ dtype
+
+template <template <typename> class Fn>
+void by_dtype(const RowArgs& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case DType::f32: return Fn<float>::run(a, begin, end);
+    case DType::f64: return Fn<double>::run(a, begin, end);
+    case DType::f16: return Fn<c10::Half>::run(a, begin, end);
+    case DType::bf16: return Fn<c10::BFloat16>::run(a, begin, end);
+  }
+}
+
+#define FL_ROW_KERNEL(name)                                                                      \
+  template <typename scalar_t>                                                                   \
+  struct name##_k {                                                                              \
+    static void run(const RowArgs& a, int64_t b, int64_t e) { name##_rows<scalar_t>(a, b, e); } \
+  };
+FL_ROW_KERNEL(ce_fwd)
+FL_ROW_KERNEL(ce_bwd)
+FL_ROW_KERNEL(zloss_fwd)
+FL_ROW_KERNEL(zloss_bwd)
+#undef FL_ROW_KERNEL
+
+}  // namespace
+
+extern const RowKernels kernels{&by_dtype<ce_fwd_k>, &by_dtype<ce_bwd_k>, &by_dtype<zloss_fwd_k>,
+                                &by_dtype<zloss_bwd_k>};
+
+}  // namespace fastloss::cpu::FL_CPU_ISA_NS

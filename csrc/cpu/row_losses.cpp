@@ -1,0 +1,170 @@
+// CPU glue of the row-loss ops: checks, allocation, target validation, at::parallel_for over rows and the
+// choice of instruction set. The kernels themselves are in row_kernels_isa.cpp.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "../row_checks.h"
+#include "row_kernels.h"
+
+namespace fastloss::cpu {
+namespace {
+
+const RowKernels& kernels() {
+#if defined(FL_HAVE_AVX2_KERNELS)
+  static const RowKernels* k =
+      (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? &avx2::kernels : &base::kernels;
+  return *k;
+#else
+  return base::kernels;
+#endif
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kHalf: return DType::f16;
+    default: return DType::bf16;
+  }
+}
+
+// CPU contract: a target outside [0, C) that is not ignore_index raises IndexError before any kernel runs.
+void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t i = 0, n = target.numel(); i < n; ++i) {
+    const int64_t y = t[i];
+    TORCH_CHECK_INDEX(y == ignore_index || (y >= 0 && y < C), "target ", y, " at position ", i,
+                      " is out of bounds for ", C, " classes (and is not ignore_index=", ignore_index, ")");
+  }
+}
+
+RowArgs base_args(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
+  RowArgs a{};
+  a.dtype = dtype_of(logits);
+  a.logits = logits.data_ptr();
+  a.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  a.C = logits.size(1);
+  a.target = target.data_ptr<int64_t>();
+  a.ignore_index = ignore_index;
+  a.scale = 1.0;
+  return a;
+}
+
+void run_rows(RowKernel k, const RowArgs& a, int64_t N) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.C, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { k(a, begin, end); });
+}
+
+// A fresh (N, C) gradient is written exactly once; with 4 KiB pages its first touch costs one page fault per
+// 4 KiB, which on a small CPU takes longer than the kernel itself. Asking for transparent huge pages on the
+// 2 MiB-aligned interior of the (still untouched) allocation removes nearly all of them. The memory stays
+// torch's allocation (its accounting and deleter are unchanged); the advice is harmless if ignored.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+  if (hi > lo && hi - lo >= 16 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
+
+void set_backward_args(RowArgs& a, RowBackwardInputs& in) {
+  advise_huge_pages(in.grad_logits);
+  a.stats = in.stats.data_ptr();
+  a.grad_parts = in.grad_rows.data_ptr();
+  a.grad_logits = in.grad_logits.data_ptr();
+}
+
+void set_ce_options(RowArgs& a, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& mg,
+                    double margin_scalar, double logit_scale, double softcap, bool with_smoothing) {
+  a.weight = w ? w->data_ptr() : nullptr;
+  a.margin = mg ? mg->data_ptr() : nullptr;
+  a.margin_scalar = margin_scalar;
+  a.scale = logit_scale;
+  a.softcap = softcap;
+  a.with_smoothing = with_smoothing;
+  a.sum_w = w ? w->sum().item<double>() : static_cast<double>(a.C);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& margin, double margin_scalar,
+                                                     double logit_scale, double softcap, int64_t ignore_index,
+                                                     bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_fwd";
+  check_row_inputs(logits, target, op);
+  auto w = class_vector(weight, logits, op, "weight");
+  auto mg = class_vector(margin, logits, op, "target_margin");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  auto t = target.contiguous();
+  check_targets(t, C, ignore_index);
+  auto opts = logits.options().dtype(acc_type_of(logits));
+  at::Tensor parts = at::empty({N, 3}, opts), stats = at::empty({N, 3}, opts);
+  RowArgs a = base_args(logits, t, ignore_index);
+  set_ce_options(a, w, mg, margin_scalar, logit_scale, softcap, with_smoothing);
+  a.parts = parts.data_ptr();
+  a.stats = stats.data_ptr();
+  run_rows(kernels().ce_fwd, a, N);
+  return {parts, stats};
+}
+
+at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& stats, double logit_scale,
+                             double softcap, int64_t ignore_index, bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_bwd";
+  auto in = prepare_row_backward(grad_parts, 3, logits, target, stats, 3, op);
+  auto w = class_vector(weight, logits, op, "weight");
+  check_targets(in.target, logits.size(1), ignore_index);
+  RowArgs a = base_args(logits, in.target, ignore_index);
+  set_ce_options(a, w, std::nullopt, 0.0, logit_scale, softcap, with_smoothing);
+  set_backward_args(a, in);
+  run_rows(kernels().ce_bwd, a, logits.size(0));
+  return in.grad_logits;
+}
+
+std::tuple<at::Tensor, at::Tensor> zloss_fwd(const at::Tensor& logits, const at::Tensor& target, double a_,
+                                             double b_, int64_t ignore_index) {
+  constexpr const char* op = "fastloss.zloss_fwd";
+  check_row_inputs(logits, target, op);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  auto t = target.contiguous();
+  check_targets(t, C, ignore_index);
+  auto opts = logits.options().dtype(acc_type_of(logits));
+  at::Tensor loss = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
+  RowArgs a = base_args(logits, t, ignore_index);
+  a.a = a_;
+  a.b = b_;
+  a.parts = loss.data_ptr();
+  a.stats = stats.data_ptr();
+  run_rows(kernels().zloss_fwd, a, N);
+  return {loss, stats};
+}
+
+at::Tensor zloss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                     const at::Tensor& stats, double a_, double b_, int64_t ignore_index) {
+  auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, "fastloss.zloss_bwd");
+  check_targets(in.target, logits.size(1), ignore_index);
+  RowArgs a = base_args(logits, in.target, ignore_index);
+  a.a = a_;
+  a.b = b_;
+  set_backward_args(a, in);
+  run_rows(kernels().zloss_bwd, a, logits.size(0));
+  return in.grad_logits;
+}
+
+}  // namespace
+}  // namespace fastloss::cpu
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("cross_entropy_fwd", &fastloss::cpu::cross_entropy_fwd);
+  m.impl("cross_entropy_bwd", &fastloss::cpu::cross_entropy_bwd);
+  m.impl("zloss_fwd", &fastloss::cpu::zloss_fwd);
+  m.impl("zloss_bwd", &fastloss::cpu::zloss_bwd);
+}

@@ -1,0 +1,140 @@
+// Small CUDA building blocks shared by fastloss kernels: deterministic warp/block merges of any trivially
+// copyable state, and a vectorised walk over one row.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+
+namespace fastloss::cuda {
+
+constexpr int kWarp = 32;
+
+// Shuffle any trivially copyable state word by word.
+template <typename S>
+__device__ __forceinline__ S shfl_xor(const S& v, int mask) {
+  static_assert(sizeof(S) % sizeof(int) == 0, "state must be a whole number of 32-bit words");
+  constexpr int W = sizeof(S) / sizeof(int);
+  int src[W], dst[W];
+  memcpy(src, &v, sizeof(S));
+#pragma unroll
+  for (int i = 0; i < W; ++i) dst[i] = __shfl_xor_sync(0xffffffffu, src[i], mask);
+  S out;
+  memcpy(&out, dst, sizeof(S));
+  return out;
+}
+
+// Merges `v` across the block in a fixed order (bit-reproducible) and returns the result to every thread.
+// `merge(a, b)` folds b into a. `smem` must hold blockDim.x / 32 states. blockDim.x is a multiple of 32.
+template <typename S, typename Merge>
+__device__ __forceinline__ S block_merge(S v, S* smem, Merge merge) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) merge(v, shfl_xor(v, off));
+  __syncthreads();  // smem may still be read by a previous block_merge
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    S w = lane < nwarps ? smem[lane] : smem[0];
+    const bool valid = lane < nwarps;
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      S o = shfl_xor(w, off);
+      const bool ovalid = __shfl_xor_sync(0xffffffffu, valid, off);
+      if (valid && ovalid) merge(w, o);
+    }
+    if (lane == 0) smem[0] = w;
+  }
+  __syncthreads();
+  return smem[0];
+}
+
+// 16-byte pack of scalars for vectorised loads and stores.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+// Visits a row: element(k, x_k) for the unaligned head and the tail, pack(k0, Pack) for the 16-byte-aligned
+// body, each thread a strided share with U packs in flight.
+template <typename T, int U = 4, typename E, typename P>
+__device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, E&& element, P&& pack) {
+  constexpr int V = Pack<T>::N;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t mis = (reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T);
+  int64_t head = mis == 0 ? 0 : (V - mis);
+  if (head > C) head = C;
+  for (int64_t k = tid; k < head; k += nt) element(k, row[k]);
+  const int64_t n_vec = (C - head) / V;
+  const Pack<T>* vp = reinterpret_cast<const Pack<T>*>(row + head);
+  for (int64_t v0 = tid; v0 < n_vec; v0 += int64_t(U) * nt) {
+    Pack<T> p[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + int64_t(u) * nt;
+      if (v < n_vec) p[u] = vp[v];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + int64_t(u) * nt;
+      if (v < n_vec) pack(head + v * V, p[u]);
+    }
+  }
+  for (int64_t k = head + n_vec * V + tid; k < C; k += nt) element(k, row[k]);
+}
+
+// out[k] = g(k, x_k) for every element of a row; vectorised when input and output rows share alignment.
+// g_pack(k0, in, out) maps a whole body pack.
+template <typename T, int U = 4, typename G, typename GP>
+__device__ __forceinline__ void map_row(const T* row, T* out, int64_t C, G&& g, GP&& g_pack) {
+  constexpr int V = Pack<T>::N;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != reinterpret_cast<uintptr_t>(out) % 16) {
+    for (int64_t k = tid; k < C; k += nt) out[k] = g(k, row[k]);
+    return;
+  }
+  const int64_t mis = (reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T);
+  int64_t head = mis == 0 ? 0 : (V - mis);
+  if (head > C) head = C;
+  for (int64_t k = tid; k < head; k += nt) out[k] = g(k, row[k]);
+  const int64_t n_vec = (C - head) / V;
+  const Pack<T>* vp = reinterpret_cast<const Pack<T>*>(row + head);
+  Pack<T>* op = reinterpret_cast<Pack<T>*>(out + head);
+  for (int64_t v0 = tid; v0 < n_vec; v0 += int64_t(U) * nt) {
+    Pack<T> p[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + int64_t(u) * nt;
+      if (v < n_vec) p[u] = vp[v];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + int64_t(u) * nt;
+      if (v < n_vec) {
+        Pack<T> o;
+        g_pack(head + v * V, p[u], o);
+        op[v] = o;
+      }
+    }
+  }
+  for (int64_t k = head + n_vec * V + tid; k < C; k += nt) out[k] = g(k, row[k]);
+}
+
+// Threads per row block: 64 to kMaxRowThreads, aiming at `packs_per_thread` 16-byte packs per thread (more
+// work per thread amortises the block reduction; smaller blocks keep several rows in flight per SM).
+// FASTLOSS_ROW_PACKS_PER_THREAD overrides the aim (a tuning knob for bench/bench_bandwidth.py --sweep).
+constexpr int kMaxRowThreads = 512;
+inline int row_block_threads(int64_t C, int elem_bytes) {
+  static const int packs_per_thread = [] {
+    const char* env = std::getenv("FASTLOSS_ROW_PACKS_PER_THREAD");
+    return env ? std::max(1, std::atoi(env)) : 16;
+  }();
+  const int64_t packs = (C * elem_bytes + 15) / 16;
+  int t = 64;
+  while (t < kMaxRowThreads && int64_t(t) * packs_per_thread < packs) t *= 2;
+  return t;
+}
+
+}  // namespace fastloss::cuda

@@ -1,0 +1,403 @@
+// CUDA row kernels: one block per row (grid-stride over rows), 16-byte loads, per-thread online states merged
+// in a fixed order. Same torch-free maths as the CPU kernels (fastloss/row_losses.h).
+// Bad targets never index memory: such a row gets NaN loss and NaN gradient, without a host sync.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "../row_checks.h"
+#include "common.cuh"
+#include "fastloss/row_losses.h"
+
+namespace fastloss::cuda {
+namespace {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+constexpr int kMaxWarps = 512 / kWarp;
+
+__device__ __forceinline__ bool bad_target(int64_t y, int64_t C, int64_t ignore_index) {
+  return y != ignore_index && (y < 0 || y >= C);
+}
+
+// Per-row options of the cross-entropy kernels.
+template <typename acc_t>
+struct CeOpts {
+  const acc_t* weight;  // (C,) or nullptr
+  const acc_t* margin;  // (C,) or nullptr
+  const acc_t* sum_w;   // device scalar or nullptr (then C)
+  acc_t margin_scalar;
+  PreMap<acc_t> pm;
+  bool with_smoothing;
+  int64_t ignore_index;
+
+  __device__ __forceinline__ acc_t margin_of(int64_t y) const { return margin ? margin[y] : margin_scalar; }
+  __device__ __forceinline__ acc_t weight_of(int64_t k) const { return weight ? weight[k] : acc_t(1); }
+  __device__ __forceinline__ acc_t sum_weights(int64_t C) const { return sum_w ? *sum_w : acc_t(C); }
+};
+
+template <typename acc_t>
+struct CeThreadState {
+  LseState<acc_t> st;
+  acc_t sum_wz;
+};
+
+// Two 512-thread blocks per SM cap registers at 64; float64 rows need more and get one block.
+template <typename scalar_t>
+constexpr int kMinRowBlocks = sizeof(scalar_t) == 8 ? 1 : 2;
+
+// Logits read from fp16/bf16 take the hardware exp (see fl_exp_if_fast); fp32/fp64 the accurate one.
+template <typename scalar_t>
+constexpr bool kFastExp = sizeof(scalar_t) == 2;
+
+template <typename scalar_t, bool kSoftcap>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    ce_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                  const int64_t* __restrict__ target, CeOpts<acc_type<scalar_t>> o,
+                  acc_type<scalar_t>* __restrict__ parts, acc_type<scalar_t>* __restrict__ stats) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  __shared__ CeThreadState<acc_t> smem[kMaxWarps];
+  __shared__ acc_t s_zy;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const int64_t y = target[row];
+    if (bad_target(y, C, o.ignore_index)) {
+      if (threadIdx.x == 0) {
+        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+        parts[3 * row] = parts[3 * row + 1] = parts[3 * row + 2] = nan;
+        stats[3 * row] = stats[3 * row + 1] = stats[3 * row + 2] = nan;
+      }
+      continue;
+    }
+    const bool ignored = y == o.ignore_index;
+    const acc_t margin_y = ignored ? acc_t(0) : o.margin_of(y);
+    const int64_t y_eff = ignored ? -1 : y;
+    CeThreadState<acc_t> ts{LseState<acc_t>::empty(), acc_t(0)};
+    // The target gets its margin and is recorded (in shared memory) by the thread that reads it.
+    auto target_fix = [&](acc_t& z) {
+      z -= margin_y;
+      s_zy = z;
+    };
+    auto smooth = [&](int64_t k, acc_t z) {
+      if (o.with_smoothing) ts.sum_wz += o.weight_of(k) * z;
+    };
+    for_each_in_row(
+        logits + row * row_stride, C,
+        [&](int64_t k, scalar_t x) {
+          acc_t z = o.pm.template value<kSoftcap>(static_cast<acc_t>(x));
+          if (k == y_eff) target_fix(z);
+          ts.st.push(z);
+          smooth(k, z);
+        },
+        [&](int64_t k0, const Pack<scalar_t>& p) {
+          acc_t z[V];  // constant indices only, so z stays in registers
+#pragma unroll
+          for (int j = 0; j < V; ++j) z[j] = o.pm.template value<kSoftcap>(static_cast<acc_t>(p.v[j]));
+          if (y_eff >= k0 && y_eff < k0 + V) {  // rare: this pack holds the target
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+              if (k0 + j == y_eff) target_fix(z[j]);
+          }
+          ts.st.template push_n<kFastExp<scalar_t>>(z);
+#pragma unroll
+          for (int j = 0; j < V; ++j) smooth(k0 + j, z[j]);
+        });
+    ts = block_merge(ts, smem, [](CeThreadState<acc_t>& a, const CeThreadState<acc_t>& b) {
+      a.st.merge(b.st);
+      a.sum_wz += b.sum_wz;
+    });
+    if (threadIdx.x == 0) {
+      const acc_t w_y = ignored ? acc_t(1) : o.weight_of(y);
+      const acc_t z_y = ignored ? acc_t(0) : s_zy;
+      const CeParts<acc_t> p =
+          ce_finalize<acc_t>(ts.st, z_y, w_y, ts.sum_wz, o.sum_weights(C), ignored, o.with_smoothing);
+      parts[3 * row] = p.nll;
+      parts[3 * row + 1] = p.smooth;
+      parts[3 * row + 2] = p.lse;
+      stats[3 * row] = ts.st.m;
+      stats[3 * row + 1] = ts.st.r;
+      stats[3 * row + 2] = z_y;
+    }
+    __syncthreads();  // s_zy is reused by the next row
+  }
+}
+
+template <typename scalar_t, bool kSoftcap>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    ce_bwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                  const int64_t* __restrict__ target, CeOpts<acc_type<scalar_t>> o,
+                  const acc_type<scalar_t>* __restrict__ stats, const acc_type<scalar_t>* __restrict__ gparts,
+                  scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const scalar_t* x = logits + row * row_stride;
+    scalar_t* out = grad + row * C;
+    const int64_t y = target[row];
+    if (bad_target(y, C, o.ignore_index)) {
+      const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+      for (int64_t k = threadIdx.x; k < C; k += blockDim.x) out[k] = nan;
+      continue;
+    }
+    const bool ignored = y == o.ignore_index;
+    const acc_t z_y = stats[3 * row + 2];  // the forward's own target logit (see CeGradRow)
+    const acc_t w_y = ignored ? acc_t(1) : o.weight_of(y);
+    const auto g = CeGradRow<acc_t>::make(stats[3 * row], stats[3 * row + 1], gparts[3 * row],
+                                          gparts[3 * row + 1], gparts[3 * row + 2], w_y, o.sum_weights(C), z_y,
+                                          ignored);
+    const int64_t y_eff = ignored ? -1 : y;
+    // dL/dx_k; z is taken before the margin (a constant shift, so dz/dx does not see it).
+    auto other = [&](int64_t k, scalar_t xv) {
+      acc_t z, dz;
+      o.pm.template value_and_grad<kSoftcap>(static_cast<acc_t>(xv), z, dz);
+      return static_cast<scalar_t>(g.template other<kFastExp<scalar_t>>(z, o.weight_of(k)) * dz);
+    };
+    auto target = [&](scalar_t xv) {
+      acc_t z, dz;
+      o.pm.template value_and_grad<kSoftcap>(static_cast<acc_t>(xv), z, dz);
+      return static_cast<scalar_t>(g.target(z_y, w_y) * dz);
+    };
+    auto dx = [&](int64_t k, scalar_t xv) { return k == y_eff ? target(xv) : other(k, xv); };
+    map_row(x, out, C, dx, [&](int64_t k0, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) res.v[j] = other(k0 + j, in.v[j]);
+      if (y_eff >= k0 && y_eff < k0 + V) {  // rare: this pack holds the target
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (k0 + j == y_eff) res.v[j] = target(in.v[j]);
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    zloss_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                     const int64_t* __restrict__ target, int64_t ignore_index, acc_type<scalar_t> a,
+                     acc_type<scalar_t> b, acc_type<scalar_t>* __restrict__ loss,
+                     acc_type<scalar_t>* __restrict__ stats) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  __shared__ SphericalSums<acc_t> smem[kMaxWarps];
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const scalar_t* x = logits + row * row_stride;
+    const int64_t y = target[row];
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    if (bad_target(y, C, ignore_index)) {
+      if (threadIdx.x == 0) loss[row] = stats[2 * row] = stats[2 * row + 1] = nan;
+      continue;
+    }
+    const acc_t K = static_cast<acc_t>(x[0]);  // shift by a value of the row itself
+    SphericalSums<acc_t> st{0, 0};
+    for_each_in_row(
+        x, C, [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - K); },
+        [&](int64_t, const Pack<scalar_t>& p) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) st.push(static_cast<acc_t>(p.v[j]) - K);
+        });
+    st = block_merge(st, smem, [](SphericalSums<acc_t>& p, const SphericalSums<acc_t>& q) { p.merge(q); });
+    if (threadIdx.x == 0) {
+      const auto zr = ZLossRow<acc_t>::from_sums(st, C);
+      const bool ignored = y == ignore_index;
+      loss[row] = ignored ? acc_t(0) : zloss_value(zr.zscore(static_cast<acc_t>(x[y]) - K), a, b);
+      stats[2 * row] = zr.d;
+      stats[2 * row + 1] = zr.sigma;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    zloss_bwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                     const int64_t* __restrict__ target, int64_t ignore_index, acc_type<scalar_t> a,
+                     acc_type<scalar_t> b, const acc_type<scalar_t>* __restrict__ stats,
+                     const acc_type<scalar_t>* __restrict__ gloss, scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const scalar_t* x = logits + row * row_stride;
+    scalar_t* out = grad + row * C;
+    const int64_t y = target[row];
+    if (bad_target(y, C, ignore_index)) {
+      const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+      for (int64_t k = threadIdx.x; k < C; k += blockDim.x) out[k] = nan;
+      continue;
+    }
+    const bool ignored = y == ignore_index;
+    const acc_t K = static_cast<acc_t>(x[0]);
+    const auto zr = ZLossRow<acc_t>::from_saved(stats[2 * row], stats[2 * row + 1]);
+    const acc_t y_c = ignored ? acc_t(0) : static_cast<acc_t>(x[y]) - K;
+    const auto g = ZLossGradRow<acc_t>::make(zr, y_c, a, b, gloss[row], C, ignored);
+    const int64_t y_eff = ignored ? -1 : y;
+    auto dx = [&](int64_t k, scalar_t v) {
+      const acc_t yk = static_cast<acc_t>(v) - K;
+      return static_cast<scalar_t>(k == y_eff ? g.target(yk) : g.other(yk));
+    };
+    map_row(x, out, C, dx, [&](int64_t k0, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(g.other(static_cast<acc_t>(in.v[j]) - K));
+      if (y_eff >= k0 && y_eff < k0 + V) {  // rare: this pack holds the target
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          if (k0 + j == y_eff) res.v[j] = dx(k0 + j, in.v[j]);
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ glue
+
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "fastloss: unsupported dtype ", st);
+  }
+}
+
+struct Launch {
+  dim3 grid, block;
+  cudaStream_t stream;
+};
+
+Launch row_launch(const at::Tensor& logits) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const int64_t blocks = std::min<int64_t>(std::max<int64_t>(N, 1), int64_t(1) << 30);
+  return {dim3(static_cast<unsigned>(blocks)), dim3(row_block_threads(C, logits.element_size())),
+          c10::cuda::getCurrentCUDAStream(logits.get_device()).stream()};
+}
+
+int64_t row_stride_of(const at::Tensor& logits) {
+  return logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+}
+
+template <typename acc_t>
+CeOpts<acc_t> ce_opts(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& mg,
+                      const std::optional<at::Tensor>& sum_w, double margin_scalar, double logit_scale,
+                      double softcap, int64_t ignore_index, bool with_smoothing) {
+  CeOpts<acc_t> o;
+  o.weight = w ? w->data_ptr<acc_t>() : nullptr;
+  o.margin = mg ? mg->data_ptr<acc_t>() : nullptr;
+  o.sum_w = sum_w ? sum_w->data_ptr<acc_t>() : nullptr;
+  o.margin_scalar = acc_t(margin_scalar);
+  o.pm = {acc_t(logit_scale), acc_t(softcap), softcap > 0 ? acc_t(1.0 / softcap) : acc_t(0)};
+  o.with_smoothing = with_smoothing;
+  o.ignore_index = ignore_index;
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& weight,
+                                                     const std::optional<at::Tensor>& margin, double margin_scalar,
+                                                     double logit_scale, double softcap, int64_t ignore_index,
+                                                     bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_fwd";
+  check_row_inputs(logits, target, op);
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto w = class_vector(weight, logits, op, "weight");
+  auto mg = class_vector(margin, logits, op, "target_margin");
+  std::optional<at::Tensor> sum_w;
+  if (w && with_smoothing) sum_w = at::sum(*w);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  auto t = target.contiguous();
+  auto opts = logits.options().dtype(acc_type_of(logits));
+  at::Tensor parts = at::empty({N, 3}, opts), stats = at::empty({N, 3}, opts);
+  if (N == 0) return {parts, stats};
+  const Launch L = row_launch(logits);
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    auto kernel = softcap > 0 ? ce_fwd_kernel<scalar_t, true> : ce_fwd_kernel<scalar_t, false>;
+    kernel<<<L.grid, L.block, 0, L.stream>>>(
+        static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, t.data_ptr<int64_t>(),
+        ce_opts<acc_t>(w, mg, sum_w, margin_scalar, logit_scale, softcap, ignore_index, with_smoothing),
+        parts.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {parts, stats};
+}
+
+at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& stats, double logit_scale,
+                             double softcap, int64_t ignore_index, bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_bwd";
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto in = prepare_row_backward(grad_parts, 3, logits, target, stats, 3, op);
+  auto w = class_vector(weight, logits, op, "weight");
+  std::optional<at::Tensor> sum_w;
+  if (w && with_smoothing) sum_w = at::sum(*w);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (N == 0) return in.grad_logits;
+  const Launch L = row_launch(logits);
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    auto kernel = softcap > 0 ? ce_bwd_kernel<scalar_t, true> : ce_bwd_kernel<scalar_t, false>;
+    kernel<<<L.grid, L.block, 0, L.stream>>>(
+        static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, in.target.data_ptr<int64_t>(),
+        ce_opts<acc_t>(w, std::nullopt, sum_w, 0.0, logit_scale, softcap, ignore_index, with_smoothing),
+        in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(), static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return in.grad_logits;
+}
+
+std::tuple<at::Tensor, at::Tensor> zloss_fwd(const at::Tensor& logits, const at::Tensor& target, double a,
+                                             double b, int64_t ignore_index) {
+  check_row_inputs(logits, target, "fastloss.zloss_fwd");
+  c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  auto t = target.contiguous();
+  auto opts = logits.options().dtype(acc_type_of(logits));
+  at::Tensor loss = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
+  if (N == 0) return {loss, stats};
+  const Launch L = row_launch(logits);
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    zloss_fwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
+        static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, t.data_ptr<int64_t>(),
+        ignore_index, acc_t(a), acc_t(b), loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, stats};
+}
+
+at::Tensor zloss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                     const at::Tensor& stats, double a, double b, int64_t ignore_index) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, "fastloss.zloss_bwd");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (N == 0) return in.grad_logits;
+  const Launch L = row_launch(logits);
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    zloss_bwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
+        static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, in.target.data_ptr<int64_t>(),
+        ignore_index, acc_t(a), acc_t(b), in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
+        static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return in.grad_logits;
+}
+
+}  // namespace
+}  // namespace fastloss::cuda
+
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("cross_entropy_fwd", &fastloss::cuda::cross_entropy_fwd);
+  m.impl("cross_entropy_bwd", &fastloss::cuda::cross_entropy_bwd);
+  m.impl("zloss_fwd", &fastloss::cuda::zloss_fwd);
+  m.impl("zloss_bwd", &fastloss::cuda::zloss_bwd);
+}

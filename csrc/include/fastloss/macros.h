@@ -1,0 +1,89 @@
+// Shared by g++ and nvcc: the torch-free maths in this folder is compiled for the CPU kernels and the CUDA
+// kernels alike, so both devices run the same formulas.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FL_HD __host__ __device__
+#define FL_INLINE __forceinline__
+#else
+#define FL_HD
+#define FL_INLINE inline __attribute__((always_inline))
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace fastloss {
+
+template <typename T>
+FL_HD FL_INLINE T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Branch-free expf (Cody-Waite reduction + degree-6 polynomial, about 1 ulp). F is float or a GCC vector of
+// floats (csrc/cpu/simd.h), so the CPU SIMD loops and the scalar host code evaluate the same polynomial;
+// std::exp would stay a scalar libm call. Results below FLT_MIN flush to 0.
+// to_int(F) -> integer vector of the same width, as_float(integer vector) -> F (bit cast).
+template <typename F, typename ToInt, typename AsFloat>
+FL_INLINE F exp_poly(F x, ToInt to_int, AsFloat as_float) {
+  const F z0 = F{};  // 0 or a zero vector: the base for broadcasting constants
+  const float hi = 88.3762626647949f, lo = -87.3365478515625f;
+  F xc = x < lo ? z0 + lo : (x > hi ? z0 + hi : x);
+  F n = xc * 1.44269504088896341f;
+  n = (n + 12582912.0f) - 12582912.0f;  // round to nearest integer (|n| < 2^22)
+  F r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  F p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  F y = p * as_float((to_int(n) + 127) << 23);
+  y = x < lo ? z0 : y;
+  return x > hi ? z0 + std::numeric_limits<float>::infinity() : y;  // NaN stays NaN through p
+}
+
+FL_INLINE float exp_poly(float x) {
+  return exp_poly(
+      x, [](float n) { return static_cast<int32_t>(n); },
+      [](int32_t b) {
+        float f;
+        std::memcpy(&f, &b, sizeof(f));
+        return f;
+      });
+}
+
+// exp and log1p in the accumulation type. On the device they are CUDA's accurate expf/exp; on the host the
+// float exp is the vectorisable polynomial above.
+template <typename T>
+FL_HD FL_INLINE T fl_exp(T x) {
+  return std::exp(x);
+}
+template <>
+FL_HD FL_INLINE float fl_exp<float>(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  return exp_poly(x);
+#endif
+}
+// exp where a few ulp do not matter (logits read from fp16/bf16): one multiply and the hardware ex2 on the
+// device (CUDA's __expf, ~2 ulp near 0); the accurate fl_exp everywhere else.
+template <bool kFast, typename T>
+FL_HD FL_INLINE T fl_exp_if_fast(T x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kFast && std::is_same_v<T, float>) return __expf(x);
+#endif
+  return fl_exp(x);
+}
+
+template <typename T>
+FL_HD FL_INLINE T fl_log1p(T x) {
+  return std::log1p(x);
+}
+
+}  // namespace fastloss

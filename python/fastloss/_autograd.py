@@ -1,0 +1,42 @@
+"""Autograd of the forward ops: each saves its inputs and small per-row statistics, and its backward op
+recomputes from logits + statistics (no N x C tensor is kept between forward and backward)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+
+if _ops.AVAILABLE:
+
+    def _ce_setup(ctx, inputs, output):
+        logits, target, weight, margin, margin_scalar, logit_scale, softcap, ignore_index, with_smoothing = inputs
+        _, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(logits, target, weight, stats)
+        ctx.opts = (logit_scale, softcap, ignore_index, with_smoothing)
+
+    def _ce_backward(ctx, grad_parts, _grad_stats):
+        logits, target, weight, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastloss.cross_entropy_bwd(grad_parts, logits, target, weight, stats, *ctx.opts)
+        return grad, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("fastloss::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup)
+
+    def _zloss_setup(ctx, inputs, output):
+        logits, target, a, b, ignore_index = inputs
+        _, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(logits, target, stats)
+        ctx.opts = (a, b, ignore_index)
+
+    def _zloss_backward(ctx, grad_loss, _grad_stats):
+        logits, target, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastloss.zloss_bwd(grad_loss, logits, target, stats, *ctx.opts)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd("fastloss::zloss_fwd", _zloss_backward, setup_context=_zloss_setup)

@@ -1,0 +1,86 @@
+"""Reductions shared by the fused path (functional.py) and the reference (reference.py).
+
+The fused ops return per-row parts; the loss is assembled here with plain differentiable torch ops, so the
+gradient of every reduction (including device-side denominators: no host sync) reaches the op's backward as
+dL/dparts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_class_weight(weight: torch.Tensor | None, target: torch.Tensor, counted: torch.Tensor, C: int):
+    """w_y per row (0 on rows that are not counted), or None without class weights."""
+    if weight is None:
+        return None
+    safe = target.clamp(0, C - 1)
+    return torch.where(counted, weight[safe], torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def combine_cross_entropy(
+    nll: torch.Tensor,
+    smooth: torch.Tensor,
+    lse: torch.Tensor,
+    counted: torch.Tensor,
+    w_y: torch.Tensor | None,
+    *,
+    num_classes: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+) -> torch.Tensor:
+    """Torch's cross-entropy reductions, to the letter, plus the lse^2 penalty.
+
+    nll = w_y (lse - z_y) and smooth = sum_k w_k (lse - z_k) are 0 on ignored rows. With reduction="mean"
+    the nll and smoothing terms divide by the sum of w_y over counted rows (their count without weights), and
+    the penalty lse_square_scale * lse^2 by the number of counted rows. A mean over zero counted rows is NaN,
+    like torch.
+    """
+    eps = float(label_smoothing)
+    lam = float(lse_square_scale)
+    penalty = torch.where(counted, lse, torch.zeros((), dtype=lse.dtype, device=lse.device)).square() if lam else None
+    if reduction in ("none", "sum"):
+        loss = nll if eps == 0 else (1.0 - eps) * nll + (eps / num_classes) * smooth
+        if penalty is not None:
+            loss = loss + lam * penalty
+        return loss if reduction == "none" else loss.sum()
+    count = counted.sum().to(nll.dtype)
+    denom = count if w_y is None else w_y.to(nll.dtype).sum()
+    loss = nll.sum() / denom
+    if eps != 0:
+        loss = (1.0 - eps) * loss + (eps / num_classes) * (smooth.sum() / denom)
+    if penalty is not None:
+        loss = loss + lam * (penalty.sum() / count)
+    return loss
+
+
+def reduce_rows(loss: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
+    """none / sum / mean over counted rows (NaN when none is counted, like torch)."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / counted.sum().to(loss.dtype)
+
+
+def _to_output(loss: torch.Tensor, logits: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Row losses back to the target's shape (reduction='none'), in the logits' dtype."""
+    loss = loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
+    return loss.to(logits.dtype)
+
+
+def cross_entropy_output(logits, nll, smooth, lse, counted, w_y, *, reduction, label_smoothing,
+                         lse_square_scale, return_lse):
+    """The public result of cross_entropy from its per-row parts: the loss, or (loss, lse) with return_lse."""
+    loss = combine_cross_entropy(
+        nll, smooth, lse, counted, w_y, num_classes=logits.shape[-1], reduction=reduction,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+    )
+    loss = _to_output(loss, logits, reduction)
+    return (loss, lse.reshape(logits.shape[:-1])) if return_lse else loss
+
+
+def row_loss_output(logits, rows, counted, reduction):
+    """The public result of a per-row loss (zloss and the other spherical losses)."""
+    return _to_output(reduce_rows(rows, counted, reduction), logits, reduction)

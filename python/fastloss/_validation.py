@@ -1,0 +1,132 @@
+"""Argument checks of the public API (DESIGN.md section 5) and the target-range validation switch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("none", "mean", "sum")
+_validate = False
+
+
+def set_validation(enabled: bool) -> None:
+    """Check target ranges synchronously on every device (a host sync on CUDA).
+
+    Off by default: on CUDA an out-of-range target then gives a NaN loss for its row without a sync; CPU
+    kernels always raise IndexError.
+    """
+    global _validate
+    _validate = bool(enabled)
+
+
+def get_validation() -> bool:
+    return _validate
+
+
+def check_logits_target(fn: str, logits, target) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if logits.dim() < 2:
+        raise ValueError(
+            f"{fn}: logits must have shape (N, C) or (..., C) with the class dimension last, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{fn}: logits need at least one class, got shape {tuple(logits.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"{fn}: target must hold integer class indices (int64 or int32), got {target.dtype}; "
+            "probability targets are not supported"
+        )
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{fn}: target must have shape {tuple(logits.shape[:-1])} (logits without the class "
+            f"dimension), got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"{fn}: target is on {target.device} but logits are on {logits.device}")
+
+
+def check_class_vector(fn: str, name: str, v, logits) -> None:
+    if v is None:
+        return
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor of shape (C,) or None, got {type(v).__name__}")
+    C = logits.shape[-1]
+    if v.dim() != 1 or v.shape[0] != C:
+        raise ValueError(f"{fn}: {name} must have shape ({C},), one value per class, got {tuple(v.shape)}")
+    if not v.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be a floating tensor, got {v.dtype}")
+    if v.device != logits.device:
+        raise ValueError(f"{fn}: {name} is on {v.device} but logits are on {logits.device}")
+
+
+def check_reduction(fn: str, reduction) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def check_finite(fn: str, name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{fn}: {name} must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{fn}: {name} must be > 0, got {v}")
+    if nonnegative and v < 0:
+        raise ValueError(f"{fn}: {name} must be >= 0, got {v}")
+    return v
+
+
+def check_ignore_index(fn: str, ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def check_target_range(fn: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises IndexError for a target outside [0, C) that is not ignore_index (syncs with the device)."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        idx = int(bad.reshape(-1).nonzero()[0, 0])
+        value = int(target.reshape(-1)[idx])
+        raise IndexError(
+            f"{fn}: target {value} at flat position {idx} is out of bounds for {num_classes} classes "
+            f"(and is not ignore_index={ignore_index})"
+        )
+
+
+def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_index, label_smoothing,
+                             lse_square_scale, logit_scale, softcap, target_margin):
+    """All argument checks of cross_entropy; returns the options as plain floats (softcap None or > 0)."""
+    check_logits_target(fn, logits, target)
+    check_class_vector(fn, "weight", weight, logits)
+    check_reduction(fn, reduction)
+    check_ignore_index(fn, ignore_index)
+    label_smoothing = check_finite(fn, "label_smoothing", label_smoothing, nonnegative=True)
+    if label_smoothing > 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    lse_square_scale = check_finite(fn, "lse_square_scale", lse_square_scale, nonnegative=True)
+    logit_scale = check_finite(fn, "logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = check_finite(fn, "softcap", softcap, positive=True)
+    if isinstance(target_margin, torch.Tensor):
+        check_class_vector(fn, "target_margin", target_margin, logits)
+    else:
+        target_margin = check_finite(fn, "target_margin", target_margin)
+    return label_smoothing, lse_square_scale, logit_scale, softcap, target_margin
+
+
+def check_zloss_args(fn, logits, target, *, a, b, ignore_index, reduction):
+    check_logits_target(fn, logits, target)
+    check_reduction(fn, reduction)
+    check_ignore_index(fn, ignore_index)
+    return check_finite(fn, "a", a, positive=True), check_finite(fn, "b", b)

@@ -1,0 +1,121 @@
+"""Public functional API. Shapes follow the class-last convention: logits (..., C), target (...)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops, reference
+from . import _validation as V
+from ._reduce import cross_entropy_output, gather_class_weight, row_loss_output
+
+
+def _rows(logits: torch.Tensor, target: torch.Tensor):
+    """(N, C) view of the logits with class stride 1 (copies only when the class dim is strided)."""
+    C = logits.shape[-1]
+    x = logits.reshape(-1, C)
+    if x.stride(-1) != 1 and C > 1:
+        x = x.contiguous()
+    return x, target.reshape(-1).long()
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    target_margin: float | torch.Tensor = 0.0,
+    return_lse: bool = False,
+):
+    """Fused softmax cross-entropy over the last dimension.
+
+    Identical to ``torch.nn.functional.cross_entropy(logits.reshape(-1, C), target.reshape(-1), ...)`` for
+    every option torch has (class ``weight``, any integer ``ignore_index`` — also one naming a real class, whose
+    rows are dropped while the class stays in the normaliser —, ``label_smoothing`` with torch's formula,
+    ``reduction`` none / sum / mean (weighted mean over counted rows)), plus:
+
+    * ``lse_square_scale=λ`` adds ``λ · lse²`` per counted row (the PaLM / ST-MoE log-Z penalty, often called
+      "z-loss"; not :func:`fastloss.zloss`). With ``reduction="mean"`` it is averaged over counted rows.
+    * pre-maps applied to every logit in this order: ``z = logit_scale · x``; then ``z = softcap ·
+      tanh(z / softcap)`` when ``softcap`` is set; then ``z_y -= target_margin`` on the target logit only
+      (a float, or a per-class tensor of shape (C,) as in LDAM).
+    * ``return_lse=True`` returns ``(loss, lse)`` with the per-row log-sum-exp in float32 (float64 for float64
+      logits), shaped like ``target``; gradients through ``lse`` are exact.
+
+    Logits may be float16, bfloat16, float32 or float64; the maths runs in float32 (float64 for float64) and
+    the loss comes back in the logits' dtype. A confidently right row keeps a positive loss and a non-zero
+    gradient in float32 (no Softmax Collapse). ``-inf`` logits mask classes. Class dimension last: for
+    torch's ``(N, C, d1, ...)`` layout, move the class dimension to the end first.
+
+    ``reduction="mean"`` over zero counted rows is NaN, like torch. A target outside ``[0, C)`` other than
+    ``ignore_index`` raises ``IndexError`` on CPU; on CUDA it makes that row NaN without a host sync unless
+    :func:`fastloss.set_validation` is on, which raises the same ``IndexError``.
+    """
+    fn = "fastloss.cross_entropy"
+    label_smoothing, lse_square_scale, logit_scale, softcap, target_margin = V.check_cross_entropy_args(
+        fn, logits, target, weight=weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, logit_scale=logit_scale,
+        softcap=softcap, target_margin=target_margin,
+    )
+
+    if not _ops.use_kernel("cross_entropy_fwd", logits.device):
+        return reference.cross_entropy(
+            logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            logit_scale=logit_scale, target_margin=target_margin, return_lse=return_lse,
+        )
+    C = logits.shape[-1]
+    if V.get_validation():
+        V.check_target_range(fn, target, C, ignore_index)
+    x, t = _rows(logits, target)
+    per_class_margin = isinstance(target_margin, torch.Tensor)
+    parts, _ = torch.ops.fastloss.cross_entropy_fwd(
+        x, t, weight, target_margin if per_class_margin else None, 0.0 if per_class_margin else target_margin,
+        logit_scale, softcap or 0.0, ignore_index, label_smoothing > 0,
+    )
+    nll, smooth, lse = parts.unbind(1)
+    counted = t != ignore_index
+    w_y = gather_class_weight(weight.to(parts.dtype) if weight is not None else None, t, counted, C)
+    return cross_entropy_output(
+        logits, nll, smooth, lse, counted, w_y, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, return_lse=return_lse,
+    )
+
+
+def zloss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    a: float = 1.0,
+    b: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+):
+    """Z-loss of de Brébisson & Vincent (2016), "The Z-loss: a shift and scale invariant classification loss".
+
+    Per row of logits o (class dimension last): ``μ`` = mean, ``σ`` = population standard deviation,
+    ``z_c = (o_c − μ) / σ`` for the target c, and ``loss = softplus(a · (b − z_c)) / a``. ``a > 0`` sets the
+    sharpness, ``b`` the target z-score margin. Its gradient costs O(C) per row and does not depend on the
+    scale or shift of the logits. The statistics are one pass over the row with sums shifted by a value of the
+    row itself, so they stay accurate when ``|μ| ≫ σ``. A constant row (σ = 0) has loss ``softplus(a·b)/a``
+    and gradient 0.
+
+    This is **not** the PaLM / ST-MoE log-Z penalty ``λ · logsumexp(o)²`` that is also called "z-loss": that
+    one is ``fastloss.cross_entropy(..., lse_square_scale=λ)``.
+
+    ``reduction="mean"`` averages over rows whose target is not ``ignore_index`` (NaN when there are none).
+    """
+    fn = "fastloss.zloss"
+    a, b = V.check_zloss_args(fn, logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
+    if not _ops.use_kernel("zloss_fwd", logits.device):
+        return reference.zloss(logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
+    if V.get_validation():
+        V.check_target_range(fn, target, logits.shape[-1], ignore_index)
+    x, t = _rows(logits, target)
+    rows, _ = torch.ops.fastloss.zloss_fwd(x, t, a, b, ignore_index)
+    return row_loss_output(logits, rows, t != ignore_index, reduction)

@@ -1,0 +1,60 @@
+"""nn.Module wrappers with the constructor arguments of their torch counterparts."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import _reduction
+
+from . import functional as F
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss` (class-last logits) backed by
+    :func:`fastloss.cross_entropy`, with its extra keyword options."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        lse_square_scale: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        target_margin: float | torch.Tensor = 0.0,
+    ):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        if isinstance(target_margin, torch.Tensor):
+            self.register_buffer("target_margin", target_margin)
+        else:
+            self.target_margin = target_margin
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale, softcap=self.softcap,
+            logit_scale=self.logit_scale, target_margin=self.target_margin,
+        )
+
+
+class ZLoss(torch.nn.Module):
+    """Module form of :func:`fastloss.zloss` (de Brébisson & Vincent's Z-loss)."""
+
+    def __init__(self, a: float = 1.0, b: float = 0.0, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        self.a, self.b, self.ignore_index, self.reduction = a, b, ignore_index, reduction
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.zloss(input, target, a=self.a, b=self.b, ignore_index=self.ignore_index, reduction=self.reduction)

@@ -1,0 +1,131 @@
+"""Pure-PyTorch twins of every fastloss function: the CPU fallback and the test oracle.
+
+Same signatures and the same maths as the fused kernels (rest-mass log-sum-exp, shifted statistics), written
+for clarity with ordinary differentiable torch ops; float64 inputs are computed in float64, everything else
+in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as V
+from ._reduce import cross_entropy_output, gather_class_weight, row_loss_output
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _flat_rows(fn, logits, target, ignore_index):
+    """(x, t, counted, safe_t): logits as (N, C) in the accumulation type, flat targets, the rows that count,
+    and targets with ignored rows pointed at class 0 (safe to gather)."""
+    V.check_target_range(fn, target, logits.shape[-1], ignore_index)
+    x = logits.reshape(-1, logits.shape[-1]).to(_acc_dtype(logits))
+    t = target.reshape(-1).long()
+    counted = t != ignore_index
+    return x, t, counted, torch.where(counted, t, torch.zeros_like(t))
+
+
+def _premap(x: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
+    z = x * logit_scale if logit_scale != 1.0 else x
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def log_sum_exp_rest(z: torch.Tensor):
+    """(m, rest, top) per row with lse = m + log1p(rest + top).
+
+    m is the detached row maximum, rest = sum of exp(z_k - m) over all but the argmax, and top =
+    expm1(z_argmax - m), which is 0 in value but carries the argmax's gradient. log1p(rest) keeps the
+    Softmax-Collapse digits that fl(1 + rest) would lose.
+    """
+    m = z.detach().amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    idx = z.detach().argmax(-1, keepdim=True)
+    e = torch.exp(z - m)
+    rest = e.scatter(-1, idx, 0.0).sum(-1)
+    top = torch.expm1(z.gather(-1, idx) - m).squeeze(-1)
+    return m.squeeze(-1), rest, top
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    target_margin: float | torch.Tensor = 0.0,
+    return_lse: bool = False,
+):
+    """Reference of :func:`fastloss.cross_entropy` (same arguments and results)."""
+    fn = "fastloss.reference.cross_entropy"
+    label_smoothing, lse_square_scale, logit_scale, softcap, target_margin = V.check_cross_entropy_args(
+        fn, logits, target, weight=weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, logit_scale=logit_scale,
+        softcap=softcap, target_margin=target_margin,
+    )
+    C = logits.shape[-1]
+    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
+    acc = x.dtype
+    z = _premap(x, logit_scale, softcap)
+    if isinstance(target_margin, torch.Tensor):
+        margin_y = target_margin.to(acc)[safe_t]
+    else:
+        margin_y = torch.full_like(safe_t, float(target_margin), dtype=acc)
+    margin_y = torch.where(counted, margin_y, torch.zeros_like(margin_y))
+    z = z - torch.nn.functional.one_hot(safe_t, C).to(acc) * margin_y[:, None]
+
+    m, rest, top = log_sum_exp_rest(z)
+    lse = m + torch.log1p(rest + top)
+    z_y = z.gather(-1, safe_t[:, None]).squeeze(-1)
+    w = weight.to(acc) if weight is not None else None
+    w_y = gather_class_weight(w, safe_t, counted, C)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    nll = torch.where(counted, (m - z_y) + torch.log1p(rest + top), zero)
+    if w_y is not None:
+        nll = nll * w_y
+    if label_smoothing:
+        per_class = lse[:, None] - z
+        smooth = (per_class * w).sum(-1) if w is not None else per_class.sum(-1)
+        smooth = torch.where(counted, smooth, zero)
+    else:
+        smooth = torch.zeros_like(nll)
+    return cross_entropy_output(
+        logits, nll, smooth, lse, counted, w_y, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, return_lse=return_lse,
+    )
+
+
+def zloss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    a: float = 1.0,
+    b: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+):
+    """Reference of :func:`fastloss.zloss`: softplus(a (b - z_c)) / a with z = (o - mean) / std per row.
+
+    A constant row (std = 0) has z = 0, loss softplus(a b) / a and gradient 0.
+    """
+    fn = "fastloss.reference.zloss"
+    a, b = V.check_zloss_args(fn, logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
+    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
+    acc = x.dtype
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).square().mean(-1, keepdim=True)
+    flat = var == 0
+    sigma = torch.sqrt(torch.where(flat, torch.ones_like(var), var))
+    zc = ((x.gather(-1, safe_t[:, None]) - mu) / sigma).masked_fill(flat, 0.0).squeeze(-1)
+    u = a * (b - zc)
+    loss = (u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))) / a
+    loss = torch.where(counted, loss, torch.zeros((), dtype=acc, device=x.device))
+    return row_loss_output(logits, loss, counted, reduction)

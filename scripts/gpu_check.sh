@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (device tool): build fastloss from source against that machine's torch, run the
+# CUDA tests, compute-sanitizer memcheck on a small run of every CUDA op, the bandwidth roofline check and the
+# quick CUDA benchmark. Logs go to $OUT (default /tmp/fastloss_gpu; at most 8 files, the device tool's limit),
+# the rest to /tmp/fastloss_logs. Steps run on even if one fails; summary.txt lists each step's exit status.
+#   usage: bash scripts/gpu_check.sh            (from the repository root)
+set -u
+OUT=${OUT:-/tmp/fastloss_gpu}
+mkdir -p "$OUT"
+REPO=$(pwd)
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+PY=${PYTHON:-python3}
+# Extra wheels carried in .whl/ (e.g. expecttest for torch.library.opcheck), if any.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+LOGS=/tmp/fastloss_logs
+mkdir -p "$LOGS"
+step() {  # step NAME LOGFILE TIMEOUT_S CMD...
+  local name=$1 log=$2 limit=$3; shift 3
+  echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc" >> "$OUT/summary.txt"
+  tail -n 30 "$log"
+}
+
+step env "$OUT/info.log" 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; nvcc --version | tail -2"
+step build "$OUT/build.log" 420 $PY -m pip install --no-build-isolation --no-deps -v "$REPO"
+cd /tmp  # import the installed package, not the source tree
+step info "$OUT/info.log" 60 $PY -c "import fastloss, json; print(json.dumps(fastloss.build_info(), indent=1))"
+step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda -q -p no:cacheprovider -rfE
+step sanitizer "$OUT/sanitizer.log" 300 compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/scripts/sanitizer_case.py"
+step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
+  ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}
+if [ -f "$REPO/bench/bench_row_losses.py" ]; then
+  step bench_quick "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_row_losses.py" --preset quick --device cuda \
+    --out "$OUT/row_losses_cuda.csv" ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
+fi
+echo "=== summary"
+cat "$OUT/summary.txt"

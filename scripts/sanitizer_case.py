@@ -1,0 +1,33 @@
+"""A small run of every CUDA op for compute-sanitizer (memcheck): odd widths, misaligned rows, every dtype,
+every option path, an out-of-range target (NaN row, no out-of-bounds access) and N = 0."""
+
+import torch
+
+import fastloss
+
+torch.manual_seed(0)
+dev = "cuda"
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for N, C in ((3, 1), (5, 3), (7, 1001), (4, 8195)):
+        base = torch.randn(N, C + 3, device=dev, dtype=dtype)
+        x = base[:, 1 : C + 1].requires_grad_(False)  # rows that start misaligned
+        x = x.clone() if C == 1 else x
+        x.requires_grad_()
+        t = torch.randint(0, C, (N,), device=dev)
+        t[0] = -100
+        w = torch.rand(C, device=dev, dtype=dtype)
+        m = torch.rand(C, device=dev, dtype=dtype)
+        for kw in ({}, {"weight": w, "label_smoothing": 0.1, "lse_square_scale": 1e-3},
+                   {"softcap": 3.0, "logit_scale": 0.5, "target_margin": m}, {"return_lse": True}):
+            out = fastloss.cross_entropy(x, t, **kw)
+            loss = out[0] + out[1].sum() if isinstance(out, tuple) else out
+            loss.backward()
+        fastloss.zloss(x, t, a=1.3, b=0.2).backward()
+        bad = t.clone()
+        bad[-1] = C + 5
+        fastloss.cross_entropy(x, bad).backward()
+        fastloss.zloss(x, bad).backward()
+    empty = torch.randn(0, 9, device=dev, dtype=dtype, requires_grad=True)
+    fastloss.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=dev), reduction="sum").backward()
+torch.cuda.synchronize()
+print("sanitizer case done")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) with torch and the build/test tools, then builds and installs fastloss into it.
+# Idempotent: a second run only rebuilds fastloss. CUDA kernels are built when nvcc and a CUDA torch exist;
+# under CI=true for one architecture (TORCH_CUDA_ARCH_LIST=9.0) to keep the compile short.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis expecttest ruff tqdm matplotlib \
+  "scikit-build-core>=0.10" cmake ninja
+if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  export TORCH_CUDA_ARCH_LIST=9.0
+fi
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+.venv/bin/python -m pip install -q --no-build-isolation --no-deps .
+.venv/bin/python -c "import fastloss, json; print(json.dumps(fastloss.build_info()))"

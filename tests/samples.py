@@ -1,0 +1,76 @@
+"""One sample generator shared by the correctness, opcheck, gradcheck and compile tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# (rtol, atol) when comparing with an exact peer in the same dtype.
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class RowSample:
+    name: str
+    logits: torch.Tensor  # (..., C), may be a strided view
+    target: torch.Tensor  # (...)
+    kwargs: dict = field(default_factory=dict)
+
+    def fresh(self, requires_grad: bool = True):
+        """Independent leaf copies that keep the sample's strides."""
+        x = self.logits.detach().clone() if self.logits.is_contiguous() else _strided_copy(self.logits)
+        return x.requires_grad_(requires_grad), self.target.clone()
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
+def _targets(n, C, gen, device, ignore_index=-100, frac_ignored=0.2):
+    t = torch.randint(0, C, (n,), generator=gen).to(device)
+    if n > 2 and frac_ignored:
+        t[torch.rand(n, generator=gen).to(device) < frac_ignored] = ignore_index
+        t[0] = 0 if C > 0 else t[0]
+    return t
+
+
+def row_samples(device: str, dtype: torch.dtype, *, big: bool = False) -> list[RowSample]:
+    """Odd shapes and layouts for the row-loss ops: C=1, C=3, C not a multiple of any vector width,
+    (B, T, C), N=0, strided rows, a class-strided (transposed) view and, with big=True, C > 65536."""
+    gen = torch.Generator().manual_seed(1234)
+
+    def randn(*shape, scale=3.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    out = [
+        RowSample("C1", randn(5, 1), _targets(5, 1, gen, device)),
+        RowSample("C3", randn(9, 3), _targets(9, 3, gen, device)),
+        RowSample("C1001", randn(13, 1001), _targets(13, 1001, gen, device)),
+        RowSample("BTC", randn(2, 5, 37), _targets(10, 37, gen, device).reshape(2, 5)),
+        RowSample("N0", randn(0, 7), torch.zeros(0, dtype=torch.long, device=device)),
+        RowSample("row_strided", randn(11, 530)[:, 3:520], _targets(11, 517, gen, device)),
+        RowSample("class_strided", randn(40, 6).t(), _targets(6, 40, gen, device)),
+    ]
+    if big:
+        out.append(RowSample("C70001", randn(3, 70001), _targets(3, 70001, gen, device, frac_ignored=0)))
+    return out
+
+
+def grad_like(loss: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """An upstream gradient that is not 1 (random for reduction='none', 1.7 for scalars)."""
+    if loss.dim() == 0:
+        return torch.full_like(loss, 1.7)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(loss) + 0.5
+
+
+def loss_and_grad(fn, sample: RowSample, **kwargs):
+    x, t = sample.fresh()
+    out = fn(x, t, **{**sample.kwargs, **kwargs})
+    loss = out[0] if isinstance(out, tuple) else out
+    (g,) = torch.autograd.grad(loss, x, grad_like(loss), allow_unused=False) if x.numel() else (torch.zeros_like(x),)
+    return loss.detach(), g

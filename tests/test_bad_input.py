@@ -1,0 +1,127 @@
+"""The bad-input contract (DESIGN.md section 5): clear exceptions naming the argument, before any kernel."""
+
+import pytest
+import torch
+
+import fastloss
+from fastloss import reference
+
+FUNCS = {
+    "cross_entropy": fastloss.cross_entropy,
+    "zloss": fastloss.zloss,
+    "reference.cross_entropy": reference.cross_entropy,
+    "reference.zloss": reference.zloss,
+}
+
+
+def _good(device="cpu"):
+    return torch.randn(4, 5, device=device), torch.randint(0, 5, (4,), device=device)
+
+
+@pytest.mark.parametrize("name", list(FUNCS))
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("1-D logits", lambda x, t: (x[0], t[0]), {}, ValueError, "logits must have shape"),
+        ("mismatched N", lambda x, t: (x, t[:3]), {}, ValueError, "target must have shape"),
+        ("float target", lambda x, t: (x, t.float()), {}, TypeError, "target must hold integer"),
+        ("bool target", lambda x, t: (x, t > 0), {}, TypeError, "target must hold integer"),
+        ("int logits", lambda x, t: (x.long(), t), {}, TypeError, "logits must be float"),
+        ("no classes", lambda x, t: (x[:, :0], t), {}, ValueError, "at least one class"),
+        ("unknown reduction", lambda x, t: (x, t), {"reduction": "avg"}, ValueError, "reduction must be"),
+        ("float ignore_index", lambda x, t: (x, t), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ("not a tensor", lambda x, t: (x.tolist(), t), {}, TypeError, "logits must be a torch.Tensor"),
+    ],
+    ids=lambda c: c[0] if isinstance(c, tuple) else c,
+)
+def test_common_bad_inputs(name, case):
+    _, make, kw, exc, msg = case
+    x, t = make(*_good())
+    with pytest.raises(exc, match=msg):
+        FUNCS[name](x, t, **kw)
+
+
+@pytest.mark.parametrize("fn", [fastloss.cross_entropy, reference.cross_entropy])
+@pytest.mark.parametrize(
+    "kw,exc,msg",
+    [
+        ({"weight": torch.ones(4)}, ValueError, r"weight must have shape \(5,\)"),
+        ({"weight": torch.ones(5, dtype=torch.long)}, TypeError, "weight must be a floating"),
+        ({"softcap": 0.0}, ValueError, "softcap must be > 0"),
+        ({"softcap": -1.0}, ValueError, "softcap must be > 0"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing must be in"),
+        ({"label_smoothing": -0.1}, ValueError, "label_smoothing must be >= 0"),
+        ({"lse_square_scale": -1.0}, ValueError, "lse_square_scale must be >= 0"),
+        ({"logit_scale": float("nan")}, ValueError, "logit_scale must be finite"),
+        ({"target_margin": torch.ones(3)}, ValueError, r"target_margin must have shape \(5,\)"),
+        ({"target_margin": "big"}, TypeError, "target_margin must be a number"),
+    ],
+)
+def test_cross_entropy_bad_options(fn, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        fn(*_good(), **kw)
+
+
+@pytest.mark.parametrize("fn", [fastloss.zloss, reference.zloss])
+@pytest.mark.parametrize("a", [0.0, -1.0, float("inf")])
+def test_zloss_bad_a(fn, a):
+    with pytest.raises(ValueError, match="a must be"):
+        fn(*_good(), a=a)
+
+
+@pytest.mark.parametrize("fn", list(FUNCS.values()))
+@pytest.mark.parametrize("bad", [5, -1, 100])
+def test_target_out_of_range_cpu_raises_index_error(fn, bad):
+    x, t = _good()
+    t[2] = bad
+    with pytest.raises(IndexError, match=f"target {bad}"):
+        fn(x, t)
+
+
+def test_ops_called_directly_stay_safe():
+    x, t = _good()
+    t[1] = 7
+    with pytest.raises(IndexError):
+        torch.ops.fastloss.cross_entropy_fwd(x, t, None, None, 0.0, 1.0, 0.0, -100, False)
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        torch.ops.fastloss.zloss_fwd(x[0], t[:1], 1.0, 0.0, -100)
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        torch.ops.fastloss.zloss_fwd(x, t.int(), 1.0, 0.0, -100)
+    with pytest.raises(RuntimeError, match="grad_parts has shape"):
+        torch.ops.fastloss.cross_entropy_bwd(torch.ones(3, 3), x, t.clamp(0, 4), None, torch.ones(4, 3), 1.0, 0.0,
+                                             -100, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_devices_mismatch():
+    x, t = _good()
+    with pytest.raises(ValueError, match="target is on"):
+        fastloss.cross_entropy(x.cuda(), t)
+    with pytest.raises(ValueError, match="weight is on"):
+        fastloss.cross_entropy(x.cuda(), t.cuda(), weight=torch.ones(5))
+
+
+def test_devices_mismatch_meta():
+    """Device checks without a GPU: a meta tensor is another device."""
+    x, t = _good()
+    with pytest.raises(ValueError, match="target is on"):
+        fastloss.cross_entropy(x, t.to("meta"))
+    with pytest.raises(ValueError, match="weight is on"):
+        fastloss.cross_entropy(x, t, weight=torch.ones(5, device="meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("fn", [fastloss.cross_entropy, fastloss.zloss])
+def test_cuda_bad_target_nan_without_sync_and_validation(fn):
+    x, t = _good("cuda")
+    x.requires_grad_()
+    t[1] = 9
+    loss = fn(x, t, reduction="none")
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    assert loss[1].isnan() and not loss[[0, 2, 3]].isnan().any()
+    assert g[1].isnan().all() and not g[[0, 2, 3]].isnan().any()
+    fastloss.set_validation(True)
+    with pytest.raises(IndexError, match="target 9"):
+        fn(x, t)

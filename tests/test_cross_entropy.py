@@ -1,0 +1,257 @@
+"""fastloss.cross_entropy against torch.nn.functional.cross_entropy (the peer) and fastloss.reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+from fastloss import reference
+from samples import LOW_PRECISION, TOL, grad_like, loss_and_grad, row_samples
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def torch_ce(x, t, **kw):
+    """The peer, with fastloss's class-last layout."""
+    C = x.shape[-1]
+    out = F.cross_entropy(x.reshape(-1, C), t.reshape(-1), **kw)
+    return out.reshape(t.shape) if kw.get("reduction") == "none" else out
+
+
+def assert_close(a, b, dtype, scale=1.0):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, equal_nan=True)
+
+
+TORCH_OPTIONS = [
+    {},
+    {"label_smoothing": 0.15},
+    {"weight": "rand"},
+    {"weight": "rand", "label_smoothing": 0.3},
+    {"ignore_index": 2},  # ignore_index naming a real class
+    {"ignore_index": 2, "label_smoothing": 0.1, "weight": "rand"},
+]
+
+
+def _materialise(opts, C, device, dtype):
+    opts = dict(opts)
+    if opts.get("weight") == "rand":
+        gen = torch.Generator().manual_seed(7)
+        opts["weight"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(device=device, dtype=dtype)
+    return opts
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", TORCH_OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_matches_torch(device, dtype, reduction, opts):
+    for s in row_samples(device, dtype):
+        kw = _materialise(opts, s.logits.shape[-1], device, dtype)
+        if kw.get("ignore_index") == 2:
+            s.target[s.target == -100] = 2
+        loss, grad = loss_and_grad(fastloss.cross_entropy, s, reduction=reduction, **kw)
+        ref_loss, ref_grad = loss_and_grad(torch_ce, s, reduction=reduction, **kw)
+        assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape, s.name
+        assert_close(loss, ref_loss, dtype)
+        assert_close(grad, ref_grad, dtype)
+
+
+def truth_grad_max(s, kw):
+    kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    return loss_and_grad(torch_ce, type(s)(s.name, s.logits.double(), s.target), **kw64)[1].abs().max()
+
+
+def _errors_vs_float64(fn, s, **kw):
+    """Max abs error of fn's loss and gradient against torch in float64 on the same input values."""
+    kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    truth_loss, truth_grad = loss_and_grad(torch_ce, type(s)(s.name, s.logits.double(), s.target), **kw64)
+    loss, grad = loss_and_grad(fn, s, **kw)
+    return (loss.double() - truth_loss).abs().max(), (grad.double() - truth_grad).abs().max(), truth_loss
+
+
+def test_matches_torch_wide_rows(device):
+    """C > 65536 in fp32: as accurate as torch's own fp32 path (judged in float64; ours is usually better)."""
+    s = row_samples(device, torch.float32, big=True)[-1]
+    assert s.logits.shape[-1] > 65536
+    for kw in ({}, {"label_smoothing": 0.1}):
+        err, gerr, truth = _errors_vs_float64(fastloss.cross_entropy, s, **kw)
+        terr, tgerr, _ = _errors_vs_float64(torch_ce, s, **kw)
+        assert err <= max(terr, 1e-6 * truth.abs().max()), (err, terr)
+        assert gerr <= max(tgerr, 1e-9), (gerr, tgerr)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("opts", TORCH_OPTIONS[:4], ids=lambda o: "-".join(o) or "plain")
+def test_low_precision_no_worse_than_torch(device, dtype, opts):
+    """fp16/bf16 are judged against the error of torch's own low-precision path (float64 truth)."""
+    if device == "cpu" and dtype == torch.float16 and opts.get("weight") is not None:
+        pytest.skip("torch has no CPU fp16 weighted nll kernel")
+    eps = torch.finfo(dtype).eps
+    for s in row_samples(device, dtype)[:4]:
+        kw = _materialise(opts, s.logits.shape[-1], device, dtype)
+        err, gerr, truth = _errors_vs_float64(fastloss.cross_entropy, s, **kw)
+        terr, tgerr, _ = _errors_vs_float64(torch_ce, s, **kw)
+        assert err <= 2 * terr + 4 * eps * truth.abs().max() + 1e-6, (s.name, err, terr)
+        # plus one rounding of the largest gradient to the output dtype (fp32 maths, rounded once)
+        assert gerr <= 2 * tgerr + eps * truth_grad_max(s, kw) + 1e-6, (s.name, gerr, tgerr)
+
+
+EXTRAS = [
+    {"lse_square_scale": 1e-2},
+    {"logit_scale": 0.37},
+    {"softcap": 2.5},
+    {"target_margin": 0.8},
+    {"target_margin": "per_class"},
+    {"logit_scale": 1.3, "softcap": 4.0, "target_margin": 0.5, "lse_square_scale": 1e-3, "label_smoothing": 0.1,
+     "weight": "rand"},
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", EXTRAS, ids=lambda o: "-".join(o))
+def test_extras_match_reference_float64(device, reduction, opts):
+    for s in row_samples(device, torch.float64):
+        C = s.logits.shape[-1]
+        kw = _materialise(opts, C, device, torch.float64)
+        if kw.get("target_margin") == "per_class":
+            kw["target_margin"] = torch.linspace(0, 1, C, dtype=torch.float64, device=device)
+        loss, grad = loss_and_grad(fastloss.cross_entropy, s, reduction=reduction, **kw)
+        ref_loss, ref_grad = loss_and_grad(reference.cross_entropy, s, reduction=reduction, **kw)
+        assert_close(loss, ref_loss, torch.float64)
+        assert_close(grad, ref_grad, torch.float64)
+
+
+def test_extras_closed_forms(device):
+    """The pre-maps and the penalty by their definitions, independently of the reference."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 11, generator=gen, dtype=torch.float64).to(device) * 3
+    t = torch.randint(0, 11, (6,), generator=gen).to(device)
+    z = 2.0 * torch.tanh(0.5 * x / 2.0)
+    z = z - 0.3 * F.one_hot(t, 11).double()
+    want = F.cross_entropy(z, t) + 0.1 * torch.logsumexp(z, -1).square().mean()
+    got = fastloss.cross_entropy(x, t, logit_scale=0.5, softcap=2.0, target_margin=0.3, lse_square_scale=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_return_lse_and_its_gradient(device):
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(2, 3, 50, generator=gen, dtype=torch.float64) * 4).to(device).requires_grad_()
+    t = torch.randint(0, 50, (2, 3), generator=gen).to(device)
+    loss, lse = fastloss.cross_entropy(x, t, return_lse=True, softcap=5.0)
+    assert lse.shape == t.shape and lse.dtype == torch.float64
+    torch.testing.assert_close(lse, torch.logsumexp(5.0 * torch.tanh(x / 5.0), -1))
+    (g,) = torch.autograd.grad(loss + (lse**2).sum(), x)
+    xr = x.detach().clone().requires_grad_()
+    lr, lser = reference.cross_entropy(xr, t, return_lse=True, softcap=5.0)
+    (gr,) = torch.autograd.grad(lr + (lser**2).sum(), xr)
+    torch.testing.assert_close(g, gr)
+    _, lse32 = fastloss.cross_entropy(x.detach().float(), t, return_lse=True)
+    assert lse32.dtype == torch.float32
+    lse16 = fastloss.cross_entropy(x.detach().bfloat16(), t, return_lse=True)[1]
+    assert lse16.dtype == torch.float32
+
+
+def test_softmax_collapse_fp32(device):
+    """Target 40 above every other logit: fp32 softmax rounds to exactly one (torch's loss and target gradient
+    are exactly 0); fastloss keeps the rest mass and matches the exact values."""
+    x = torch.zeros(4, 1000, device=device)
+    t = torch.tensor([3, 10, 999, 0], device=device)
+    x[torch.arange(4), t] = 40.0
+    x = x.requires_grad_()
+    loss = fastloss.cross_entropy(x, t, reduction="none")
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    assert (torch_ce(x.detach(), t, reduction="none") == 0).all(), "torch itself collapses here"
+    # exact: loss = log1p(r), r = sum_{k != y} exp(z_k - z_y);
+    # dL/dz_y = -r / (1 + r), dL/dz_k = exp(z_k - z_y) / (1 + r)
+    r = 999 * math.exp(-40.0)
+    assert (loss > 0).all() and (g[torch.arange(4), t] < 0).all()
+    torch.testing.assert_close(loss.double(), torch.full((4,), math.log1p(r), dtype=torch.float64, device=device),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(g[torch.arange(4), t].double(),
+                               torch.full((4,), -r / (1 + r), dtype=torch.float64, device=device), rtol=1e-6, atol=0)
+    torch.testing.assert_close(g[0, 0].double(), torch.tensor(math.exp(-40.0) / (1 + r), dtype=torch.float64,
+                                                              device=device), rtol=1e-6, atol=0)
+
+
+def test_extreme_logits(device):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.where(torch.rand(6, 40, generator=gen) < 0.5, -1e30, 1e30).to(device)
+    x[:, 0] = 1e30
+    t = torch.randint(0, 40, (6,), generator=gen).to(device)
+    loss = fastloss.cross_entropy(x, t, reduction="none")
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss.double(), torch_ce(x.double(), t, reduction="none"))
+    big = torch.finfo(torch.bfloat16).max / 2  # differences of logits stay representable
+    xb = (torch.rand(6, 40, generator=gen) * 2 - 1).to(device) * big
+    xb = xb.to(torch.bfloat16).requires_grad_()
+    lb = fastloss.cross_entropy(xb, t, reduction="none")
+    (gb,) = torch.autograd.grad(lb.sum(), xb)
+    assert torch.isfinite(lb.float()).all() and torch.isfinite(gb.float()).all()
+    ref = torch_ce(xb.detach().double(), t, reduction="none")
+    torch.testing.assert_close(lb.double(), ref, rtol=1e-2, atol=0)
+
+
+def test_masked_classes(device):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 30, generator=gen, dtype=torch.float64).to(device)
+    mask = torch.rand(8, 30, generator=gen).to(device) < 0.5
+    t = torch.randint(0, 30, (8,), generator=gen).to(device)
+    mask[torch.arange(8), t] = False
+    mask[1] = True  # a fully masked row ...
+    t[1] = -100  # ... that is ignored: loss 0, gradient 0, no NaN
+    x = x.masked_fill(mask, float("-inf"))
+    for kw in ({}, {"lse_square_scale": 0.1}):
+        s_loss, s_grad = loss_and_grad(fastloss.cross_entropy, _S(x, t), reduction="none", **kw)
+        assert not s_grad.isnan().any()
+        assert s_loss[1] == 0 and (s_grad[1] == 0).all()
+    keep = torch.arange(8, device=device) != 1  # torch gives NaN gradients on the fully masked row
+    loss, grad = loss_and_grad(fastloss.cross_entropy, _S(x[keep], t[keep]), reduction="sum")
+    ref_loss, ref_grad = loss_and_grad(torch_ce, _S(x[keep], t[keep]), reduction="sum")
+    assert_close(loss, ref_loss, torch.float64)
+    assert_close(grad, ref_grad, torch.float64)
+
+
+class _S:
+    """Minimal sample wrapper for ad-hoc tensors."""
+
+    def __init__(self, x, t):
+        self.logits, self.target, self.kwargs, self.name = x, t, {}, "adhoc"
+
+    def fresh(self, requires_grad=True):
+        return self.logits.detach().clone().requires_grad_(requires_grad), self.target.clone()
+
+
+def test_all_ignored_batch(device):
+    x = torch.randn(5, 9, device=device, requires_grad=True)
+    t = torch.full((5,), -100, device=device)
+    assert math.isnan(fastloss.cross_entropy(x, t).item()) and math.isnan(torch_ce(x, t).item())
+    loss = fastloss.cross_entropy(x, t, reduction="sum", lse_square_scale=0.1, label_smoothing=0.2)
+    (g,) = torch.autograd.grad(loss, x)
+    assert loss.item() == 0 and (g == 0).all()
+
+
+def test_int32_targets_and_module(device):
+    x = torch.randn(7, 12, device=device)
+    t = torch.randint(0, 12, (7,), device=device)
+    torch.testing.assert_close(fastloss.cross_entropy(x, t.int()), F.cross_entropy(x, t))
+    w = torch.rand(12, device=device)
+    mod = fastloss.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="sum")
+    peer = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(mod(x, t), peer(x, t))
+    assert "weight" in dict(mod.named_buffers())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic(device, dtype):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(64, 3001, generator=gen).to(device=device, dtype=dtype)
+    t = torch.randint(0, 3001, (64,), generator=gen).to(device)
+    runs = []
+    for _ in range(2):
+        xi = x.clone().requires_grad_()
+        loss = fastloss.cross_entropy(xi, t, label_smoothing=0.1, lse_square_scale=1e-3)
+        (g,) = torch.autograd.grad(loss, xi, grad_like(loss))
+        runs.append((loss, g))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -1,0 +1,106 @@
+"""Op-level contracts: torch.library.opcheck, float64 gradcheck, torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+import fastloss
+from samples import row_samples
+
+ops = torch.ops.fastloss
+
+
+def _opcheck_row_ops(device, dtype):
+    for s in row_samples(device, dtype):
+        C = s.logits.shape[-1]
+        x = s.logits.reshape(-1, C)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        t = s.target.reshape(-1)
+        w = torch.rand(C, device=device, dtype=dtype) + 0.5
+        margin = torch.rand(C, device=device, dtype=dtype)
+        for args in [
+            (x.detach().requires_grad_(), t, None, None, 0.0, 1.0, 0.0, -100, False),
+            (x.detach().requires_grad_(), t, w, margin, 0.0, 0.7, 3.0, -100, True),
+            (x.detach().requires_grad_(), torch.where(t == -100, 1, t), None, None, 0.25, 1.0, 0.0, 1, True),
+        ]:
+            torch.library.opcheck(ops.cross_entropy_fwd.default, args)
+            parts, stats = ops.cross_entropy_fwd(*[a.detach() if torch.is_tensor(a) else a for a in args])
+            bwd = (torch.rand_like(parts), x.detach(), args[1], args[2], stats, args[5], args[6], args[7], args[8])
+            torch.library.opcheck(ops.cross_entropy_bwd.default, bwd)
+        torch.library.opcheck(ops.zloss_fwd.default, (x.detach().requires_grad_(), t, 1.3, 0.2, -100))
+        loss, stats = ops.zloss_fwd(x.detach(), t, 1.3, 0.2, -100)
+        torch.library.opcheck(ops.zloss_bwd.default, (torch.rand_like(loss), x.detach(), t, stats, 1.3, 0.2, -100))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck(device, dtype):
+    _opcheck_row_ops(device, dtype)
+
+
+GRADCHECK_CASES = [
+    ("ce", {}),
+    ("ce", {"label_smoothing": 0.2, "weight": True, "reduction": "sum"}),
+    ("ce", {"lse_square_scale": 0.3, "softcap": 1.5, "logit_scale": 1.7, "target_margin": 0.4, "reduction": "none"}),
+    ("ce_lse", {"target_margin": "per_class"}),
+    ("zloss", {"a": 1.5, "b": 0.3}),
+    ("zloss", {"reduction": "none"}),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c[0] + "-" + "-".join(c[1]))
+def test_gradcheck_float64(device, case):
+    kind, kw = case
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.randint(0, 7, (2, 3), generator=gen).to(device)
+    t[0, 1] = -100
+    kw = dict(kw)
+    if kw.get("weight"):
+        kw["weight"] = torch.rand(7, generator=gen, dtype=torch.float64).to(device) + 0.5
+    if kw.get("target_margin") == "per_class":
+        kw["target_margin"] = torch.rand(7, generator=gen, dtype=torch.float64).to(device)
+    if kind == "zloss":
+        fn = lambda x: fastloss.zloss(x, t, **kw)
+    elif kind == "ce":
+        fn = lambda x: fastloss.cross_entropy(x, t, **kw)
+    else:  # loss and lse together: gradients through both outputs
+        fn = lambda x: fastloss.cross_entropy(x, t, return_lse=True, **kw)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+class TinyHead(torch.nn.Module):
+    def __init__(self, d, C, loss):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, C)
+        self.loss = loss
+
+    def forward(self, h, t):
+        return self.loss(torch.tanh(self.proj(h)) * 4, t)
+
+
+COMPILE_LOSSES = {
+    "cross_entropy": lambda z, t: fastloss.cross_entropy(z, t, label_smoothing=0.1, lse_square_scale=1e-3,
+                                                         softcap=3.0),
+    "cross_entropy_lse": lambda z, t: sum(x.sum() for x in fastloss.cross_entropy(z, t, return_lse=True,
+                                                                                   reduction="none")),
+    "zloss": lambda z, t: fastloss.zloss(z, t, a=1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_LOSSES))
+def test_compile_fullgraph(device, name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyHead(16, 53, COMPILE_LOSSES[name]).to(device)
+    h = torch.randn(4, 6, 16, device=device)
+    t = torch.randint(0, 53, (4, 6), device=device)
+    t[0, 0] = -100
+    eager = model(h, t)
+    eager.backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(h, t)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
+        torch.testing.assert_close(g, ge)

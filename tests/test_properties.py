@@ -1,0 +1,67 @@
+"""Hypothesis property tests of the row engine: random shapes, logit scales up to 1e4, -inf lanes."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastloss
+from fastloss import reference
+
+
+@st.composite
+def rows(draw):
+    n = draw(st.integers(1, 6))
+    C = draw(st.integers(1, 700))
+    scale = draw(st.sampled_from([1e-3, 1.0, 30.0, 1e3, 1e4]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    masked = draw(st.floats(0.0, 0.9))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, C, generator=gen) * scale
+    t = torch.randint(0, C, (n,), generator=gen)
+    mask = torch.rand(n, C, generator=gen) < masked
+    mask[torch.arange(n), t] = False  # -inf anywhere but on the target
+    return x.masked_fill(mask, float("-inf")), t
+
+
+def _grad(fn, x, t, **kw):
+    x = x.clone().requires_grad_()
+    loss = fn(x, t, reduction="none", **kw)
+    (g,) = torch.autograd.grad(loss, x, torch.linspace(0.5, 1.5, loss.numel()).to(loss.dtype))
+    return loss.detach(), g
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows(), st.sampled_from([{}, {"label_smoothing": 0.1}, {"softcap": 30.0}, {"lse_square_scale": 1e-4}]))
+def test_cross_entropy_properties(xt, kw):
+    x, t = xt
+    if kw.get("label_smoothing"):
+        x = x.clamp_min(-1e30)  # smoothing sums every logit: -inf lanes make it +inf, in torch too
+    loss, g = _grad(fastloss.cross_entropy, x, t, **kw)
+    ref_loss, ref_g = _grad(reference.cross_entropy, x.double(), t, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    assert (loss >= 0).all() or kw.get("lse_square_scale")
+    # float32 against float64 on the same values: error relative to the loss scale
+    scale = ref_loss.abs().max().item() + 1.0
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(g.double(), ref_g, rtol=1e-4, atol=1e-5 * (ref_g.abs().max().item() + 1e-3))
+    masked = torch.isinf(x)
+    assert (g[masked] == 0).all()
+    if not kw:  # softmax gradient rows sum to zero (upstream-scaled)
+        assert g.double().sum(-1).abs().max() < 1e-4
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows(), st.floats(0.2, 4.0), st.floats(-2.0, 2.0))
+def test_zloss_properties(xt, a, b):
+    x, t = xt
+    x = torch.where(torch.isinf(x), torch.zeros_like(x), x)  # the Z-loss has no masked lanes
+    loss, g = _grad(fastloss.zloss, x, t, a=a, b=b)
+    ref_loss, ref_g = _grad(reference.zloss, x.double(), t, a=a, b=b)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all() and (loss >= 0).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-5)
+    # each gradient term is O(g / sigma): fp32 cancellation is judged against that scale
+    sigma = x.double().std(-1, unbiased=False)
+    term = (1 / sigma[sigma > 0]).max().item() if (sigma > 0).any() else 0.0
+    torch.testing.assert_close(g.double(), ref_g, rtol=1e-3, atol=1e-5 * (ref_g.abs().max().item() + term + 1e-6))
+    # shift invariance of the gradient: rows sum to 0
+    assert g.double().sum(-1).abs().max() <= 1e-4 * (g.abs().sum(-1).max().item() + 1e-12)
