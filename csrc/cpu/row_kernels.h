@@ -25,7 +25,7 @@ struct RowArgs {
   double a, b;
   // outputs / backward inputs
   void* parts;            // forward: CE (N,3) [nll, smooth, lse]; Z-loss (N,) loss
-  void* stats;            // forward output / backward input: CE (N,2) [m, r]; Z-loss (N,2) [mean - K, sigma]
+  void* stats;            // forward output / backward input: CE (N,3) [m, r, z_y]; Z-loss (N,2) [mean - K, sigma]
   const void* grad_parts; // backward: dL/dparts, same layout as parts
   void* grad_logits;      // backward: (N, C) contiguous, logits dtype
 };

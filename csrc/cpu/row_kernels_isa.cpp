@@ -191,9 +191,9 @@ void ce_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
     const int64_t y = a.target[row];
     const bool ignored = y == a.ignore_index;
     const acc_t z_y = stats[3 * row + 2];
-    acc_t zpre_y = 0, dz_y = 0, w_y = 1;
+    acc_t z_unused, dz_y = 0, w_y = 1;  // only dz/dx of the target is needed: z_y comes from the stats
     if (!ignored) {
-      L.pm.value_and_grad(static_cast<acc_t>(L.row[y]), zpre_y, dz_y);
+      L.pm.value_and_grad(static_cast<acc_t>(L.row[y]), z_unused, dz_y);
       if (weight) w_y = weight[y];
     }
     const auto g = CeGradRow<acc_t>::make(stats[3 * row], stats[3 * row + 1], gparts[3 * row],
