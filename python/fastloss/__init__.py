@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (registrations)
     reference,
 )
 from ._validation import get_validation, set_validation
+from .contrastive import clip_loss, contrastive_loss, nt_xent_loss, siglip_loss, supcon_loss
 from .functional import cross_entropy, zloss
 
 __version__ = "0.1.0"
@@ -30,10 +31,15 @@ def build_info() -> dict:
 
 __all__ = [
     "build_info",
+    "clip_loss",
+    "contrastive_loss",
     "cross_entropy",
     "get_validation",
     "nn",
+    "nt_xent_loss",
     "reference",
     "set_validation",
+    "siglip_loss",
+    "supcon_loss",
     "zloss",
 ]

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "zloss_fwd", "zloss_bwd")
+OPS += ("contrastive_fwd", "contrastive_bwd")  # contrastive family
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
