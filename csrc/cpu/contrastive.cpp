@@ -1,7 +1,8 @@
 // CPU epilogues of the contrastive engine (csrc/contrastive_engine.h): at::parallel_for over the rows of a tile,
 // over column chunks for the column statistics. Inner loops are branch-free over a row so the compiler
 // vectorises them (exp is fastloss's polynomial); the one or two special lanes of a row (its positive, itself)
-// are masked in the forward and patched after the generic loop in the backward.
+// are masked in the forward and patched after the generic loop in the backward. `omp simd` (compiled with
+// -fopenmp-simd, no OpenMP runtime) lets the row reductions vectorise in a fixed, build-determined order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,6 +23,7 @@ void softmax_row(const TileArgs<T>& a, T* s, int64_t i) {
   const int64_t M = a.M;
   const T t = a.scale[i], b = a.bias_value(), alpha = a.p.a(), beta = a.p.beta;
   T sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < M; ++j) {
     s[j] = t * s[j] + b;
     sum += s[j];
@@ -31,6 +33,7 @@ void softmax_row(const TileArgs<T>& a, T* s, int64_t i) {
     const int64_t li = a.labels_q[i];
     if (a.exclude_self && i < M) s[i] = neg_inf<T>();
     T pos = 0, cnt = 0, m = neg_inf<T>();
+#pragma omp simd reduction(+ : pos, cnt) reduction(max : m)
     for (int64_t j = 0; j < M; ++j) {
       const bool eq = a.labels_k[j] == li && !(a.exclude_self && j == i);
       pos += eq ? s[j] : T(0);
@@ -39,6 +42,7 @@ void softmax_row(const TileArgs<T>& a, T* s, int64_t i) {
     }
     const T ms = safe_max(m);
     T d = 0;
+#pragma omp simd reduction(+ : d)
     for (int64_t j = 0; j < M; ++j) d += fl_exp(s[j] - ms);
     st[kAm] = m;
     st[kAd] = m == neg_inf<T>() ? T(0) : d;
@@ -57,12 +61,16 @@ void softmax_row(const TileArgs<T>& a, T* s, int64_t i) {
   s[p] = neg_inf<T>();
   if (self) s[i] = neg_inf<T>();
   T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < M; ++j) m = s[j] > m ? s[j] : m;
   const T am = alpha * safe_max(m), bm = beta * safe_max(m);
   T dA = 0, dB = 0;
+#pragma omp simd reduction(+ : dA)
   for (int64_t j = 0; j < M; ++j) dA += fl_exp(alpha * s[j] - am);
-  if (a.p.hcl())
+  if (a.p.hcl()) {
+#pragma omp simd reduction(+ : dB)
     for (int64_t j = 0; j < M; ++j) dB += fl_exp(beta * s[j] - bm);
+  }
   const bool empty = m == neg_inf<T>();
   st[kAm] = empty ? neg_inf<T>() : am;
   st[kAd] = empty ? T(0) : dA;
@@ -164,6 +172,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
     }
   } else if (a.kind == kSupCon) {
     const int64_t li = a.labels_q[i];
+#pragma omp simd reduction(+ : dt, db)
     for (int64_t j = 0; j < M; ++j) {
       const T s = t * x[j] + b;
       const T g = rc[cGA] * fl_exp(s - rc[cALse]) + (a.labels_k[j] == li ? rc[cGPos] : T(0));
@@ -174,6 +183,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
     }
   } else {
     const T* cA = a.col_coef;  // SoA rows of the column coefficients (symmetric)
+#pragma omp simd reduction(+ : dt, db)
     for (int64_t j = 0; j < M; ++j) {
       const T s = t * x[j] + b;
       T g = rc[cGA] * fl_exp(alpha * s - rc[cALse]) + rc[cGAll];
