@@ -13,12 +13,20 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
 
 #include "fastloss/contrastive.h"
+
+// aten::mm.dtype (fp16/bf16 operands, fp32 output) exists from torch 2.9 on; older torch upcasts the features.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define FL_HAS_MM_DTYPE 1
+#else
+#define FL_HAS_MM_DTYPE 0
+#endif
 
 namespace fastloss::contrastive {
 
@@ -32,15 +40,27 @@ struct Options {
 inline at::ScalarType acc_of(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 struct Inputs {
-  at::Tensor q, k, scale, bias, positive, labels_q, labels_k;  // contiguous, q/k/scale/bias in the acc type
+  at::Tensor q, k, scale, bias, positive, labels_q, labels_k;  // contiguous; scale/bias in the acc type
   int64_t N, M, d, rows;
+  bool mixed;  // q, k kept in fp16/bf16, GEMMs with fp32 output (tensor cores); else q, k in the acc type
+
+  // out (fp32 / fp64) = a @ b
+  void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
+#if FL_HAS_MM_DTYPE
+    if (mixed) {
+      at::mm_out(out, a, b, out.scalar_type());
+      return;
+    }
+#endif
+    at::mm_out(out, a, b);
+  }
 };
 
 // Checks that keep a direct torch.ops call safe (the Python API names the user's arguments first).
 inline Inputs prepare_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale,
                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& positive,
                              const std::optional<at::Tensor>& labels_q, const std::optional<at::Tensor>& labels_k,
-                             const Options& o, int64_t tile_elems, const char* op) {
+                             const Options& o, int64_t tile_elems, bool mixed_gemm, const char* op) {
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2, op, ": query and key must be 2-D");
   TORCH_CHECK(query.size(1) == key.size(1), op, ": query and key widths differ");
   TORCH_CHECK(query.size(0) >= 1 && key.size(0) >= 1, op, ": query and key need at least one row");
@@ -54,8 +74,9 @@ inline Inputs prepare_inputs(const at::Tensor& query, const at::Tensor& key, con
   in.M = key.size(0);
   in.d = query.size(1);
   const auto acc = acc_of(query);
-  in.q = query.to(acc).contiguous();
-  in.k = key.to(acc).contiguous();
+  in.mixed = FL_HAS_MM_DTYPE && mixed_gemm && (st == at::kHalf || st == at::kBFloat16);
+  in.q = in.mixed ? query.contiguous() : query.to(acc).contiguous();
+  in.k = in.mixed ? key.contiguous() : key.to(acc).contiguous();
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == in.N, op, ": scale must have shape (N,)");
   TORCH_CHECK(scale.device() == query.device() && key.device() == query.device(), op, ": tensors on other devices");
   in.scale = scale.to(acc).contiguous();
@@ -101,16 +122,17 @@ TileArgs<T> base_args(const Inputs& in, const Options& o) {
 }
 
 // Backend: static void check_positive(const Inputs&), fwd_tile<T>(TileArgs), finish_columns<T>(TileArgs),
-// coefs<T>(kind, stats, grad, n, params, out), bwd_tile<T>(TileArgs); kTileElems.
+// coefs<T>(kind, stats, grad, n, params, out, like), bwd_tile<T>(TileArgs); kTileElems (tile budget in
+// elements); kMixedGemm (fp16/bf16 GEMMs with fp32 output: CUDA tensor cores; the CPU upcasts instead).
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& positive, const std::optional<at::Tensor>& labels_q,
     const std::optional<at::Tensor>& labels_k, const Options& o) {
   Inputs in = prepare_inputs(query, key, scale, bias, positive, labels_q, labels_k, o, Backend::kTileElems,
-                             "contrastive_fwd");
+                             Backend::kMixedGemm, "contrastive_fwd");
   Backend::check_positive(in);
-  const auto opts = in.q.options();
+  const auto opts = in.scale.options();
   at::Tensor row_loss = at::empty({in.N}, opts), row_stats = at::empty({in.N, kStats}, opts);
   at::Tensor col_loss = at::empty({o.symmetric ? in.M : 0}, opts);
   at::Tensor col_stats = at::zeros({o.symmetric ? in.M : 0, kStats}, opts);
@@ -119,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     col_stats.select(1, kBm).fill_(-std::numeric_limits<double>::infinity());
   }
   at::Tensor tile = at::empty({in.rows, in.M}, opts);
-  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "contrastive_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(in.scale.scalar_type(), "contrastive_fwd", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
     a.row_stats = row_stats.data_ptr<scalar_t>();
     a.row_loss = row_loss.data_ptr<scalar_t>();
@@ -127,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
       const int64_t rb = std::min(in.rows, in.N - r0);
       at::Tensor t = tile.narrow(0, 0, rb);
-      at::mm_out(t, in.q.narrow(0, r0, rb), in.k.t());
+      in.gemm(t, in.q.narrow(0, r0, rb), in.k.t());
       a.tile = t.data_ptr<scalar_t>();
       a.rows = rb;
       a.row0 = r0;
@@ -148,9 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& labels_q, const std::optional<at::Tensor>& labels_k,
     const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o) {
   Inputs in = prepare_inputs(query, key, scale, bias, positive, labels_q, labels_k, o, Backend::kTileElems,
-                             "contrastive_bwd");
-  const auto acc = in.q.scalar_type();
-  const auto opts = in.q.options();
+                             Backend::kMixedGemm, "contrastive_bwd");
+  const auto acc = in.scale.scalar_type();
+  const auto opts = in.scale.options();
   TORCH_CHECK(grad_row.numel() == in.N && row_stats.dim() == 2 && row_stats.size(0) == in.N &&
                   row_stats.size(1) == kStats, "contrastive_bwd: grad_row / row_stats have wrong shapes");
   if (o.symmetric) {
@@ -162,7 +184,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor col_coef = at::empty({kCoefs, o.symmetric ? in.M : 0}, opts);
   at::Tensor dq = at::empty({in.N, in.d}, opts), dk = at::zeros({in.M, in.d}, opts);
   at::Tensor dscale = at::empty({in.N}, opts), dbias_rows = at::empty({in.N}, opts);
-  at::Tensor qt = in.q.mul(in.scale.unsqueeze(1));  // rows pre-scaled by t_i for dk = G^T (t * Q)
   at::Tensor tile = at::empty({in.rows, in.M}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_bwd", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
@@ -182,15 +203,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
       const int64_t rb = std::min(in.rows, in.N - r0);
       at::Tensor t = tile.narrow(0, 0, rb);
-      at::mm_out(t, in.q.narrow(0, r0, rb), in.k.t());
+      in.gemm(t, in.q.narrow(0, r0, rb), in.k.t());
       a.tile = t.data_ptr<scalar_t>();
       a.rows = rb;
       a.row0 = r0;
-      Backend::template bwd_tile<scalar_t>(a);  // tile := G
+      Backend::template bwd_tile<scalar_t>(a);  // tile := t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
       at::Tensor dq_blk = dq.narrow(0, r0, rb);
-      at::mm_out(dq_blk, t, in.k);
-      dq_blk.mul_(in.scale.narrow(0, r0, rb).unsqueeze(1));
-      dk.addmm_(t.t(), qt.narrow(0, r0, rb));
+      if (in.mixed) {  // the coefficients go to the operands' dtype after every term is summed in fp32
+        at::Tensor g = t.to(in.q.scalar_type());
+        in.gemm(dq_blk, g, in.k);
+        at::Tensor dk_blk = at::empty({in.M, in.d}, opts);
+        in.gemm(dk_blk, g.t(), in.q.narrow(0, r0, rb));
+        dk.add_(dk_blk);
+      } else {
+        at::mm_out(dq_blk, t, in.k);
+        dk.addmm_(t.t(), in.q.narrow(0, r0, rb));
+      }
     }
   });
   at::Tensor dbias = dbias_rows.sum();

@@ -168,7 +168,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
       const bool skip = j == lane[0];
       dt += skip ? T(0) : g * x[j];
       db += skip ? T(0) : g;
-      x[j] = g;
+      x[j] = t * g;
     }
   } else if (a.kind == kSupCon) {
     const int64_t li = a.labels_q[i];
@@ -179,7 +179,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
       const bool skip = j == lane[1];
       dt += skip ? T(0) : g * x[j];
       db += skip ? T(0) : g;
-      x[j] = g;
+      x[j] = t * g;
     }
   } else {
     const T* cA = a.col_coef;  // SoA rows of the column coefficients (symmetric)
@@ -195,7 +195,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
       const bool skip = j == lane[0] || j == lane[1];
       dt += skip ? T(0) : g * x[j];
       db += skip ? T(0) : g;
-      x[j] = g;
+      x[j] = t * g;
     }
   }
   for (int l = 0; l < 2; ++l) {
@@ -210,7 +210,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
     }
     dt += g * xl[l];
     db += g;
-    x[j] = g;
+    x[j] = t * g;
   }
   a.dscale[i] = dt;
   a.dbias_rows[i] = db;
@@ -220,6 +220,7 @@ int64_t row_grain(int64_t M) { return std::max<int64_t>(1, 16384 / std::max<int6
 
 struct CpuBackend {
   static constexpr int64_t kTileElems = int64_t(1) << 22;
+  static constexpr bool kMixedGemm = false;  // CPU BLAS in fp32 is faster and exact
 
   static void check_positive(const Inputs& in) {
     if (!in.positive.defined()) return;

@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) row_bwd_kernel(TileArgs<T> a) {
     }
     q.v[0] += g * raw;
     q.v[1] += g;
-    x[j] = g;
+    x[j] = t * g;
   }
   q = block_sum(q, sq);
   if (threadIdx.x == 0) {
@@ -226,6 +226,7 @@ unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads);
 
 struct CudaBackend {
   static constexpr int64_t kTileElems = int64_t(1) << 25;
+  static constexpr bool kMixedGemm = true;  // fp16/bf16 features: tensor-core GEMMs, fp32 accumulate and output
 
   static void check_positive(const Inputs&) {}  // no host sync: a bad index makes its row NaN
 
