@@ -166,22 +166,31 @@ def memory(args):
             print(f"N={n}: fastloss / torch extra peak = {got['fastloss'] / got['torch']:.4f} "
                   f"(1/{got['torch'] / max(got['fastloss'], 1e-9):.0f})")
     if args.plot:
-        from matplotlib.figure import Figure
+        plot_memory(path, args.out.with_name(args.out.stem + "_memory.png"))
 
-        fig = Figure(figsize=(6, 4))
-        ax = fig.add_subplot()
-        for name in ("fastloss", "torch"):
-            pts = [(n, mb) for n, p, mb, _ in out if p == name]
-            if pts:
-                ax.loglog(*zip(*pts, strict=True), marker="o", label=name, base=2)
-        ax.set_xlabel("N = M (batch)")
-        ax.set_ylabel("extra peak memory of fwd+bwd (MB)")
-        ax.set_title(f"clip_loss, {args.device}, {args.dtype[0]}, d={d}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        png = args.out.with_name(args.out.stem + "_memory.png")
-        fig.savefig(png, dpi=120, bbox_inches="tight")
-        print("wrote", png)
+
+def plot_memory(csv_path: Path, png: Path) -> None:
+    """Extra peak memory vs N from every row of the memory CSV (the newest per provider, d, N)."""
+    import csv
+
+    from matplotlib.figure import Figure
+
+    latest = {}
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            latest[(row["provider"], int(row["d"]), int(row["N"]))] = float(row["extra_peak_mb"])
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for provider, d in sorted({(p, d) for p, d, _ in latest}):
+        pts = sorted((n, mb) for (p, dd, n), mb in latest.items() if (p, dd) == (provider, d))
+        ax.loglog(*zip(*pts, strict=True), marker="o", label=f"{provider} d={d}", base=2)
+    ax.set_xlabel("N = M (batch)")
+    ax.set_ylabel("extra peak memory of one fwd+bwd (MB)")
+    ax.set_title(f"clip_loss memory ({csv_path.name})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    print("wrote", png)
 
 
 def main(argv=None):
