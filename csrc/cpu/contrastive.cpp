@@ -163,8 +163,10 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
   T xl[2] = {lane[0] >= 0 ? x[lane[0]] : T(0), lane[1] >= 0 ? x[lane[1]] : T(0)};
   T dt = 0, db = 0;
   if (a.kind == kSigmoid) {
+#pragma omp simd reduction(+ : dt, db)
     for (int64_t j = 0; j < M; ++j) {
-      const T g = rc[cGA] * sigmoid(t * x[j] + b);
+      const T s = t * x[j] + b, e = fl_exp(-std::abs(s));  // branch-free sigmoid, so the loop vectorises
+      const T g = rc[cGA] * (s >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e));
       const bool skip = j == lane[0];
       dt += skip ? T(0) : g * x[j];
       db += skip ? T(0) : g;
