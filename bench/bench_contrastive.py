@@ -8,7 +8,8 @@
 Providers: ``fastloss``; ``torch`` = the loss as open_clip writes it on one device (``s * x @ y.T``, then
 ``(CE(L) + CE(L.T)) / 2``, or ``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference``
 (``fastloss.reference``, materialised too); ``open_clip`` (its ClipLoss / SigLipLoss, when its loss module
-loads). Inputs: L2-normalised ``randn(N, d)`` features, scale 14.3 (and bias -10 for SigLIP) requiring grad.
+loads); ``inf_cl`` (Inf-CL's tiled Triton loss, CUDA, clip_loss only, when installed). Inputs:
+L2-normalised ``randn(N, d)`` features, scale 14.3 (and bias -10 for SigLIP) requiring grad.
 Rows go to a CSV in bench/harness.py's columns; ``--memory`` records one fwd+bwd per N (no timing: the
 materialised loss needs many seconds per call at large N on a small CPU) and plots extra peak memory vs N.
 """
@@ -56,6 +57,16 @@ def _open_clip():
     return {"clip_loss": lambda x, y, s, b: clip(x, y, s), "siglip_loss": lambda x, y, s, b: sig(x, y, s, b)}
 
 
+def _inf_cl():
+    # Inf-CL (DAMO-NLP-SG, Triton, CUDA only): one direction per call, scale applied to the queries
+    from inf_cl import cal_inf_loss
+
+    def clip(x, y, s, b):
+        return (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s)) / 2
+
+    return {"clip_loss": clip}
+
+
 PROVIDERS = {
     "fastloss": lambda: {"clip_loss": lambda x, y, s, b: fastloss.clip_loss(x, y, s),
                          "siglip_loss": fastloss.siglip_loss},
@@ -63,11 +74,12 @@ PROVIDERS = {
     "reference": lambda: {"clip_loss": lambda x, y, s, b: fastloss.reference.clip_loss(x, y, s),
                           "siglip_loss": fastloss.reference.siglip_loss},
     "open_clip": _open_clip,
+    "inf_cl": _inf_cl,
 }
 PRESETS = {  # (N, d) shapes, modes, providers
     "quick": (((2048, 256),), ("fwdbwd",), ("fastloss", "torch")),
     "target": (((8192, 512),), ("fwdbwd",), ("fastloss", "torch")),
-    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "torch", "open_clip")),
+    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "torch", "open_clip", "inf_cl")),
 }
 
 
@@ -112,13 +124,15 @@ def timing(args):
                     case = Case(op, {"N": n, "d": d}, DTYPES[dtype], args.device, mode)
                     base = None
                     for name, f in fns.items():
+                        if op not in f:
+                            continue
                         r = measure(input_setup(f[op], case), case, min_run_time=0.1, min_samples=args.samples)
                         rows.append(csv_row(case, name, r, 0.0, info))
                         base = r.median_ms if name == "torch" else base
                         table.append([op, mode, dtype, case.shape_str, name, f"{r.median_ms:.1f}",
                                       f"{flops(case) / r.median_ms / 1e9:.2f}", f"{r.extra_mem_mb:.1f}"])
                         print(" ".join(table[-1]), flush=True)
-                    for row in table[-len(fns):]:
+                    for row in table[-sum(op in f for f in fns.values()):]:
                         row.append(f"{float(row[5]) / base:.2f}x" if base else "-")
     append_csv(args.out, rows)
     print(format_table(("op", "mode", "dtype", "shape", "provider", "median ms", "TFLOP/s", "extra MB",
