@@ -19,12 +19,17 @@ TORCH_LIBRARY(fastloss, m) {
   m.def(
       "cross_entropy_bwd(Tensor grad_parts, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "float logit_scale, float softcap, int ignore_index, bool with_smoothing) -> Tensor");
-  // Z-loss of de Brebisson & Vincent (2016) per row: softplus(a (b - z_c)) / a with z the row's z-scores.
-  // Returns loss (N,) (0 on ignored rows) and stats (N, 2) = [mean - logits[:, 0], population std].
-  m.def("zloss_fwd(Tensor logits, Tensor target, float a, float b, int ignore_index) -> (Tensor loss, Tensor stats)");
+  // Spherical family on logits (fastloss/spherical.h), kind 0 Z-loss (a, b), 1 spherical softmax (eps),
+  // 2 log-Taylor softmax of order 2, 3 squared error. target (N, K) int64 class ids (ignore_index pads),
+  // target_weight (N, K) or None (weight 1): the losses average their per-target terms with these weights,
+  // squared error uses y = sum_j w_j e_{c_j}. Returns loss (N,) in the accumulation type (0 on rows without a
+  // valid target) and stats (N, 2) = [mean - logits[:, 0], sum_k (o_k - mean)^2].
   m.def(
-      "zloss_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, float a, float b, int ignore_index) "
-      "-> Tensor");
+      "spherical_fwd(Tensor logits, Tensor target, Tensor? target_weight, int kind, float a, float b, float eps, "
+      "int ignore_index) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "spherical_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? target_weight, Tensor stats, int kind, "
+      "float a, float b, float eps, int ignore_index) -> Tensor");
 }
 
 #ifndef FASTLOSS_VERSION

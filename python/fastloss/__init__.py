@@ -18,7 +18,7 @@ from . import (  # noqa: F401  (registrations)
     reference,
 )
 from ._validation import get_validation, set_validation
-from .functional import cross_entropy, zloss
+from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
 
 __version__ = "0.1.0"
 
@@ -35,5 +35,8 @@ __all__ = [
     "nn",
     "reference",
     "set_validation",
+    "spherical_mse_loss",
+    "spherical_softmax_loss",
+    "taylor_softmax_loss",
     "zloss",
 ]

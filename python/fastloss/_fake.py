@@ -22,11 +22,11 @@ if _ops.AVAILABLE:
     def _(grad_parts, logits, target, weight, stats, logit_scale, softcap, ignore_index, with_smoothing):
         return logits.new_empty(logits.shape)
 
-    @torch.library.register_fake("fastloss::zloss_fwd")
-    def _(logits, target, a, b, ignore_index):
+    @torch.library.register_fake("fastloss::spherical_fwd")
+    def _(logits, target, target_weight, kind, a, b, eps, ignore_index):
         n = logits.shape[0]
         return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
 
-    @torch.library.register_fake("fastloss::zloss_bwd")
-    def _(grad_loss, logits, target, stats, a, b, ignore_index):
+    @torch.library.register_fake("fastloss::spherical_bwd")
+    def _(grad_loss, logits, target, target_weight, stats, kind, a, b, eps, ignore_index):
         return logits.new_empty(logits.shape)

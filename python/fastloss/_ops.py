@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "zloss_fwd", "zloss_bwd")
+OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd")
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)
