@@ -30,6 +30,13 @@ TORCH_LIBRARY(fastloss, m) {
   m.def(
       "spherical_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? target_weight, Tensor stats, int kind, "
       "float a, float b, float eps, int ignore_index) -> Tensor");
+  // Per-row finalisation of the spherical Gram form (python/fastloss/linear_spherical.py): from each row's
+  // mean mu (N,), centred square sum m2 (N,), target outputs o_c and o_c - mu (N, K), to the row loss (N,)
+  // and coef (N, 2 + K) = [dL/dm2, dL/dmu, dL/do_{c_1}, ...] (float32 or float64, like mu).
+  m.def(
+      "spherical_row_terms(Tensor mu, Tensor m2, Tensor target_out, Tensor target_dev, Tensor target, "
+      "Tensor? target_weight, int kind, float a, float b, float eps, int num_classes, int ignore_index) "
+      "-> (Tensor loss, Tensor coef)");
 }
 
 #ifndef FASTLOSS_VERSION

@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (registrations)
     reference,
 )
 from ._validation import get_validation, set_validation
+from .linear_spherical import linear_spherical_loss
 from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "build_info",
     "cross_entropy",
     "get_validation",
+    "linear_spherical_loss",
     "nn",
     "reference",
     "set_validation",

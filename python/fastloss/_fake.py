@@ -30,3 +30,8 @@ if _ops.AVAILABLE:
     @torch.library.register_fake("fastloss::spherical_bwd")
     def _(grad_loss, logits, target, target_weight, stats, kind, a, b, eps, ignore_index):
         return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("fastloss::spherical_row_terms")
+    def _(mu, m2, target_out, target_dev, target, target_weight, kind, a, b, eps, num_classes, ignore_index):
+        n, k = target.shape
+        return mu.new_empty((n,)), mu.new_empty((n, 2 + k))

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd")
+OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd", "spherical_row_terms")
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)

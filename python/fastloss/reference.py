@@ -174,3 +174,23 @@ def taylor_softmax_loss(logits, target, *, order=2, target_weight=None, ignore_i
 def spherical_mse_loss(logits, target, *, target_weight=None, ignore_index=-100, reduction="mean"):
     """Reference of :func:`fastloss.spherical_mse_loss`."""
     return spherical_loss(3, logits, target, target_weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def linear_spherical_loss(hidden, weight, target, *, bias=None, loss="zloss", a=1.0, b=0.0, eps=1e-4,
+                          target_weight=None, ignore_index=-100, reduction="mean", process_group=None,
+                          allow_tf32=False):
+    """Reference of :func:`fastloss.linear_spherical_loss`: materialises the logits (N x V) and applies the
+    spherical loss to them. Single process only."""
+    from .linear_spherical import _check_linear_args
+
+    fn = "fastloss.reference.linear_spherical_loss"
+    kind, _ = _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index, reduction)
+    if process_group is not None:
+        raise ValueError(f"{fn}: the reference runs in one process (process_group must be None)")
+    acc = _acc_dtype(hidden)
+    logits = hidden.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    out = spherical_loss(kind, logits, target, target_weight, a=a, b=b, eps=eps, ignore_index=ignore_index,
+                         reduction=reduction)
+    return out.to(hidden.dtype)
