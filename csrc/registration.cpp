@@ -37,6 +37,20 @@ TORCH_LIBRARY(fastloss, m) {
       "spherical_row_terms(Tensor mu, Tensor m2, Tensor target_out, Tensor target_dev, Tensor target, "
       "Tensor? target_weight, int kind, float a, float b, float eps, int num_classes, int ignore_index) "
       "-> (Tensor loss, Tensor coef)");
+  // Gram-form row kernels. hidden (N, d) and weight (V_s, d) rows of one shard holding classes
+  // [offset, offset + V_s); results in the accumulation type (float64 for float64, float32 otherwise).
+  // Target outputs centred on center = [m (d), bm]: (w_c - m) . h + (b_c - bm) for local targets, else 0.
+  m.def(
+      "spherical_gather_dot(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor center, int offset, "
+      "int ignore_index) -> Tensor");
+  // Row statistics [mu, m2] (N, 2) from hidden, hq = hidden @ Q_c and stat = [m (d), bm, u (d), beta]:
+  // mu = h . m + bm, m2 = (hq + 2u) . h + beta.
+  m.def("spherical_row_stats(Tensor hidden, Tensor hq, Tensor stat) -> Tensor");
+  // Hidden gradient (N, d): [2A (hq + u) + B m if with_dense] + sum_j gamma_j w_{c_j} over local targets,
+  // with ab (N, 2) = [A, B] and gamma (N, K) already scaled by the upstream gradient.
+  m.def(
+      "spherical_grad_hidden(Tensor hq, Tensor ab, Tensor gamma, Tensor weight, Tensor target, Tensor stat, "
+      "int offset, int ignore_index, bool with_dense) -> Tensor");
 }
 
 #ifndef FASTLOSS_VERSION

@@ -55,7 +55,7 @@ def test_float64_matches_materialised(device, loss, with_bias, reduction):
     want, gw = _run(reference.linear_spherical_loss, h, W, t, bias, loss=loss, reduction=reduction, **OPTS[loss])
     assert got.shape == want.shape
     _close(got, want, 1e-10)
-    for x, y in zip(gg, gw):
+    for x, y in zip(gg, gw, strict=False):
         _close(x, y, 1e-10)
 
 
@@ -70,7 +70,7 @@ def test_float32_precision(device, loss, case):
     want, gw = _run(reference.linear_spherical_loss, h.double(), W.double(), t, bias.double(), loss=loss,
                     reduction="none", **OPTS[loss])
     _close(got, want, 1e-5)
-    for x, y in zip(gg, gw):
+    for x, y in zip(gg, gw, strict=False):
         _close(x, y, 1e-5)
 
 
@@ -85,7 +85,7 @@ def test_low_precision(device, loss, dtype):
     assert got.dtype == dtype and all(g.dtype == dtype for g in gg)
     eps = torch.finfo(dtype).eps
     _close(got, want, 2 * eps)
-    for x, y in zip(gg, gw):
+    for x, y in zip(gg, gw, strict=False):
         _close(x, y, 2 * eps)
 
 
@@ -99,7 +99,7 @@ def test_multi_target(device, loss):
     got, gg = _run(fastloss.linear_spherical_loss, h, W, t2, bias, loss=loss, target_weight=w, **OPTS[loss])
     want, gw = _run(reference.linear_spherical_loss, h, W, t2, bias, loss=loss, target_weight=w, **OPTS[loss])
     _close(got, want, 1e-10)
-    for x, y in zip(gg, gw):
+    for x, y in zip(gg, gw, strict=False):
         _close(x, y, 1e-10)
 
 
@@ -126,6 +126,31 @@ def test_opcheck_row_terms(device):
                 torch.library.opcheck(torch.ops.fastloss.spherical_row_terms.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_row_kernels(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    N, d, Vs, K = 9, 37, 13, 2
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    r = lambda *s, t=dtype: torch.randn(*s, generator=gen).to(device=device, dtype=t)  # noqa: E731
+    h, w, b = r(N, d), r(Vs, d), r(Vs)
+    t = torch.randint(0, 30, (N, K), generator=gen).to(device)  # classes 5..17 are local to the shard at offset 5
+    t[0, 0] = -100
+    ops = torch.ops.fastloss
+    torch.library.opcheck(ops.spherical_gather_dot.default, (h, w, b, t, r(d + 1, t=acc), 5, -100))
+    torch.library.opcheck(ops.spherical_gather_dot.default, (h, w, None, t, r(d + 1, t=acc), 0, -100))
+    torch.library.opcheck(ops.spherical_row_stats.default, (h, r(N, d, t=acc), r(2 * d + 2, t=acc)))
+    for with_dense in (True, False):
+        args = (r(N, d, t=acc), r(N, 2, t=acc), r(N, K, t=acc), w, t, r(2 * d + 2, t=acc), 5, -100, with_dense)
+        torch.library.opcheck(ops.spherical_grad_hidden.default, args)
+    # the gather against a direct computation: only local targets contribute, centred on `center`
+    center = r(d + 1, t=acc)
+    got = ops.spherical_gather_dot(h, w, b, t, center, 5, -100)
+    local = (t >= 5) & (t < 5 + Vs)
+    rows = w.to(acc)[(t - 5).clamp(0, Vs - 1)] - center[:d]
+    want = (rows * h.to(acc)[:, None]).sum(-1) + b.to(acc)[(t - 5).clamp(0, Vs - 1)] - center[d]
+    torch.testing.assert_close(got, torch.where(local, want, torch.zeros_like(want)), rtol=1e-5, atol=1e-5)
+
+
 def test_compile_fullgraph(device):
     torch._dynamo.reset()
     h, W, bias, t = _problem(device, torch.float32)
@@ -135,7 +160,7 @@ def test_compile_fullgraph(device):
     eager, ge = _run(f, h, W, t, bias)
     compiled, gc = _run(torch.compile(f, fullgraph=True), h, W, t, bias)
     torch.testing.assert_close(compiled, eager)
-    for x, y in zip(gc, ge):
+    for x, y in zip(gc, ge, strict=False):
         torch.testing.assert_close(x, y)
 
 
@@ -238,6 +263,6 @@ def test_vocab_parallel_gloo(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=False):
         assert p.returncode == 0, err[-3000:]
         assert out.startswith("ok")

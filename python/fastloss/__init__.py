@@ -18,8 +18,8 @@ from . import (  # noqa: F401  (registrations)
     reference,
 )
 from ._validation import get_validation, set_validation
-from .linear_spherical import linear_spherical_loss
 from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
+from .linear_spherical import linear_spherical_loss
 
 __version__ = "0.1.0"
 

@@ -35,3 +35,18 @@ if _ops.AVAILABLE:
     def _(mu, m2, target_out, target_dev, target, target_weight, kind, a, b, eps, num_classes, ignore_index):
         n, k = target.shape
         return mu.new_empty((n,)), mu.new_empty((n, 2 + k))
+
+    def _gram_acc(t):
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("fastloss::spherical_gather_dot")
+    def _(hidden, weight, bias, target, center, offset, ignore_index):
+        return hidden.new_empty(target.shape, dtype=_gram_acc(hidden))
+
+    @torch.library.register_fake("fastloss::spherical_row_stats")
+    def _(hidden, hq, stat):
+        return hq.new_empty((hidden.shape[0], 2))
+
+    @torch.library.register_fake("fastloss::spherical_grad_hidden")
+    def _(hq, ab, gamma, weight, target, stat, offset, ignore_index, with_dense):
+        return hq.new_empty(hq.shape)

@@ -6,7 +6,8 @@ import warnings
 
 import torch
 
-OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd", "spherical_row_terms")
+OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd", "spherical_row_terms",
+       "spherical_gather_dot", "spherical_row_stats", "spherical_grad_hidden")
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)

@@ -69,16 +69,6 @@ def _shard_stats(weight, bias, acc):
     return wsum, bsum, gram, u, beta
 
 
-def _target_dev(hf, weight, bias, safe, local, m, bm):
-    """o_c - mu for the targets this shard owns (0 elsewhere), centred on the shard's mean."""
-    N, K = safe.shape
-    w = weight[safe.reshape(-1)].to(hf.dtype) - m  # (N K, d)
-    dev = (w.reshape(N, K, -1) * hf[:, None, :]).sum(-1)
-    if bias is not None:
-        dev = dev + (bias[safe].to(hf.dtype) - bm)
-    return torch.where(local, dev, torch.zeros_like(dev))
-
-
 class _LinearSpherical(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, target_weight, kind, a, b, eps, ignore_index, group,
@@ -101,7 +91,8 @@ class _LinearSpherical(torch.autograd.Function):
             valid = target != ignore_index
             local = valid & (target >= lo) & (target < lo + Vs)
             safe = torch.where(local, target - lo, torch.zeros_like(target))
-            dev = _target_dev(hf, weight, bias, safe, local, wsum_s / Vs, bsum_s / Vs)
+            center = torch.cat([wsum_s, bsum_s.reshape(1)]) / Vs  # shard-centred target outputs
+            dev = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
             d = weight.shape[1]
             if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum) slots | target outputs]
                 slots = hf.new_zeros((world, d + 1))
@@ -128,35 +119,39 @@ class _LinearSpherical(torch.autograd.Function):
                 corr = hf @ diff[:, :d].t() + diff[:, d]  # (N, world)
                 dev = torch.where(valid, dev + corr.gather(1, owner.clamp(0, world - 1)), dev)
             m, bm = mean[:d], mean[d]
+            stat = torch.cat([m, bm.reshape(1), u, beta.reshape(1)])
+            row = torch.ops.fastloss.spherical_row_stats(hidden, hf @ gram, stat)
             bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
-            mu = torch.where(bad, torch.nan, hf @ m + bm)
-            P = hf @ gram
-            m2 = (P * hf).sum(-1) + 2 * (hf @ u) + beta
+            mu, m2 = torch.where(bad, torch.nan, row[:, 0]), row[:, 1]
         oc = mu[:, None] + dev
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, dev, target, target_weight, kind, a, b, eps,
                                                             Vtot, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, target, gram, u, m, bm, coef, local, safe)
-        ctx.opts = (group, allow_tf32, Vtot, bias is not None)
+        ctx.save_for_backward(hidden, weight, bias, target, gram, stat, coef, local, safe)
+        ctx.opts = (group, rank, lo, ignore_index, allow_tf32, Vtot, bias is not None)
         ctx.mark_non_differentiable(coef)
         return rows, coef
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_coef):
-        hidden, weight, bias, target, gram, u, m, bm, coef, local, safe = ctx.saved_tensors
-        group, allow_tf32, Vtot, has_bias = ctx.opts
+        hidden, weight, bias, target, gram, stat, coef, local, safe = ctx.saved_tensors
+        group, rank, lo, ignore_index, allow_tf32, Vtot, has_bias = ctx.opts
         acc = gram.dtype
+        d = gram.shape[0]
+        m, bm = stat[:d], stat[d]
         hf = hidden.to(acc)
         g = grad_rows.to(acc)
-        A, B = coef[:, 0] * g, coef[:, 1] * g
+        ab = coef[:, :2] * g[:, None]
+        A, B = ab[:, 0], ab[:, 1]
         gam = torch.where(local, coef[:, 2:] * g[:, None], torch.zeros_like(coef[:, 2:]))
-        N, K = gam.shape
+        K = gam.shape[1]
         grad_h = grad_w = grad_b = None
         with _no_tf32(hidden.device, allow_tf32):
-            if ctx.needs_input_grad[0]:
-                sparse = (gam[:, :, None] * weight[safe.reshape(-1)].to(acc).reshape(N, K, -1)).sum(1)
+            if ctx.needs_input_grad[0]:  # the dense part once (rank 0), every rank's target rows, summed
+                gh = torch.ops.fastloss.spherical_grad_hidden(hf @ gram, ab, gam, weight, target, stat, lo,
+                                                              ignore_index, group is None or rank == 0)
                 if group is not None:
-                    torch.distributed.all_reduce(sparse, group=group)
-                grad_h = (2 * A[:, None] * (hf @ gram + u) + B[:, None] * m + sparse).to(hidden.dtype)
+                    torch.distributed.all_reduce(gh, group=group)
+                grad_h = gh.to(hidden.dtype)
             if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
                 v = hf.t() @ A
                 G = (hf * A[:, None]).t() @ hf

@@ -189,3 +189,31 @@ FL_HD FL_INLINE T spherical_target_grad(const SphericalLoss<T>& L, T m2, int64_t
 }
 
 }  // namespace fastloss
+
+namespace fastloss {
+
+// ---------------------------------------------------------------------------------------------------------
+// Gram form (python/fastloss/linear_spherical.py): per-element terms of the row kernels over the hidden width
+// d. stat = [m (d), bm, u (d), beta]: the centred-weight mean, bias mean, u = W_c' b_c and beta = |b_c|^2.
+// ---------------------------------------------------------------------------------------------------------
+
+// o_c - mu, one element: (w_ci - center_i) h_i.
+template <typename T>
+FL_HD FL_INLINE T gram_dev_term(T w, T center, T h) {
+  return (w - center) * h;
+}
+
+// [mu, m2] partial sums, one element: mu += h_i m_i, m2 += (hq_i + 2 u_i) h_i  (hq = H Q_c).
+template <typename T>
+FL_HD FL_INLINE void gram_stats_terms(T h, T hq, T m, T u, T& mu, T& m2) {
+  mu += h * m;
+  m2 += (hq + T(2) * u) * h;
+}
+
+// dL/dh_i without its target part: 2A (hq_i + u_i) + B m_i.
+template <typename T>
+FL_HD FL_INLINE T gram_grad_dense(T A, T B, T hq, T u, T m) {
+  return T(2) * A * (hq + u) + B * m;
+}
+
+}  // namespace fastloss
