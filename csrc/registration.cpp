@@ -19,12 +19,38 @@ TORCH_LIBRARY(fastloss, m) {
   m.def(
       "cross_entropy_bwd(Tensor grad_parts, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "float logit_scale, float softcap, int ignore_index, bool with_smoothing) -> Tensor");
-  // Z-loss of de Brebisson & Vincent (2016) per row: softplus(a (b - z_c)) / a with z the row's z-scores.
-  // Returns loss (N,) (0 on ignored rows) and stats (N, 2) = [mean - logits[:, 0], population std].
-  m.def("zloss_fwd(Tensor logits, Tensor target, float a, float b, int ignore_index) -> (Tensor loss, Tensor stats)");
+  // Spherical family on logits (fastloss/spherical.h), kind 0 Z-loss (a, b), 1 spherical softmax (eps),
+  // 2 log-Taylor softmax of order 2, 3 squared error. target (N, K) int64 class ids (ignore_index pads),
+  // target_weight (N, K) or None (weight 1): the losses average their per-target terms with these weights,
+  // squared error uses y = sum_j w_j e_{c_j}. Returns loss (N,) in the accumulation type (0 on rows without a
+  // valid target) and stats (N, 2) = [mean - logits[:, 0], sum_k (o_k - mean)^2].
   m.def(
-      "zloss_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, float a, float b, int ignore_index) "
-      "-> Tensor");
+      "spherical_fwd(Tensor logits, Tensor target, Tensor? target_weight, int kind, float a, float b, float eps, "
+      "int ignore_index) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "spherical_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? target_weight, Tensor stats, int kind, "
+      "float a, float b, float eps, int ignore_index) -> Tensor");
+  // Per-row finalisation of the spherical Gram form (python/fastloss/linear_spherical.py): from each row's
+  // mean mu (N,), centred square sum m2 (N,), target outputs o_c and o_c - mu (N, K), to the row loss (N,)
+  // and coef (N, 2 + K) = [dL/dm2, dL/dmu, dL/do_{c_1}, ...] (float32 or float64, like mu).
+  m.def(
+      "spherical_row_terms(Tensor mu, Tensor m2, Tensor target_out, Tensor target_dev, Tensor target, "
+      "Tensor? target_weight, int kind, float a, float b, float eps, int num_classes, int ignore_index) "
+      "-> (Tensor loss, Tensor coef)");
+  // Gram-form row kernels. hidden (N, d) and weight (V_s, d) rows of one shard holding classes
+  // [offset, offset + V_s); results in the accumulation type (float64 for float64, float32 otherwise).
+  // Target outputs centred on center = [m (d), bm]: (w_c - m) . h + (b_c - bm) for local targets, else 0.
+  m.def(
+      "spherical_gather_dot(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor center, int offset, "
+      "int ignore_index) -> Tensor");
+  // Row statistics [mu, m2] (N, 2) from hidden, hq = hidden @ Q_c and stat = [m (d), bm, u (d), beta]:
+  // mu = h . m + bm, m2 = (hq + 2u) . h + beta.
+  m.def("spherical_row_stats(Tensor hidden, Tensor hq, Tensor stat) -> Tensor");
+  // Hidden gradient (N, d): [2A (hq + u) + B m if with_dense] + sum_j gamma_j w_{c_j} over local targets,
+  // with ab (N, 2) = [A, B] and gamma (N, K) already scaled by the upstream gradient.
+  m.def(
+      "spherical_grad_hidden(Tensor hq, Tensor ab, Tensor gamma, Tensor weight, Tensor target, Tensor stat, "
+      "int offset, int ignore_index, bool with_dense) -> Tensor");
 
   // --- contrastive engine (csrc/contrastive_engine.h): logits s_ij = scale_i <query_i, key_j> + bias, tiled by
   // blocks of query rows; the N x M matrix is never stored. kind: 0 softmax (InfoNCE / CLIP, one positive per

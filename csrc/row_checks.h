@@ -9,15 +9,22 @@
 
 namespace fastloss {
 
-inline void check_row_inputs(const at::Tensor& logits, const at::Tensor& target, const char* op) {
+// target is (N,) class ids, or (N, K) with K >= 1 when multi_target (the spherical family).
+inline void check_row_inputs(const at::Tensor& logits, const at::Tensor& target, const char* op,
+                             bool multi_target = false) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, C), got ", logits.dim(), "-D");
   TORCH_CHECK(logits.size(1) >= 1, op, ": logits need at least one class");
   TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, op, ": logits need a contiguous class dimension");
   auto st = logits.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
               ": logits must be float32, float64, float16 or bfloat16, got ", st);
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must have shape (",
-              logits.size(0), ",), got ", target.sizes());
+  if (multi_target) {
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) >= 1, op,
+                ": target must have shape (", logits.size(0), ", K) with K >= 1, got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must have shape (",
+                logits.size(0), ",), got ", target.sizes());
+  }
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(), ", logits on ",
               logits.device());
@@ -38,6 +45,19 @@ inline std::optional<at::Tensor> class_vector(const std::optional<at::Tensor>& v
   return v->to(acc_type_of(logits)).contiguous();
 }
 
+// Optional (N, K) target weights as a contiguous tensor of the accumulation type.
+inline std::optional<at::Tensor> target_weights(const std::optional<at::Tensor>& w, const at::Tensor& target,
+                                                const at::Tensor& logits, const char* op) {
+  if (!w.has_value() || !w->defined()) return std::nullopt;
+  TORCH_CHECK(w->sizes() == target.sizes(), op, ": target_weight must have the shape of target ", target.sizes(),
+              ", got ", w->sizes());
+  TORCH_CHECK(w->device() == logits.device(), op, ": target_weight is on ", w->device(), ", logits on ",
+              logits.device());
+  TORCH_CHECK(at::isFloatingType(w->scalar_type()), op, ": target_weight must be floating point, got ",
+              w->scalar_type());
+  return w->to(acc_type_of(logits)).contiguous();
+}
+
 inline void check_stats(const at::Tensor& t, const at::Tensor& logits, int64_t cols, const char* op,
                         const char* name) {
   TORCH_CHECK(t.dim() == (cols == 1 ? 1 : 2) && t.size(0) == logits.size(0) && (cols == 1 || t.size(1) == cols),
@@ -54,8 +74,9 @@ struct RowBackwardInputs {
 
 inline RowBackwardInputs prepare_row_backward(const at::Tensor& grad_rows, int64_t grad_cols,
                                               const at::Tensor& logits, const at::Tensor& target,
-                                              const at::Tensor& stats, int64_t stats_cols, const char* op) {
-  check_row_inputs(logits, target, op);
+                                              const at::Tensor& stats, int64_t stats_cols, const char* op,
+                                              bool multi_target = false) {
+  check_row_inputs(logits, target, op, multi_target);
   check_stats(grad_rows, logits, grad_cols, op, grad_cols == 1 ? "grad_loss" : "grad_parts");
   check_stats(stats, logits, stats_cols, op, "stats");
   const auto acc = acc_type_of(logits);

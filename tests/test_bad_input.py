@@ -84,9 +84,13 @@ def test_ops_called_directly_stay_safe():
     with pytest.raises(IndexError):
         torch.ops.fastloss.cross_entropy_fwd(x, t, None, None, 0.0, 1.0, 0.0, -100, False)
     with pytest.raises(RuntimeError, match="logits must be 2-D"):
-        torch.ops.fastloss.zloss_fwd(x[0], t[:1], 1.0, 0.0, -100)
+        torch.ops.fastloss.spherical_fwd(x[0], t[:1, None], None, 0, 1.0, 0.0, 0.0, -100)
     with pytest.raises(RuntimeError, match="target must be int64"):
-        torch.ops.fastloss.zloss_fwd(x, t.int(), 1.0, 0.0, -100)
+        torch.ops.fastloss.spherical_fwd(x, t.int()[:, None], None, 0, 1.0, 0.0, 0.0, -100)
+    with pytest.raises(RuntimeError, match="unknown spherical loss kind"):
+        torch.ops.fastloss.spherical_fwd(x, t.clamp(0, 4)[:, None], None, 7, 1.0, 0.0, 0.0, -100)
+    with pytest.raises(RuntimeError, match="target_weight must have the shape"):
+        torch.ops.fastloss.spherical_fwd(x, t.clamp(0, 4)[:, None], torch.ones(4, 2), 0, 1.0, 0.0, 0.0, -100)
     with pytest.raises(RuntimeError, match="grad_parts has shape"):
         torch.ops.fastloss.cross_entropy_bwd(torch.ones(3, 3), x, t.clamp(0, 4), None, torch.ones(4, 3), 1.0, 0.0,
                                              -100, False)

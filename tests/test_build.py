@@ -16,7 +16,7 @@ def test_build_info():
     assert info["torch_version_built"].split("+")[0].rsplit(".", 1)[0] == torch.__version__.split("+")[0].rsplit(
         ".", 1
     )[0]
-    for op in ("cross_entropy_fwd", "cross_entropy_bwd", "zloss_fwd", "zloss_bwd"):
+    for op in ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd"):
         assert "cpu" in info["ops"][op]
         assert ("cuda" in info["ops"][op]) == bool(info["cuda_archs"])
 
@@ -40,7 +40,7 @@ def test_fallback_without_extension():
         a.backward()
         fastloss.zloss(x, t).backward()
         info = fastloss.build_info()
-        assert not info["extension_loaded"] and info["ops"]["zloss_fwd"] == []
+        assert not info["extension_loaded"] and info["ops"]["spherical_fwd"] == []
         print("OK")
         """
     )

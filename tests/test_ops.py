@@ -26,9 +26,15 @@ def _opcheck_row_ops(device, dtype):
             parts, stats = ops.cross_entropy_fwd(*[a.detach() if torch.is_tensor(a) else a for a in args])
             bwd = (torch.rand_like(parts), x.detach(), args[1], args[2], stats, args[5], args[6], args[7], args[8])
             torch.library.opcheck(ops.cross_entropy_bwd.default, bwd)
-        torch.library.opcheck(ops.zloss_fwd.default, (x.detach().requires_grad_(), t, 1.3, 0.2, -100))
-        loss, stats = ops.zloss_fwd(x.detach(), t, 1.3, 0.2, -100)
-        torch.library.opcheck(ops.zloss_bwd.default, (torch.rand_like(loss), x.detach(), t, stats, 1.3, 0.2, -100))
+        t2 = torch.stack([t, torch.where(t == -100, 0, t).flip(0)], -1)
+        tw = torch.rand(t2.shape, device=device, dtype=dtype) + 0.1
+        for kind in range(4):
+            for tt, ww in [(t[:, None], None), (t2, tw)]:
+                args = (tt, ww, kind, 1.3, 0.2, 1e-3, -100)
+                torch.library.opcheck(ops.spherical_fwd.default, (x.detach().requires_grad_(), *args))
+                loss, stats = ops.spherical_fwd(x.detach(), *args)
+                torch.library.opcheck(ops.spherical_bwd.default, (torch.rand_like(loss), x.detach(), tt, ww, stats,
+                                                                  *args[2:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -63,5 +63,5 @@ def test_zloss_properties(xt, a, b):
     sigma = x.double().std(-1, unbiased=False)
     term = (1 / sigma[sigma > 0]).max().item() if (sigma > 0).any() else 0.0
     torch.testing.assert_close(g.double(), ref_g, rtol=1e-3, atol=1e-5 * (ref_g.abs().max().item() + term + 1e-6))
-    # shift invariance of the gradient: rows sum to 0
-    assert g.double().sum(-1).abs().max() <= 1e-4 * (g.abs().sum(-1).max().item() + 1e-12)
+    # shift invariance of the gradient: rows sum to 0, up to fp32 rounding of the O(g / sigma) terms
+    assert g.double().sum(-1).abs().max() <= 1e-4 * g.abs().sum(-1).max().item() + 1e-5 * term + 1e-12

@@ -14,18 +14,21 @@ struct RowArgs {
   const void* logits;  // (N, C), class stride 1
   int64_t row_stride;  // elements between rows
   int64_t C;
-  const int64_t* target;  // (N,)
+  const int64_t* target;  // (N,) for cross-entropy; (N, K) for the spherical family
+  int64_t K;              // targets per row
   int64_t ignore_index;
   // cross-entropy options
   const void* weight;  // (C,) or nullptr
   const void* margin;  // (C,) or nullptr
   double margin_scalar, scale, softcap, sum_w;
   bool with_smoothing;
-  // Z-loss options
-  double a, b;
+  // spherical-family options (fastloss/spherical.h)
+  int kind;
+  double a, b, eps;
+  const void* target_weight;  // (N, K) of acc, or nullptr for weight 1
   // outputs / backward inputs
-  void* parts;            // forward: CE (N,3) [nll, smooth, lse]; Z-loss (N,) loss
-  void* stats;            // forward output / backward input: CE (N,3) [m, r, z_y]; Z-loss (N,2) [mean - K, sigma]
+  void* parts;            // forward: CE (N,3) [nll, smooth, lse]; spherical (N,) loss
+  void* stats;            // forward output / backward input: CE (N,3) [m, r, z_y]; spherical (N,2) [mean - x_0, m2]
   const void* grad_parts; // backward: dL/dparts, same layout as parts
   void* grad_logits;      // backward: (N, C) contiguous, logits dtype
 };
@@ -33,7 +36,7 @@ struct RowArgs {
 using RowKernel = void (*)(const RowArgs&, int64_t begin, int64_t end);
 
 struct RowKernels {
-  RowKernel ce_fwd, ce_bwd, zloss_fwd, zloss_bwd;
+  RowKernel ce_fwd, ce_bwd, spherical_fwd, spherical_bwd;
 };
 
 namespace base { extern const RowKernels kernels; }

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "fastloss/row_losses.h"
+#include "fastloss/spherical.h"
 #include "row_kernels.h"
 #include "simd.h"
 
@@ -221,16 +222,38 @@ void ce_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// ------------------------------------------------------------------------------------------------ Z-loss
+// ------------------------------------------------------------------------------------------ spherical family
+
+// Target j of a row for the spherical row driver; x0 is the shift of the sums (the row's first value).
+template <typename scalar_t, typename acc_t>
+struct SphericalRowTargets {
+  const scalar_t* row;
+  const int64_t* target;  // K entries
+  const acc_t* weight;    // K entries or nullptr
+  int64_t ignore_index;
+  acc_t x0, d;            // d = mean - x0
+  SphericalTarget<acc_t> operator()(int64_t j) const {
+    const int64_t c = target[j];
+    if (c == ignore_index) return {false, c, acc_t(0), acc_t(0), acc_t(0)};
+    const acc_t oc = static_cast<acc_t>(row[c]);
+    return {true, c, oc, (oc - x0) - d, weight ? weight[j] : acc_t(1)};
+  }
+};
+
+template <typename acc_t>
+SphericalLoss<acc_t> spherical_loss_of(const RowArgs& a) {
+  return {a.kind, acc_t(a.a), acc_t(a.b), acc_t(a.eps), acc_t(a.C)};
+}
 
 template <typename scalar_t>
-void zloss_fwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+void spherical_fwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
   using S = Simd<acc_t>;
   using V = typename S::V;
   acc_t* loss = static_cast<acc_t*>(a.parts);
   acc_t* stats = static_cast<acc_t*>(a.stats);
   const int64_t C = a.C;
+  const auto sl = spherical_loss_of<acc_t>(a);
   auto L = make_loader<scalar_t>(a);
   for (int64_t row = begin; row < end; ++row) {
     L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
@@ -251,49 +274,59 @@ void zloss_fwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
       for (; i < n; ++i) cs.push(z[i] - K);
       st.merge(cs);
     }
-    const auto zr = ZLossRow<acc_t>::from_sums(st, C);
-    const int64_t y = a.target[row];
-    const bool ignored = y == a.ignore_index;
-    loss[row] = ignored ? acc_t(0)
-                        : zloss_value(zr.zscore(static_cast<acc_t>(L.row[y]) - K), acc_t(a.a), acc_t(a.b));
-    stats[2 * row + 0] = zr.d;
-    stats[2 * row + 1] = zr.sigma;
+    const auto cs = CentredSums<acc_t>::from_shifted(st, C);
+    const SphericalRowTargets<scalar_t, acc_t> tg{
+        L.row, a.target + row * a.K,
+        a.target_weight ? static_cast<const acc_t*>(a.target_weight) + row * a.K : nullptr, a.ignore_index, K,
+        cs.d};
+    loss[row] = spherical_row(sl, K + cs.d, cs.m2, a.K, tg);
+    stats[2 * row + 0] = cs.d;
+    stats[2 * row + 1] = cs.m2;
   }
 }
 
 template <typename scalar_t>
-void zloss_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+void spherical_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
   using S = Simd<acc_t>;
   const acc_t* stats = static_cast<const acc_t*>(a.stats);
   const acc_t* gloss = static_cast<const acc_t*>(a.grad_parts);
   const int64_t C = a.C;
+  const auto sl = spherical_loss_of<acc_t>(a);
   auto L = make_loader<scalar_t>(a);
   acc_t d[kChunk];
   for (int64_t row = begin; row < end; ++row) {
     L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
     scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + row * C;
-    const int64_t y = a.target[row];
-    const bool ignored = y == a.ignore_index;
     const acc_t K = static_cast<acc_t>(L.row[0]);
-    const auto zr = ZLossRow<acc_t>::from_saved(stats[2 * row], stats[2 * row + 1]);
-    const acc_t y_c = ignored ? acc_t(0) : static_cast<acc_t>(L.row[y]) - K;
-    const auto g = ZLossGradRow<acc_t>::make(zr, y_c, acc_t(a.a), acc_t(a.b), gloss[row], C, ignored);
-    if (g.coef == acc_t(0) && g.target_coef == acc_t(0)) {
+    const acc_t dm = stats[2 * row], m2 = stats[2 * row + 1];
+    const SphericalRowTargets<scalar_t, acc_t> tg{
+        L.row, a.target + row * a.K,
+        a.target_weight ? static_cast<const acc_t*>(a.target_weight) + row * a.K : nullptr, a.ignore_index, K, dm};
+    SphericalRowGrad<acc_t> g;
+    spherical_row(sl, K + dm, m2, a.K, tg, gloss[row], &g);
+    if (g.alpha == acc_t(0) && g.beta == acc_t(0) && g.gw == acc_t(0)) {
       std::fill(out, out + C, static_cast<scalar_t>(0));
       continue;
     }
-    const auto Kv = S::splat(K);
+    // dense part beta (x - mean) + alpha = beta ((x - K) - d) + alpha
+    const acc_t off = g.alpha - g.beta * dm;
     for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
       const int64_t n = std::min(kChunk, C - k0);
       const acc_t* z = L.load(k0, n);
       acc_t* dst = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out + k0) : d;
       int64_t i = 0;
-      for (; i + S::W <= n; i += S::W) S::store(dst + i, g.other(S::load(z + i) - Kv));
-      for (; i < n; ++i) dst[i] = g.other(z[i] - K);
+      const auto Kv = S::splat(K), bv = S::splat(g.beta), ov = S::splat(off);
+      for (; i + S::W <= n; i += S::W) S::store(dst + i, bv * (S::load(z + i) - Kv) + ov);
+      for (; i < n; ++i) dst[i] = g.beta * (z[i] - K) + off;
       if (!std::is_same_v<scalar_t, acc_t>) store_chunk(d, n, out + k0);
     }
-    if (!ignored) out[y] = static_cast<scalar_t>(g.target(y_c));
+    // target classes: the whole derivative in acc_t, rounded once
+    for (int64_t j = 0; j < a.K; ++j) {
+      const auto t = tg(j);
+      if (!t.valid) continue;
+      out[t.c] = static_cast<scalar_t>(g.beta * t.dev + g.alpha + spherical_target_grad(sl, m2, a.K, tg, g.gw, t.c));
+    }
   }
 }
 
@@ -316,13 +349,13 @@ void by_dtype(const RowArgs& a, int64_t begin, int64_t end) {
   };
 FL_ROW_KERNEL(ce_fwd)
 FL_ROW_KERNEL(ce_bwd)
-FL_ROW_KERNEL(zloss_fwd)
-FL_ROW_KERNEL(zloss_bwd)
+FL_ROW_KERNEL(spherical_fwd)
+FL_ROW_KERNEL(spherical_bwd)
 #undef FL_ROW_KERNEL
 
 }  // namespace
 
-extern const RowKernels kernels{&by_dtype<ce_fwd_k>, &by_dtype<ce_bwd_k>, &by_dtype<zloss_fwd_k>,
-                                &by_dtype<zloss_bwd_k>};
+extern const RowKernels kernels{&by_dtype<ce_fwd_k>, &by_dtype<ce_bwd_k>, &by_dtype<spherical_fwd_k>,
+                                &by_dtype<spherical_bwd_k>};
 
 }  // namespace fastloss::cpu::FL_CPU_ISA_NS

@@ -51,6 +51,7 @@ RowArgs base_args(const at::Tensor& logits, const at::Tensor& target, int64_t ig
   a.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
   a.C = logits.size(1);
   a.target = target.data_ptr<int64_t>();
+  a.K = 1;
   a.ignore_index = ignore_index;
   a.scale = 1.0;
   return a;
@@ -129,33 +130,47 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
   return in.grad_logits;
 }
 
-std::tuple<at::Tensor, at::Tensor> zloss_fwd(const at::Tensor& logits, const at::Tensor& target, double a_,
-                                             double b_, int64_t ignore_index) {
-  constexpr const char* op = "fastloss.zloss_fwd";
-  check_row_inputs(logits, target, op);
+void set_spherical_options(RowArgs& a, const at::Tensor& target, const std::optional<at::Tensor>& tw, int64_t kind,
+                           double a_, double b_, double eps) {
+  TORCH_CHECK(kind >= 0 && kind <= 3, "fastloss: unknown spherical loss kind ", kind);
+  a.K = target.size(1);
+  a.kind = static_cast<int>(kind);
+  a.a = a_;
+  a.b = b_;
+  a.eps = eps;
+  a.target_weight = tw ? tw->data_ptr() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> spherical_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                 const std::optional<at::Tensor>& target_weight, int64_t kind,
+                                                 double a_, double b_, double eps, int64_t ignore_index) {
+  constexpr const char* op = "fastloss.spherical_fwd";
+  check_row_inputs(logits, target, op, /*multi_target=*/true);
   const int64_t N = logits.size(0), C = logits.size(1);
   auto t = target.contiguous();
+  auto tw = target_weights(target_weight, t, logits, op);
   check_targets(t, C, ignore_index);
   auto opts = logits.options().dtype(acc_type_of(logits));
   at::Tensor loss = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
   RowArgs a = base_args(logits, t, ignore_index);
-  a.a = a_;
-  a.b = b_;
+  set_spherical_options(a, t, tw, kind, a_, b_, eps);
   a.parts = loss.data_ptr();
   a.stats = stats.data_ptr();
-  run_rows(kernels().zloss_fwd, a, N);
+  run_rows(kernels().spherical_fwd, a, N);
   return {loss, stats};
 }
 
-at::Tensor zloss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                     const at::Tensor& stats, double a_, double b_, int64_t ignore_index) {
-  auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, "fastloss.zloss_bwd");
+at::Tensor spherical_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& target_weight, const at::Tensor& stats, int64_t kind,
+                         double a_, double b_, double eps, int64_t ignore_index) {
+  constexpr const char* op = "fastloss.spherical_bwd";
+  auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, op, /*multi_target=*/true);
+  auto tw = target_weights(target_weight, in.target, logits, op);
   check_targets(in.target, logits.size(1), ignore_index);
   RowArgs a = base_args(logits, in.target, ignore_index);
-  a.a = a_;
-  a.b = b_;
+  set_spherical_options(a, in.target, tw, kind, a_, b_, eps);
   set_backward_args(a, in);
-  run_rows(kernels().zloss_bwd, a, logits.size(0));
+  run_rows(kernels().spherical_bwd, a, logits.size(0));
   return in.grad_logits;
 }
 
@@ -165,6 +180,6 @@ at::Tensor zloss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, cons
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("cross_entropy_fwd", &fastloss::cpu::cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &fastloss::cpu::cross_entropy_bwd);
-  m.impl("zloss_fwd", &fastloss::cpu::zloss_fwd);
-  m.impl("zloss_bwd", &fastloss::cpu::zloss_bwd);
+  m.impl("spherical_fwd", &fastloss::cpu::spherical_fwd);
+  m.impl("spherical_bwd", &fastloss::cpu::spherical_bwd);
 }

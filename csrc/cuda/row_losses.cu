@@ -14,6 +14,7 @@
 #include "../row_checks.h"
 #include "common.cuh"
 #include "fastloss/row_losses.h"
+#include "fastloss/spherical.h"
 
 namespace fastloss::cuda {
 namespace {
@@ -177,78 +178,104 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
   }
 }
 
+// Spherical family (fastloss/spherical.h). Target j of a row, read from global memory; a bad target makes the
+// whole row NaN.
+template <typename scalar_t, typename acc_t>
+struct SphericalRowTargets {
+  const scalar_t* row;
+  const int64_t* target;
+  const acc_t* weight;
+  int64_t ignore_index;
+  acc_t x0, d;
+  __device__ SphericalTarget<acc_t> operator()(int64_t j) const {
+    const int64_t c = target[j];
+    if (c == ignore_index) return {false, c, acc_t(0), acc_t(0), acc_t(0)};
+    const acc_t oc = static_cast<acc_t>(row[c]);
+    return {true, c, oc, (oc - x0) - d, weight ? weight[j] : acc_t(1)};
+  }
+};
+
+__device__ __forceinline__ bool any_bad_target(const int64_t* t, int64_t K, int64_t C, int64_t ignore_index) {
+  bool bad = false;
+  for (int64_t j = 0; j < K; ++j) bad |= bad_target(t[j], C, ignore_index);
+  return bad;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
-    zloss_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
-                     const int64_t* __restrict__ target, int64_t ignore_index, acc_type<scalar_t> a,
-                     acc_type<scalar_t> b, acc_type<scalar_t>* __restrict__ loss,
-                     acc_type<scalar_t>* __restrict__ stats) {
+    spherical_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                         const int64_t* __restrict__ target, int64_t K, const acc_type<scalar_t>* __restrict__ tw,
+                         int64_t ignore_index, SphericalLoss<acc_type<scalar_t>> sl,
+                         acc_type<scalar_t>* __restrict__ loss, acc_type<scalar_t>* __restrict__ stats) {
   using acc_t = acc_type<scalar_t>;
   constexpr int V = Pack<scalar_t>::N;
   __shared__ SphericalSums<acc_t> smem[kMaxWarps];
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const scalar_t* x = logits + row * row_stride;
-    const int64_t y = target[row];
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    if (bad_target(y, C, ignore_index)) {
+    const int64_t* t = target + row * K;
+    if (any_bad_target(t, K, C, ignore_index)) {
+      const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
       if (threadIdx.x == 0) loss[row] = stats[2 * row] = stats[2 * row + 1] = nan;
       continue;
     }
-    const acc_t K = static_cast<acc_t>(x[0]);  // shift by a value of the row itself
+    const acc_t x0 = static_cast<acc_t>(x[0]);  // shift by a value of the row itself
     SphericalSums<acc_t> st{0, 0};
     for_each_in_row(
-        x, C, [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - K); },
+        x, C, [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - x0); },
         [&](int64_t, const Pack<scalar_t>& p) {
 #pragma unroll
-          for (int j = 0; j < V; ++j) st.push(static_cast<acc_t>(p.v[j]) - K);
+          for (int j = 0; j < V; ++j) st.push(static_cast<acc_t>(p.v[j]) - x0);
         });
     st = block_merge(st, smem, [](SphericalSums<acc_t>& p, const SphericalSums<acc_t>& q) { p.merge(q); });
     if (threadIdx.x == 0) {
-      const auto zr = ZLossRow<acc_t>::from_sums(st, C);
-      const bool ignored = y == ignore_index;
-      loss[row] = ignored ? acc_t(0) : zloss_value(zr.zscore(static_cast<acc_t>(x[y]) - K), a, b);
-      stats[2 * row] = zr.d;
-      stats[2 * row + 1] = zr.sigma;
+      const auto cs = CentredSums<acc_t>::from_shifted(st, C);
+      const SphericalRowTargets<scalar_t, acc_t> tg{x, t, tw ? tw + row * K : nullptr, ignore_index, x0, cs.d};
+      loss[row] = spherical_row(sl, x0 + cs.d, cs.m2, K, tg);
+      stats[2 * row] = cs.d;
+      stats[2 * row + 1] = cs.m2;
     }
   }
 }
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
-    zloss_bwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
-                     const int64_t* __restrict__ target, int64_t ignore_index, acc_type<scalar_t> a,
-                     acc_type<scalar_t> b, const acc_type<scalar_t>* __restrict__ stats,
-                     const acc_type<scalar_t>* __restrict__ gloss, scalar_t* __restrict__ grad) {
+    spherical_bwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                         const int64_t* __restrict__ target, int64_t K, const acc_type<scalar_t>* __restrict__ tw,
+                         int64_t ignore_index, SphericalLoss<acc_type<scalar_t>> sl,
+                         const acc_type<scalar_t>* __restrict__ stats, const acc_type<scalar_t>* __restrict__ gloss,
+                         scalar_t* __restrict__ grad) {
   using acc_t = acc_type<scalar_t>;
   constexpr int V = Pack<scalar_t>::N;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const scalar_t* x = logits + row * row_stride;
+    const int64_t* t = target + row * K;
     scalar_t* out = grad + row * C;
-    const int64_t y = target[row];
-    if (bad_target(y, C, ignore_index)) {
+    if (any_bad_target(t, K, C, ignore_index)) {
       const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
       for (int64_t k = threadIdx.x; k < C; k += blockDim.x) out[k] = nan;
       continue;
     }
-    const bool ignored = y == ignore_index;
-    const acc_t K = static_cast<acc_t>(x[0]);
-    const auto zr = ZLossRow<acc_t>::from_saved(stats[2 * row], stats[2 * row + 1]);
-    const acc_t y_c = ignored ? acc_t(0) : static_cast<acc_t>(x[y]) - K;
-    const auto g = ZLossGradRow<acc_t>::make(zr, y_c, a, b, gloss[row], C, ignored);
-    const int64_t y_eff = ignored ? -1 : y;
-    auto dx = [&](int64_t k, scalar_t v) {
-      const acc_t yk = static_cast<acc_t>(v) - K;
-      return static_cast<scalar_t>(k == y_eff ? g.target(yk) : g.other(yk));
-    };
-    map_row(x, out, C, dx, [&](int64_t k0, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
+    const acc_t x0 = static_cast<acc_t>(x[0]);
+    const acc_t d = stats[2 * row], m2 = stats[2 * row + 1];
+    const SphericalRowTargets<scalar_t, acc_t> tg{x, t, tw ? tw + row * K : nullptr, ignore_index, x0, d};
+    SphericalRowGrad<acc_t> g;
+    spherical_row(sl, x0 + d, m2, K, tg, gloss[row], &g);
+    // dense part beta (x - mean) + alpha, then the target classes, whole in acc_t and rounded once
+    const acc_t off = g.alpha - g.beta * d;
+    auto dense = [&](acc_t v) { return static_cast<scalar_t>(g.beta * (v - x0) + off); };
+    map_row(
+        x, out, C, [&](int64_t, scalar_t v) { return dense(static_cast<acc_t>(v)); },
+        [&](int64_t, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(g.other(static_cast<acc_t>(in.v[j]) - K));
-      if (y_eff >= k0 && y_eff < k0 + V) {  // rare: this pack holds the target
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          if (k0 + j == y_eff) res.v[j] = dx(k0 + j, in.v[j]);
-      }
-    });
+          for (int j = 0; j < V; ++j) res.v[j] = dense(static_cast<acc_t>(in.v[j]));
+        });
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+      const auto tj = tg(j);
+      if (tj.valid)
+        out[tj.c] = static_cast<scalar_t>(g.beta * tj.dev + g.alpha + spherical_target_grad(sl, m2, K, tg, g.gw, tj.c));
+    }
+    __syncthreads();  // the next row of this block must not start before the fix-ups (shared-free, but tidy)
   }
 }
 
@@ -352,12 +379,21 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
   return in.grad_logits;
 }
 
-std::tuple<at::Tensor, at::Tensor> zloss_fwd(const at::Tensor& logits, const at::Tensor& target, double a,
-                                             double b, int64_t ignore_index) {
-  check_row_inputs(logits, target, "fastloss.zloss_fwd");
+template <typename acc_t>
+SphericalLoss<acc_t> spherical_loss_of(int64_t kind, double a, double b, double eps, int64_t C) {
+  TORCH_CHECK(kind >= 0 && kind <= 3, "fastloss: unknown spherical loss kind ", kind);
+  return {static_cast<int>(kind), acc_t(a), acc_t(b), acc_t(eps), acc_t(C)};
+}
+
+std::tuple<at::Tensor, at::Tensor> spherical_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                 const std::optional<at::Tensor>& target_weight, int64_t kind,
+                                                 double a, double b, double eps, int64_t ignore_index) {
+  constexpr const char* op = "fastloss.spherical_fwd";
+  check_row_inputs(logits, target, op, /*multi_target=*/true);
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   auto t = target.contiguous();
+  auto tw = target_weights(target_weight, t, logits, op);
   auto opts = logits.options().dtype(acc_type_of(logits));
   at::Tensor loss = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
   if (N == 0) return {loss, stats};
@@ -365,27 +401,32 @@ std::tuple<at::Tensor, at::Tensor> zloss_fwd(const at::Tensor& logits, const at:
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
-    zloss_fwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
+    spherical_fwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
         static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, t.data_ptr<int64_t>(),
-        ignore_index, acc_t(a), acc_t(b), loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+        t.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index, spherical_loss_of<acc_t>(kind, a, b, eps, C),
+        loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, stats};
 }
 
-at::Tensor zloss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                     const at::Tensor& stats, double a, double b, int64_t ignore_index) {
+at::Tensor spherical_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const std::optional<at::Tensor>& target_weight, const at::Tensor& stats, int64_t kind,
+                         double a, double b, double eps, int64_t ignore_index) {
+  constexpr const char* op = "fastloss.spherical_bwd";
   c10::cuda::CUDAGuard guard(logits.device());
-  auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, "fastloss.zloss_bwd");
+  auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, op, /*multi_target=*/true);
+  auto tw = target_weights(target_weight, in.target, logits, op);
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return in.grad_logits;
   const Launch L = row_launch(logits);
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
-    zloss_bwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
+    spherical_bwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
         static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, in.target.data_ptr<int64_t>(),
-        ignore_index, acc_t(a), acc_t(b), in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
+        in.target.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index,
+        spherical_loss_of<acc_t>(kind, a, b, eps, C), in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
         static_cast<scalar_t*>(in.grad_logits.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -398,6 +439,6 @@ at::Tensor zloss_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, cons
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("cross_entropy_fwd", &fastloss::cuda::cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &fastloss::cuda::cross_entropy_bwd);
-  m.impl("zloss_fwd", &fastloss::cuda::zloss_fwd);
-  m.impl("zloss_bwd", &fastloss::cuda::zloss_bwd);
+  m.impl("spherical_fwd", &fastloss::cuda::spherical_fwd);
+  m.impl("spherical_bwd", &fastloss::cuda::spherical_bwd);
 }

@@ -19,7 +19,8 @@ from . import (  # noqa: F401  (registrations)
 )
 from ._validation import get_validation, set_validation
 from .contrastive import clip_loss, contrastive_loss, nt_xent_loss, siglip_loss, supcon_loss
-from .functional import cross_entropy, zloss
+from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
+from .linear_spherical import linear_spherical_loss
 
 __version__ = "0.1.0"
 
@@ -35,11 +36,15 @@ __all__ = [
     "contrastive_loss",
     "cross_entropy",
     "get_validation",
+    "linear_spherical_loss",
     "nn",
     "nt_xent_loss",
     "reference",
     "set_validation",
     "siglip_loss",
+    "spherical_mse_loss",
+    "spherical_softmax_loss",
     "supcon_loss",
+    "taylor_softmax_loss",
     "zloss",
 ]

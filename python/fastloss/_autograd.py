@@ -25,21 +25,21 @@ if _ops.AVAILABLE:
 
     torch.library.register_autograd("fastloss::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup)
 
-    def _zloss_setup(ctx, inputs, output):
-        logits, target, a, b, ignore_index = inputs
+    def _spherical_setup(ctx, inputs, output):
+        logits, target, target_weight, *opts = inputs
         _, stats = output
         ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(logits, target, stats)
-        ctx.opts = (a, b, ignore_index)
+        ctx.save_for_backward(logits, target, target_weight, stats)
+        ctx.opts = opts
 
-    def _zloss_backward(ctx, grad_loss, _grad_stats):
-        logits, target, stats = ctx.saved_tensors
+    def _spherical_backward(ctx, grad_loss, _grad_stats):
+        logits, target, target_weight, stats = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = torch.ops.fastloss.zloss_bwd(grad_loss, logits, target, stats, *ctx.opts)
-        return grad, None, None, None, None
+            grad = torch.ops.fastloss.spherical_bwd(grad_loss, logits, target, target_weight, stats, *ctx.opts)
+        return grad, None, None, None, None, None, None, None
 
-    torch.library.register_autograd("fastloss::zloss_fwd", _zloss_backward, setup_context=_zloss_setup)
+    torch.library.register_autograd("fastloss::spherical_fwd", _spherical_backward, setup_context=_spherical_setup)
 
     # --- contrastive family: the backward op recomputes every tile from the features and the row/column records.
     def _contrastive_setup(ctx, inputs, output):

@@ -22,14 +22,34 @@ if _ops.AVAILABLE:
     def _(grad_parts, logits, target, weight, stats, logit_scale, softcap, ignore_index, with_smoothing):
         return logits.new_empty(logits.shape)
 
-    @torch.library.register_fake("fastloss::zloss_fwd")
-    def _(logits, target, a, b, ignore_index):
+    @torch.library.register_fake("fastloss::spherical_fwd")
+    def _(logits, target, target_weight, kind, a, b, eps, ignore_index):
         n = logits.shape[0]
         return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
 
-    @torch.library.register_fake("fastloss::zloss_bwd")
-    def _(grad_loss, logits, target, stats, a, b, ignore_index):
+    @torch.library.register_fake("fastloss::spherical_bwd")
+    def _(grad_loss, logits, target, target_weight, stats, kind, a, b, eps, ignore_index):
         return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("fastloss::spherical_row_terms")
+    def _(mu, m2, target_out, target_dev, target, target_weight, kind, a, b, eps, num_classes, ignore_index):
+        n, k = target.shape
+        return mu.new_empty((n,)), mu.new_empty((n, 2 + k))
+
+    def _gram_acc(t):
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("fastloss::spherical_gather_dot")
+    def _(hidden, weight, bias, target, center, offset, ignore_index):
+        return hidden.new_empty(target.shape, dtype=_gram_acc(hidden))
+
+    @torch.library.register_fake("fastloss::spherical_row_stats")
+    def _(hidden, hq, stat):
+        return hq.new_empty((hidden.shape[0], 2))
+
+    @torch.library.register_fake("fastloss::spherical_grad_hidden")
+    def _(hq, ab, gamma, weight, target, stat, offset, ignore_index, with_dense):
+        return hq.new_empty(hq.shape)
 
     # --- contrastive family
     @torch.library.register_fake("fastloss::contrastive_fwd")

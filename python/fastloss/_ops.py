@@ -6,7 +6,8 @@ import warnings
 
 import torch
 
-OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "zloss_fwd", "zloss_bwd")
+OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd", "spherical_row_terms",
+       "spherical_gather_dot", "spherical_row_stats", "spherical_grad_hidden")
 OPS += ("contrastive_fwd", "contrastive_bwd")  # contrastive family
 
 try:

@@ -125,8 +125,33 @@ def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_in
     return label_smoothing, lse_square_scale, logit_scale, softcap, target_margin
 
 
-def check_zloss_args(fn, logits, target, *, a, b, ignore_index, reduction):
-    check_logits_target(fn, logits, target)
+def check_spherical_args(fn, logits, target, target_weight, *, ignore_index, reduction) -> bool:
+    """Checks of the spherical family on logits. target is (...) class ids, or (..., K) for K targets per row
+    (padded with ignore_index) with optional target_weight of the same shape. Returns True for (..., K)."""
+    if isinstance(target, torch.Tensor) and isinstance(logits, torch.Tensor) and target.dim() == logits.dim():
+        multi = True
+        check_logits_target(fn, logits, target[..., 0])
+        if target.shape[-1] < 1:
+            raise ValueError(f"{fn}: target (..., K) needs K >= 1, got shape {tuple(target.shape)}")
+    else:
+        multi = False
+        check_logits_target(fn, logits, target)
+    if target_weight is not None:
+        if not isinstance(target_weight, torch.Tensor):
+            raise TypeError(f"{fn}: target_weight must be a tensor or None, got {type(target_weight).__name__}")
+        if tuple(target_weight.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{fn}: target_weight must have the shape of target {tuple(target.shape)}, got "
+                f"{tuple(target_weight.shape)}"
+            )
+        if not target_weight.dtype.is_floating_point:
+            raise TypeError(f"{fn}: target_weight must be a floating tensor, got {target_weight.dtype}")
+        if target_weight.device != logits.device:
+            raise ValueError(f"{fn}: target_weight is on {target_weight.device} but logits are on {logits.device}")
     check_reduction(fn, reduction)
     check_ignore_index(fn, ignore_index)
+    return multi
+
+
+def check_zloss_args(fn, a, b):
     return check_finite(fn, "a", a, positive=True), check_finite(fn, "b", b)

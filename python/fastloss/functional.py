@@ -6,7 +6,8 @@ import torch
 
 from . import _ops, reference
 from . import _validation as V
-from ._reduce import cross_entropy_output, gather_class_weight, row_loss_output
+from ._reduce import cross_entropy_output, gather_class_weight
+from .spherical import spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss  # noqa: F401
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor):
@@ -85,37 +86,3 @@ def cross_entropy(
         logits, nll, smooth, lse, counted, w_y, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, return_lse=return_lse,
     )
-
-
-def zloss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    a: float = 1.0,
-    b: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-):
-    """Z-loss of de Brébisson & Vincent (2016), "The Z-loss: a shift and scale invariant classification loss".
-
-    Per row of logits o (class dimension last): ``μ`` = mean, ``σ`` = population standard deviation,
-    ``z_c = (o_c − μ) / σ`` for the target c, and ``loss = softplus(a · (b − z_c)) / a``. ``a > 0`` sets the
-    sharpness, ``b`` the target z-score margin. Its gradient costs O(C) per row and does not depend on the
-    scale or shift of the logits. The statistics are one pass over the row with sums shifted by a value of the
-    row itself, so they stay accurate when ``|μ| ≫ σ``. A constant row (σ = 0) has loss ``softplus(a·b)/a``
-    and gradient 0.
-
-    This is **not** the PaLM / ST-MoE log-Z penalty ``λ · logsumexp(o)²`` that is also called "z-loss": that
-    one is ``fastloss.cross_entropy(..., lse_square_scale=λ)``.
-
-    ``reduction="mean"`` averages over rows whose target is not ``ignore_index`` (NaN when there are none).
-    """
-    fn = "fastloss.zloss"
-    a, b = V.check_zloss_args(fn, logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
-    if not _ops.use_kernel("zloss_fwd", logits.device):
-        return reference.zloss(logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
-    if V.get_validation():
-        V.check_target_range(fn, target, logits.shape[-1], ignore_index)
-    x, t = _rows(logits, target)
-    rows, _ = torch.ops.fastloss.zloss_fwd(x, t, a, b, ignore_index)
-    return row_loss_output(logits, rows, t != ignore_index, reduction)

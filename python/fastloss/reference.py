@@ -103,32 +103,97 @@ def cross_entropy(
     )
 
 
-def zloss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    a: float = 1.0,
-    b: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-):
+# ------------------------------------------------------------------------------------------ spherical family
+
+def spherical_loss(kind, logits, target, target_weight=None, *, a=1.0, b=0.0, eps=0.0, ignore_index=-100,
+                   reduction="mean"):
+    """Materialised spherical-family loss (kind 0 Z-loss, 1 spherical softmax, 2 log-Taylor, 3 squared error),
+    straight from the definitions; targets (...) or (..., K) with optional weights."""
+    fn = "fastloss.reference.spherical_loss"
+    multi = V.check_spherical_args(fn, logits, target, target_weight, ignore_index=ignore_index,
+                                   reduction=reduction)
+    V.check_target_range(fn, target, logits.shape[-1], ignore_index)
+    C = logits.shape[-1]
+    x = logits.reshape(-1, C).to(_acc_dtype(logits))
+    K = target.shape[-1] if multi else 1
+    t = target.reshape(-1, K).long()
+    valid = t != ignore_index
+    safe = torch.where(valid, t, torch.zeros_like(t))
+    w = target_weight.reshape(-1, K).to(x.dtype) if target_weight is not None else torch.ones_like(t, dtype=x.dtype)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    counted = valid.any(-1)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    oc = x.gather(-1, safe)
+    if kind == 3:  # squared error to y = sum_j w_j e_{c_j}
+        y = torch.zeros_like(x).scatter_add(-1, safe, w)
+        rows = (x - y).square().sum(-1)
+    else:
+        if kind == 0:
+            mu = x.mean(-1, keepdim=True)
+            var = (x - mu).square().mean(-1, keepdim=True)
+            flat = var == 0
+            sigma = torch.sqrt(torch.where(flat, torch.ones_like(var), var))
+            u = a * (b - ((oc - mu) / sigma).masked_fill(flat, 0.0))
+            terms = (u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))) / a
+        elif kind == 1:
+            terms = torch.log((x.square() + eps).sum(-1, keepdim=True)) - torch.log(oc.square() + eps)
+        else:
+            def taylor(v):
+                return 1 + v + v.square() / 2
+            terms = torch.log(taylor(x).sum(-1, keepdim=True)) - torch.log(taylor(oc))
+        wsum = w.sum(-1)
+        rows = (w * terms).sum(-1) / torch.where(wsum == 0, torch.ones_like(wsum), wsum)
+        rows = torch.where(wsum == 0, zero, rows)
+    rows = torch.where(counted, rows, zero)
+    return row_loss_output(logits, rows, counted, reduction)
+
+
+def zloss(logits, target, *, a=1.0, b=0.0, target_weight=None, ignore_index=-100, reduction="mean"):
     """Reference of :func:`fastloss.zloss`: softplus(a (b - z_c)) / a with z = (o - mean) / std per row.
 
     A constant row (std = 0) has z = 0, loss softplus(a b) / a and gradient 0.
     """
-    fn = "fastloss.reference.zloss"
-    a, b = V.check_zloss_args(fn, logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
-    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
-    acc = x.dtype
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).square().mean(-1, keepdim=True)
-    flat = var == 0
-    sigma = torch.sqrt(torch.where(flat, torch.ones_like(var), var))
-    zc = ((x.gather(-1, safe_t[:, None]) - mu) / sigma).masked_fill(flat, 0.0).squeeze(-1)
-    u = a * (b - zc)
-    loss = (u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))) / a
-    loss = torch.where(counted, loss, torch.zeros((), dtype=acc, device=x.device))
-    return row_loss_output(logits, loss, counted, reduction)
+    a, b = V.check_zloss_args("fastloss.reference.zloss", a, b)
+    return spherical_loss(0, logits, target, target_weight, a=a, b=b, ignore_index=ignore_index,
+                          reduction=reduction)
+
+
+def spherical_softmax_loss(logits, target, *, eps=1e-4, target_weight=None, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.spherical_softmax_loss`."""
+    eps = V.check_finite("fastloss.reference.spherical_softmax_loss", "eps", eps, nonnegative=True)
+    return spherical_loss(1, logits, target, target_weight, eps=eps, ignore_index=ignore_index, reduction=reduction)
+
+
+def taylor_softmax_loss(logits, target, *, order=2, target_weight=None, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.taylor_softmax_loss` (order 2)."""
+    if order != 2:
+        raise ValueError(f"fastloss.reference.taylor_softmax_loss: order must be 2, got {order!r}")
+    return spherical_loss(2, logits, target, target_weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def spherical_mse_loss(logits, target, *, target_weight=None, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.spherical_mse_loss`."""
+    return spherical_loss(3, logits, target, target_weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def linear_spherical_loss(hidden, weight, target, *, bias=None, loss="zloss", a=1.0, b=0.0, eps=1e-4,
+                          target_weight=None, ignore_index=-100, reduction="mean", process_group=None,
+                          allow_tf32=False):
+    """Reference of :func:`fastloss.linear_spherical_loss`: materialises the logits (N x V) and applies the
+    spherical loss to them. Single process only."""
+    from .linear_spherical import _check_linear_args
+
+    fn = "fastloss.reference.linear_spherical_loss"
+    kind, _ = _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index, reduction)
+    if process_group is not None:
+        raise ValueError(f"{fn}: the reference runs in one process (process_group must be None)")
+    acc = _acc_dtype(hidden)
+    logits = hidden.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    out = spherical_loss(kind, logits, target, target_weight, a=a, b=b, eps=eps, ignore_index=ignore_index,
+                         reduction=reduction)
+    return out.to(hidden.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 //
 // Every loss has the same three parts:
 //   pre-map   z = premap(x)            (logit scale, then softcap; the target margin is subtracted after)
-//   row state merged over the row      (LseState for the softmax family, SphericalSums for the spherical family)
+//   row state merged over the row      (LseState for the softmax family; the spherical family is in spherical.h)
 //   finalise  -> row loss + saved statistics;  pointwise backward dL/dx_k from (x_k, statistics).
 #pragma once
 #include "fastloss/macros.h"
@@ -16,8 +16,8 @@ namespace fastloss {
 // ---------------------------------------------------------------------------------------------------------
 
 // Pointwise pre-map applied to every logit, in this order: z = logit_scale * x, then z = c * tanh(z / c).
-// tanh and its derivative come from one expm1 of -2|u|, so dz/dx = scale * sech^2(u) stays accurate where
-// tanh saturates (1 - tanh^2 would cancel to 0 in fp32 there).
+// tanh comes from expm1(-2|u|) and its derivative from exp(-2|u|), so dz/dx = scale * sech^2(u) keeps its
+// digits where tanh saturates (1 - tanh^2 or 1 + expm1 would cancel in fp32 there).
 template <typename T>
 struct PreMap {
   T scale;       // logit_scale
@@ -30,10 +30,11 @@ struct PreMap {
     const T s = scale * x;
     if (kSoftcap && softcap > T(0)) {
       const T u = s * inv_softcap;
-      const T em = std::expm1(T(-2) * std::fabs(u));  // e^{-2|u|} - 1, in (-1, 0]
+      const T v = T(-2) * std::fabs(u);
+      const T em = std::expm1(v);  // e^v - 1 in (-1, 0]: tanh without cancellation at small |u|
       const T den = T(2) + em;
       z = std::copysign(softcap * (-em / den), u);
-      dz = scale * (T(4) * (T(1) + em) / (den * den));
+      dz = scale * (T(4) * std::exp(v) / (den * den));  // e^v itself: 1 + em would cancel at large |u|
     } else {
       z = s;
       dz = scale;
@@ -116,25 +117,6 @@ struct CeGradRow {
   }
 };
 
-// ---------------------------------------------------------------------------------------------------------
-// Spherical family: statistics s = sum o, q = sum o^2 taken relative to a row value K (shifted sums), so
-// the variance keeps its digits when |mean| >> std (no q/C - mu^2 on raw values).
-// ---------------------------------------------------------------------------------------------------------
-
-template <typename T>
-struct SphericalSums {
-  T s;  // sum_k (o_k - K)
-  T q;  // sum_k (o_k - K)^2
-  FL_HD FL_INLINE void push(T y) {
-    s += y;
-    q += y * y;
-  }
-  FL_HD FL_INLINE void merge(const SphericalSums& o) {
-    s += o.s;
-    q += o.q;
-  }
-};
-
 template <typename T>
 FL_HD FL_INLINE T softplus(T t) {
   return (t > T(0) ? t : T(0)) + fl_log1p(fl_exp(-std::fabs(t)));
@@ -145,61 +127,5 @@ FL_HD FL_INLINE T sigmoid(T t) {
   T e = fl_exp(t);
   return e / (T(1) + e);
 }
-
-// Saved per-row statistics of the Z-loss: d = mean - K and sigma (population std). A constant row
-// (sigma = 0) has no z-score: the convention is z = 0 there, loss softplus(a b)/a and gradient 0.
-template <typename T>
-struct ZLossRow {
-  T d, sigma, inv_sigma;  // inv_sigma = 1 / sigma, or 0 for a constant row
-
-  FL_HD FL_INLINE static ZLossRow from_saved(T d, T sigma) {
-    return {d, sigma, sigma == T(0) ? T(0) : T(1) / sigma};
-  }
-  FL_HD FL_INLINE static ZLossRow from_sums(const SphericalSums<T>& st, int64_t C) {
-    T inv_c = T(1) / T(C);
-    T d = st.s * inv_c;
-    T var = st.q * inv_c - d * d;
-    return from_saved(d, var > T(0) ? std::sqrt(var) : T(0));
-  }
-  // z-score of o given its shifted value y = o - K; V is T or a SIMD vector of T.
-  template <typename V>
-  FL_HD FL_INLINE V zscore(V y) const {
-    return (y - d) * inv_sigma;
-  }
-};
-
-// loss = softplus(a (b - z_c)) / a
-template <typename T>
-FL_HD FL_INLINE T zloss_value(T zc, T a, T b) {
-  return softplus(a * (b - zc)) / a;
-}
-
-// dL/do_k = (g / (C sigma)) (1 + z_c z_k) - (g / sigma) [k = c],  g = sigmoid(a (b - z_c)) * upstream.
-template <typename T>
-struct ZLossGradRow {
-  T zc, coef, target_coef;  // coef = g / (C sigma), target_coef = g / sigma
-  ZLossRow<T> row;
-
-  FL_HD FL_INLINE static ZLossGradRow make(const ZLossRow<T>& row, T yc, T a, T b, T upstream, int64_t C,
-                                           bool ignored) {
-    ZLossGradRow g;
-    g.row = row;
-    g.zc = row.zscore(yc);
-    if (ignored || row.sigma == T(0)) {  // NaN sigma still propagates
-      g.coef = T(0);
-      g.target_coef = T(0);
-    } else {
-      T gs = sigmoid(a * (b - g.zc)) * upstream;
-      g.target_coef = gs * row.inv_sigma;
-      g.coef = g.target_coef / T(C);
-    }
-    return g;
-  }
-  template <typename V>
-  FL_HD FL_INLINE V other(V y) const {
-    return coef * (T(1) + zc * row.zscore(y));
-  }
-  FL_HD FL_INLINE T target(T y) const { return other(y) - target_coef; }
-};
 
 }  // namespace fastloss

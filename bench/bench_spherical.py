@@ -1,0 +1,127 @@
+"""Benchmark of the spherical Gram form: fastloss.linear_spherical_loss (Z-loss) from hidden states vs the
+materialised paths, forward + backward, with peak memory.
+
+Providers (op ``linear_zloss``):
+  fastloss      linear_spherical_loss(h, W, t, bias=b, loss="zloss")           ~ V·d² + N·d², no N x V tensor
+  torch         F.linear_cross_entropy(h, W, t, linear_bias=b) (torch's own linear + CE)  ~ N·V·d
+  materialised  fastloss.zloss(F.linear(h, W, b), t)  (same loss, logits formed)   ~ N·V·d
+
+    python bench/bench_spherical.py                      # CPU fp32 N=8192 d=256 V=50000 (issue target shape)
+    python bench/bench_spherical.py --sweep --plot       # N and V sweeps, fastloss vs materialised, PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import Case, append_csv, csv_row, format_table, measure, run_info  # noqa: E402
+
+import fastloss  # noqa: E402
+
+PROVIDERS = {
+    "fastloss": lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss"),
+    "torch": lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b),
+    "materialised": lambda h, W, b, t: fastloss.zloss(F.linear(h, W, b), t),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def setup_for(fn, case: Case):
+    N, d, V = case.shape["N"], case.shape["d"], case.shape["V"]
+
+    def setup(requires_grad: bool):
+        gen = torch.Generator(case.device).manual_seed(0)
+        h = torch.randn(N, d, device=case.device, generator=gen).to(case.dtype).requires_grad_(requires_grad)
+        W = (torch.randn(V, d, device=case.device, generator=gen) / d**0.5).to(case.dtype)
+        b = torch.zeros(V, device=case.device).to(case.dtype)
+        W.requires_grad_(requires_grad)
+        b.requires_grad_(requires_grad)
+        t = torch.randint(V, (N,), device=case.device, generator=gen)
+        return fn, (h, W, b, t)
+
+    return setup
+
+
+def flops(case: Case) -> float:
+    """Multiply-adds x 2 of the materialised path (forward + backward: 3 GEMMs of N·V·d)."""
+    return 6.0 * case.shape["N"] * case.shape["V"] * case.shape["d"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="fp32 (cpu default) or bf16 (cuda default)")
+    p.add_argument("--shapes", default=None, help="comma list of NxdxV (default: the issue's target shape)")
+    p.add_argument("--providers", default="fastloss,torch,materialised")
+    p.add_argument("--sweep", action="store_true", help="N in 1k..64k at V=50k and V in 10k..500k at N=8192 "
+                   "(d=256), fastloss only, plus the materialised path where it fits")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "spherical.csv")
+    p.add_argument("--plot", action="store_true")
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    default = "32768x2048x131072" if args.device == "cuda" else "8192x256x50000"
+    shapes = [tuple(map(int, s.split("x"))) for s in (args.shapes or default).split(",")]
+    providers = args.providers.split(",")
+    todo = [(n, d, v, prov) for n, d, v in shapes for prov in providers]
+    if args.sweep:
+        todo = [(n, 256, 50_000, "fastloss") for n in (1024, 4096, 16384, 65536)]
+        todo += [(8192, 256, v, "fastloss") for v in (10_000, 50_000, 200_000, 500_000)]
+        todo += [(n, 256, 50_000, "materialised") for n in (1024, 4096)]
+        todo += [(1024, 256, v, "materialised") for v in (10_000, 50_000)]
+    info = run_info(args.device)
+    append_csv(args.out, [])
+    results = []
+    for n, d, v, prov in todo:
+        case = Case("linear_zloss", {"N": n, "d": d, "V": v}, dtype, args.device, "fwdbwd")
+        r = measure(setup_for(PROVIDERS[prov], case), case, min_run_time=0.5, min_samples=3)
+        append_csv(args.out, [csv_row(case, prov, r, 0.0, info)])
+        results.append((case, prov, r))
+        print(f"{prov:13s} N={n:6d} d={d:5d} V={v:7d}: {r.median_ms:9.1f} ms  peak {r.peak_mem_mb:8.1f} MB  "
+              f"extra {r.extra_mem_mb:8.1f} MB", flush=True)
+    base = {(c.shape_str, prov): r for c, prov, r in results}
+    rows = []
+    for c, prov, r in results:
+        ref = base.get((c.shape_str, "fastloss"))
+        rows.append((c.shape_str, prov, f"{r.median_ms:.1f}", f"{r.extra_mem_mb:.0f}",
+                     f"{r.median_ms / ref.median_ms:.1f}x" if ref else "-",
+                     f"{r.extra_mem_mb / max(ref.extra_mem_mb, 1e-9):.1f}x" if ref else "-"))
+    print()
+    print(format_table(("shape", "provider", "fwd+bwd ms", "extra MB", "time / fastloss", "memory / fastloss"),
+                       rows, align="llrrrr"))
+    if args.plot and args.sweep:
+        plot(results, args.out.with_suffix(".png"))
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, var, fixed in ((axes[0], "N", {"V": 50_000}), (axes[1], "V", {"N": 8192 if True else 1024})):
+        for prov, style in (("fastloss", "o-"), ("materialised", "s--")):
+            pts = sorted((c.shape[var], r.median_ms) for c, p, r in results
+                         if p == prov and all(c.shape[k] == val for k, val in fixed.items())
+                         or (p == prov == "materialised" and var == "V" and c.shape["N"] == 1024))
+            if pts:
+                label = prov if not (prov == "materialised" and var == "V") else "materialised (N=1024)"
+                ax.loglog(*zip(*pts, strict=True), style, label=label)
+        ax.set_xlabel(var)
+        ax.set_ylabel("fwd+bwd ms")
+        ax.set_title(f"linear Z-loss, d=256, {', '.join(f'{k}={v}' for k, v in fixed.items())}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

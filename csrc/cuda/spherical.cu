@@ -1,0 +1,201 @@
+// CUDA kernels of the spherical Gram form's row ops (see csrc/cpu/spherical.cpp for the CPU twins and
+// fastloss/spherical.h for the maths): one thread per row for spherical_row_terms, one warp per row (or per
+// target) for the length-d dot products and axpys, lanes striding over d and a fixed shuffle tree (bitwise
+// reproducible, no atomics). Target ids outside this shard contribute 0 and never index memory.
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../spherical_checks.h"
+#include "common.cuh"
+
+namespace fastloss::cuda {
+namespace {
+
+constexpr int kRowThreads = 128;
+constexpr int kWarpsPerBlock = 8;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+unsigned warp_blocks(int64_t items) {
+  return static_cast<unsigned>((items + kWarpsPerBlock - 1) / kWarpsPerBlock);
+}
+
+template <typename T>
+__global__ void spherical_terms_kernel(SphericalTermsArgs<T> args, int64_t N) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n < N) spherical_terms_row(args, n);
+}
+
+std::tuple<at::Tensor, at::Tensor> spherical_row_terms(const at::Tensor& mu, const at::Tensor& m2,
+                                                       const at::Tensor& oc, const at::Tensor& dev,
+                                                       const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& target_weight, int64_t kind,
+                                                       double a, double b, double eps, int64_t num_classes,
+                                                       int64_t ignore_index) {
+  c10::cuda::CUDAGuard guard(mu.device());
+  auto in = prepare_spherical_terms(mu, m2, oc, dev, target, target_weight, kind, num_classes, ignore_index);
+  const int64_t N = in.N;
+  if (N == 0) return {in.loss, in.coef};
+  const auto blocks = static_cast<unsigned>((N + kRowThreads - 1) / kRowThreads);
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "spherical_row_terms", [&] {
+    auto args = spherical_terms_args<scalar_t>(in, kind, a, b, eps, num_classes, ignore_index);
+    spherical_terms_kernel<scalar_t><<<blocks, kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {in.loss, in.coef};
+}
+
+// One warp per (row, target).
+template <typename scalar_t, typename acc_t>
+__global__ void gather_dot_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ w,
+                                  const acc_t* __restrict__ bias, const int64_t* __restrict__ target,
+                                  const acc_t* __restrict__ center, int64_t NK, int64_t K, int64_t d, int64_t Vs,
+                                  int64_t offset, int64_t ignore_index, acc_t* __restrict__ out) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (item >= NK) return;
+  const int64_t n = item / K, cls = target[item], r = cls - offset;
+  const bool local = cls != ignore_index && r >= 0 && r < Vs;
+  acc_t s = acc_t(0);
+  if (local) {
+    const scalar_t *wr = w + r * d, *hr = h + n * d;
+    for (int64_t i = lane; i < d; i += kWarp)
+      s += gram_dev_term<acc_t>(static_cast<acc_t>(wr[i]), center[i], static_cast<acc_t>(hr[i]));
+  }
+  s = warp_sum(s);
+  if (lane == 0) out[item] = local ? s + (bias ? bias[r] - center[d] : acc_t(0)) : acc_t(0);
+}
+
+at::Tensor spherical_gather_dot(const at::Tensor& hidden, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                const at::Tensor& center, int64_t offset, int64_t ignore_index) {
+  constexpr const char* op = "fastloss.spherical_gather_dot";
+  c10::cuda::CUDAGuard guard(hidden.device());
+  check_gram_hidden(hidden, op);
+  const auto tg = check_gram_targets(target, hidden, weight, offset, op);
+  const int64_t N = hidden.size(0), d = hidden.size(1), Vs = weight.size(0), K = tg.K;
+  const auto c = gram_acc_input(center, hidden, {d + 1}, op, "center");
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = gram_acc_input(bias->to(gram_acc_type(hidden)), hidden, {Vs}, op, "bias");
+  auto h = hidden.contiguous(), w = weight.contiguous();
+  at::Tensor out = at::empty({N, K}, hidden.options().dtype(gram_acc_type(hidden)));
+  if (N * K == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    gather_dot_kernel<scalar_t, acc_t><<<warp_blocks(N * K), kWarpsPerBlock * kWarp, 0,
+                                         c10::cuda::getCurrentCUDAStream()>>>(
+        h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<acc_t>() : nullptr,
+        tg.target.data_ptr<int64_t>(), c.data_ptr<acc_t>(), N * K, K, d, Vs, offset, ignore_index,
+        out.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// One warp per row.
+template <typename scalar_t, typename acc_t>
+__global__ void row_stats_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ hq,
+                                 const acc_t* __restrict__ stat, int64_t N, int64_t d, acc_t* __restrict__ out) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (n >= N) return;
+  acc_t mu = acc_t(0), m2 = acc_t(0);
+  for (int64_t i = lane; i < d; i += kWarp)
+    gram_stats_terms<acc_t>(static_cast<acc_t>(h[n * d + i]), hq[n * d + i], stat[i], stat[d + 1 + i], mu, m2);
+  mu = warp_sum(mu);
+  m2 = warp_sum(m2);
+  if (lane == 0) {
+    out[2 * n] = mu + stat[d];
+    out[2 * n + 1] = m2 + stat[2 * d + 1];
+  }
+}
+
+at::Tensor spherical_row_stats(const at::Tensor& hidden, const at::Tensor& hq, const at::Tensor& stat) {
+  constexpr const char* op = "fastloss.spherical_row_stats";
+  c10::cuda::CUDAGuard guard(hidden.device());
+  check_gram_hidden(hidden, op);
+  const int64_t N = hidden.size(0), d = hidden.size(1);
+  const auto q = gram_acc_input(hq, hidden, {N, d}, op, "hq");
+  const auto st = gram_acc_input(stat, hidden, {2 * d + 2}, op, "stat");
+  auto h = hidden.contiguous();
+  at::Tensor out = at::empty({N, 2}, q.options());
+  if (N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    row_stats_kernel<scalar_t, acc_t><<<warp_blocks(N), kWarpsPerBlock * kWarp, 0,
+                                        c10::cuda::getCurrentCUDAStream()>>>(
+        h.data_ptr<scalar_t>(), q.data_ptr<acc_t>(), st.data_ptr<acc_t>(), N, d, out.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// One warp per row: each lane owns the elements i = lane + 32 k, first the dense part, then the targets'
+// weight rows in target order (a fixed order: reproducible).
+template <typename scalar_t, typename acc_t>
+__global__ void grad_hidden_kernel(const acc_t* __restrict__ hq, const acc_t* __restrict__ ab,
+                                   const acc_t* __restrict__ gamma, const scalar_t* __restrict__ w,
+                                   const int64_t* __restrict__ target, const acc_t* __restrict__ stat, int64_t N,
+                                   int64_t K, int64_t d, int64_t Vs, int64_t offset, int64_t ignore_index,
+                                   bool with_dense, acc_t* __restrict__ out) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (n >= N) return;
+  acc_t* orow = out + n * d;
+  const acc_t A = ab[2 * n], B = ab[2 * n + 1];
+  for (int64_t i = lane; i < d; i += kWarp)
+    orow[i] = with_dense ? gram_grad_dense<acc_t>(A, B, hq[n * d + i], stat[d + 1 + i], stat[i]) : acc_t(0);
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t cls = target[n * K + j], r = cls - offset;
+    const acc_t g = gamma[n * K + j];
+    if (cls == ignore_index || r < 0 || r >= Vs || g == acc_t(0)) continue;
+    const scalar_t* wr = w + r * d;
+    for (int64_t i = lane; i < d; i += kWarp) orow[i] += g * static_cast<acc_t>(wr[i]);
+  }
+}
+
+at::Tensor spherical_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
+                                 const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
+                                 int64_t offset, int64_t ignore_index, bool with_dense) {
+  constexpr const char* op = "fastloss.spherical_grad_hidden";
+  c10::cuda::CUDAGuard guard(hq.device());
+  TORCH_CHECK(hq.dim() == 2, op, ": hq must be (N, d)");
+  const int64_t N = hq.size(0), d = hq.size(1), Vs = weight.size(0);
+  const auto q = hq.contiguous();
+  const auto tg = check_gram_grad_targets(target, hq, weight, offset, op);
+  const int64_t K = tg.K;
+  const auto a_b = gram_acc_input(ab, hq, {N, 2}, op, "ab");
+  const auto gm = gram_acc_input(gamma, hq, {N, K}, op, "gamma");
+  const auto st = gram_acc_input(stat, hq, {2 * d + 2}, op, "stat");
+  auto w = weight.contiguous();
+  at::Tensor out = at::empty({N, d}, q.options());
+  if (N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    grad_hidden_kernel<scalar_t, acc_t><<<warp_blocks(N), kWarpsPerBlock * kWarp, 0,
+                                          c10::cuda::getCurrentCUDAStream()>>>(
+        q.data_ptr<acc_t>(), a_b.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), w.data_ptr<scalar_t>(),
+        tg.target.data_ptr<int64_t>(), st.data_ptr<acc_t>(), N, K, d, Vs, offset, ignore_index, with_dense,
+        out.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace fastloss::cuda
+
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("spherical_row_terms", &fastloss::cuda::spherical_row_terms);
+  m.impl("spherical_gather_dot", &fastloss::cuda::spherical_gather_dot);
+  m.impl("spherical_row_stats", &fastloss::cuda::spherical_row_stats);
+  m.impl("spherical_grad_hidden", &fastloss::cuda::spherical_grad_hidden);
+}

@@ -1,0 +1,219 @@
+// Torch-free maths of the spherical family (Vincent et al. 2015; de Brebisson & Vincent 2016), shared by the
+// row kernels on logits (cpu/row_kernels_isa.cpp, cuda/row_losses.cu) and by the Gram form from hidden
+// states (cpu/spherical.cpp, cuda/spherical.cu).
+//
+// A spherical loss sees a row of outputs o (C classes) only through its mean mu, its centred square sum
+// m2 = sum_k (o_k - mu)^2 (so s = C mu and q = m2 + C mu^2) and the target outputs o_{c_j}. Centred
+// statistics keep the Z-loss variance exact when |mu| >> std, where q / C - mu^2 would cancel.
+//
+// With K targets c_j of weights w_j a row's loss is
+//     L = R(mu, m2) + sum_j omega_j T(o_{c_j}; mu, m2),   omega_j = w_j / sum_j w_j   (w_j for squared error)
+// and its gradient has the closed form
+//     dL/do_k = 2 A (o_k - mu) + B / C + sum_j gamma_j [k = c_j],
+//     A = dL/dm2,  B = dL/dmu,  gamma_j = omega_j dT_j/do_c.
+#pragma once
+#include "fastloss/macros.h"
+#include "fastloss/row_losses.h"
+
+namespace fastloss {
+
+enum SphericalKind : int {
+  kZLoss = 0,             // softplus(a (b - z_c)) / a,  z = (o - mu) / sigma
+  kSphericalSoftmax = 1,  // -log((o_c^2 + eps) / sum_k (o_k^2 + eps))
+  kTaylorSoftmax = 2,     // -log(t(o_c) / sum_k t(o_k)),  t(x) = 1 + x + x^2 / 2
+  kSquaredError = 3,      // sum_k (o_k - y_k)^2,  y = sum_j w_j e_{c_j}
+};
+
+// Sums of a row taken relative to a value x0 of the row itself (shifted sums), so the centred square sum keeps
+// its digits when |mean| >> std.
+template <typename T>
+struct SphericalSums {
+  T s;  // sum_k (o_k - x0)
+  T q;  // sum_k (o_k - x0)^2
+  FL_HD FL_INLINE void push(T y) {
+    s += y;
+    q += y * y;
+  }
+  FL_HD FL_INLINE void merge(const SphericalSums& o) {
+    s += o.s;
+    q += o.q;
+  }
+};
+
+// d = mean - x0 and m2 = sum_k (o_k - mean)^2 from shifted sums.
+template <typename T>
+struct CentredSums {
+  T d, m2;
+  FL_HD FL_INLINE static CentredSums from_shifted(const SphericalSums<T>& st, int64_t C) {
+    const T d = st.s / T(C);
+    const T m2 = st.q - st.s * d;
+    return {d, m2 > T(0) ? m2 : T(0)};
+  }
+};
+
+// A term's value and its partial derivatives.
+template <typename T>
+struct SphericalPart {
+  T value, d_oc, d_mu, d_m2;
+};
+
+template <typename T>
+struct SphericalLoss {
+  int kind;
+  T a, b, eps;  // Z-loss sharpness and margin; spherical-softmax epsilon
+  T C;          // number of classes
+
+  FL_HD FL_INLINE bool averages_targets() const { return kind != kSquaredError; }
+
+  // R(mu, m2): the part shared by every target of the row (the log-normaliser; q for squared error).
+  FL_HD FL_INLINE SphericalPart<T> row_part(T mu, T m2) const {
+    SphericalPart<T> p{T(0), T(0), T(0), T(0)};
+    if (kind == kSphericalSoftmax) {  // log(q + C eps),  q = m2 + C mu^2
+      const T z = m2 + C * (mu * mu + eps);
+      p.value = std::log(z);
+      p.d_m2 = T(1) / z;
+      p.d_mu = T(2) * C * mu / z;
+    } else if (kind == kTaylorSoftmax) {  // log(C + s + q / 2) = log(C ((1 + mu)^2 + 1) / 2 + m2 / 2)
+      const T u = T(1) + mu;
+      const T z = T(0.5) * (C * (u * u + T(1)) + m2);
+      p.value = std::log(z);
+      p.d_m2 = T(0.5) / z;
+      p.d_mu = C * u / z;
+    } else if (kind == kSquaredError) {  // q (the |y|^2 constant is added by the row driver)
+      p.value = m2 + C * mu * mu;
+      p.d_m2 = T(1);
+      p.d_mu = T(2) * C * mu;
+    }
+    return p;
+  }
+
+  // T(o_c; mu, m2) for one target; dev = o_c - mu, passed in because callers compute it without cancellation.
+  FL_HD FL_INLINE SphericalPart<T> target_part(T oc, T dev, T m2) const {
+    SphericalPart<T> p{T(0), T(0), T(0), T(0)};
+    if (kind == kZLoss) {
+      if (m2 == T(0)) {  // constant row: z := 0, gradient 0 (a NaN m2 falls through and propagates)
+        p.value = softplus(a * b) / a;
+        return p;
+      }
+      const T sigma = std::sqrt(m2 / C);
+      const T z = dev / sigma;
+      const T g = sigmoid(a * (b - z));
+      p.value = softplus(a * (b - z)) / a;
+      p.d_oc = -g / sigma;
+      p.d_mu = g / sigma;
+      p.d_m2 = g * z / (T(2) * m2);
+    } else if (kind == kSphericalSoftmax) {
+      const T t = oc * oc + eps;
+      p.value = -std::log(t);
+      p.d_oc = T(-2) * oc / t;
+    } else if (kind == kTaylorSoftmax) {  // t = ((1 + o)^2 + 1) / 2 >= 1/2: no epsilon needed
+      const T u = T(1) + oc;
+      const T t = T(0.5) * (u * u + T(1));
+      p.value = -std::log(t);
+      p.d_oc = -u / t;
+    } else {  // squared error: -2 o_c (times w_j)
+      p.value = T(-2) * oc;
+      p.d_oc = T(-2);
+    }
+    return p;
+  }
+};
+
+// Per-row gradient coefficients (scaled by the upstream gradient g):
+//   dL/do_k = beta (o_k - mu) + alpha + sum_{j: c_j = k} gw w_j dT_j/do_c,   gw = g / sum_j w_j (g for squared error).
+template <typename T>
+struct SphericalRowGrad {
+  T alpha, beta, gw;
+};
+
+// One target of a row as the row driver sees it.
+template <typename T>
+struct SphericalTarget {
+  bool valid;  // not ignore_index
+  int64_t c;   // class index
+  T oc, dev;   // o_c and o_c - mu (computed by the caller without cancellation)
+  T w;         // target weight
+};
+
+// Evaluates one row: `target(j)` returns target j as a SphericalTarget. With `grad` non-null, also returns
+// the gradient coefficients for upstream gradient g. Rows without a valid target have loss 0 and gradient
+// 0; so do averaging rows whose target weights sum to 0.
+template <typename T, typename TargetFn>
+FL_HD FL_INLINE T spherical_row(const SphericalLoss<T>& L, T mu, T m2, int64_t K, const TargetFn& target,
+                                T g = T(0), SphericalRowGrad<T>* grad = nullptr) {
+  T wsum = T(0);
+  bool any = false;
+  for (int64_t j = 0; j < K; ++j) {
+    const SphericalTarget<T> t = target(j);
+    if (t.valid) {
+      any = true;
+      wsum += t.w;
+    }
+  }
+  if (grad != nullptr) *grad = {T(0), T(0), T(0)};
+  if (!any || (L.averages_targets() && wsum == T(0))) return T(0);
+  const T inv_w = L.averages_targets() ? T(1) / wsum : T(1);
+  const SphericalPart<T> r = L.row_part(mu, m2);
+  T loss = r.value, A = r.d_m2, B = r.d_mu;
+  for (int64_t j = 0; j < K; ++j) {
+    const SphericalTarget<T> t = target(j);
+    if (!t.valid) continue;
+    const T omega = t.w * inv_w;
+    const SphericalPart<T> p = L.target_part(t.oc, t.dev, m2);
+    loss += omega * p.value;
+    A += omega * p.d_m2;
+    B += omega * p.d_mu;
+    if (L.kind == kSquaredError) {  // |y|^2 = sum_j w_j^2 + 2 sum_{i < j, c_i = c_j} w_i w_j
+      T same = t.w;
+      for (int64_t i = 0; i < j; ++i) {
+        const SphericalTarget<T> u = target(i);
+        if (u.valid && u.c == t.c) same += T(2) * u.w;
+      }
+      loss += t.w * same;
+    }
+  }
+  if (grad != nullptr) *grad = {g * B / L.C, T(2) * g * A, g * inv_w};
+  return loss;
+}
+
+// The target part of dL/do_c for class c: sum over the valid targets equal to c of gw w_j dT_j/do_c.
+template <typename T, typename TargetFn>
+FL_HD FL_INLINE T spherical_target_grad(const SphericalLoss<T>& L, T m2, int64_t K, const TargetFn& target,
+                                        T gw, int64_t c) {
+  T sum = T(0);
+  for (int64_t j = 0; j < K; ++j) {
+    const SphericalTarget<T> t = target(j);
+    if (t.valid && t.c == c) sum += t.w * L.target_part(t.oc, t.dev, m2).d_oc;
+  }
+  return gw * sum;
+}
+
+}  // namespace fastloss
+
+namespace fastloss {
+
+// ---------------------------------------------------------------------------------------------------------
+// Gram form (python/fastloss/linear_spherical.py): per-element terms of the row kernels over the hidden width
+// d. stat = [m (d), bm, u (d), beta]: the centred-weight mean, bias mean, u = W_c' b_c and beta = |b_c|^2.
+// ---------------------------------------------------------------------------------------------------------
+
+// o_c - mu, one element: (w_ci - center_i) h_i.
+template <typename T>
+FL_HD FL_INLINE T gram_dev_term(T w, T center, T h) {
+  return (w - center) * h;
+}
+
+// [mu, m2] partial sums, one element: mu += h_i m_i, m2 += (hq_i + 2 u_i) h_i  (hq = H Q_c).
+template <typename T>
+FL_HD FL_INLINE void gram_stats_terms(T h, T hq, T m, T u, T& mu, T& m2) {
+  mu += h * m;
+  m2 += (hq + T(2) * u) * h;
+}
+
+// dL/dh_i without its target part: 2A (hq_i + u_i) + B m_i.
+template <typename T>
+FL_HD FL_INLINE T gram_grad_dense(T A, T B, T hq, T u, T m) {
+  return T(2) * A * (hq + u) + B * m;
+}
+
+}  // namespace fastloss

@@ -1,0 +1,132 @@
+// Checks and argument packing of the spherical Gram-form ops (spherical_row_terms, spherical_gather_dot,
+// spherical_row_stats, spherical_grad_hidden), shared by their CPU and CUDA glue. The Python side validates
+// the user's arguments first; these keep direct calls of the ops safe.
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "spherical_terms.h"
+
+namespace fastloss {
+
+struct SphericalTermsInputs {
+  int64_t N, K;
+  at::Tensor mu, m2, oc, dev, target, weight, loss, coef;  // contiguous; weight undefined when absent
+};
+
+inline SphericalTermsInputs prepare_spherical_terms(const at::Tensor& mu, const at::Tensor& m2,
+                                                    const at::Tensor& oc, const at::Tensor& dev,
+                                                    const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& target_weight, int64_t kind,
+                                                    int64_t num_classes, int64_t ignore_index) {
+  constexpr const char* op = "fastloss.spherical_row_terms";
+  TORCH_CHECK(kind >= 0 && kind <= 3, op, ": unknown spherical loss kind ", kind);
+  TORCH_CHECK(num_classes >= 1, op, ": num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK(mu.dim() == 1, op, ": mu must be 1-D (N,), got ", mu.sizes());
+  const int64_t N = mu.size(0);
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == N, op, ": target must be (", N, ", K), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64");
+  const auto st = mu.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, op, ": mu must be float32 or float64, got ", st);
+  TORCH_CHECK(m2.sizes() == mu.sizes() && m2.scalar_type() == st, op, ": m2 must match mu");
+  TORCH_CHECK(oc.sizes() == target.sizes() && oc.scalar_type() == st, op, ": target_out must be (N, K) like mu");
+  TORCH_CHECK(dev.sizes() == target.sizes() && dev.scalar_type() == st, op, ": target_dev must be (N, K) like mu");
+  for (const at::Tensor* t : {&m2, &oc, &dev, &target})
+    TORCH_CHECK(t->device() == mu.device(), op, ": all inputs must be on ", mu.device());
+  at::Tensor w;
+  if (target_weight.has_value() && target_weight->defined()) {
+    TORCH_CHECK(target_weight->sizes() == target.sizes(), op, ": target_weight must have the shape of target");
+    TORCH_CHECK(target_weight->device() == mu.device(), op, ": target_weight must be on ", mu.device());
+    w = target_weight->to(st).contiguous();
+  }
+  const int64_t K = target.size(1);
+  return {N,
+          K,
+          mu.contiguous(),
+          m2.contiguous(),
+          oc.contiguous(),
+          dev.contiguous(),
+          target.contiguous(),
+          w,
+          at::empty({N}, mu.options()),
+          at::empty({N, 2 + K}, mu.options())};
+}
+
+template <typename T>
+SphericalTermsArgs<T> spherical_terms_args(SphericalTermsInputs& in, int64_t kind, double a, double b, double eps,
+                                           int64_t num_classes, int64_t ignore_index) {
+  return {in.mu.data_ptr<T>(),
+          in.m2.data_ptr<T>(),
+          in.oc.data_ptr<T>(),
+          in.dev.data_ptr<T>(),
+          in.target.data_ptr<int64_t>(),
+          in.weight.defined() ? in.weight.data_ptr<T>() : nullptr,
+          in.K,
+          ignore_index,
+          SphericalLoss<T>{static_cast<int>(kind), T(a), T(b), T(eps), T(num_classes)},
+          in.loss.data_ptr<T>(),
+          in.coef.data_ptr<T>()};
+}
+
+// ------------------------------------------------------------------------------------------ row kernels
+
+inline at::ScalarType gram_acc_type(const at::Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_gram_hidden(const at::Tensor& hidden, const char* op) {
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be (N, d), got ", hidden.sizes());
+  const auto st = hidden.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+              ": hidden must be a floating tensor, got ", st);
+}
+
+inline at::Tensor gram_acc_input(const at::Tensor& t, const at::Tensor& hidden, at::IntArrayRef shape,
+                                 const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == gram_acc_type(hidden), op, ": ", name, " must be ", gram_acc_type(hidden));
+  TORCH_CHECK(t.device() == hidden.device(), op, ": ", name, " must be on ", hidden.device());
+  return t.contiguous();
+}
+
+// Target rows of a weight shard: class c is local when offset <= c < offset + V_s.
+struct GramTargets {
+  at::Tensor target;  // (N, K) int64, contiguous
+  int64_t K, offset;
+};
+
+inline GramTargets check_gram_targets(const at::Tensor& target, const at::Tensor& hidden, const at::Tensor& weight,
+                                      int64_t offset, const char* op) {
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == hidden.size(0), op, ": target must be (", hidden.size(0),
+              ", K), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.device() == hidden.device(), op,
+              ": target must be int64 on ", hidden.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op, ": weight must be (V, ", hidden.size(1),
+              "), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type() && weight.device() == hidden.device(), op,
+              ": weight must have the dtype and device of hidden");
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0");
+  return {target.contiguous(), target.size(1), offset};
+}
+
+// The same for spherical_grad_hidden, whose hq is in the accumulation type of the weight.
+inline GramTargets check_gram_grad_targets(const at::Tensor& target, const at::Tensor& hq, const at::Tensor& weight,
+                                           int64_t offset, const char* op) {
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == hq.size(0), op, ": target must be (", hq.size(0),
+              ", K), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.device() == hq.device(), op, ": target must be int64 on ",
+              hq.device());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hq.size(1), op, ": weight must be (V, ", hq.size(1), "), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.device() == hq.device(), op, ": weight must be on ", hq.device());
+  TORCH_CHECK(hq.scalar_type() == gram_acc_type(weight), op, ": hq must be ", gram_acc_type(weight));
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0");
+  return {target.contiguous(), target.size(1), offset};
+}
+
+}  // namespace fastloss

@@ -1,0 +1,277 @@
+"""The spherical family from hidden states, without logits: the Gram form (research/spherical.md section 5).
+
+For logits ``o = W h + b`` over V classes, a spherical loss needs per row only the mean ``μ = (w̄·h + Σb)/V``, the
+centred square sum ``m2 = Σ_k (o_k − μ)² = hᵀQ_c h + 2 hᵀu + β`` and the target outputs, where
+``Q_c = W_cᵀW_c``, ``u = W_cᵀb_c``, ``β = ‖b_c‖²`` come from the centred weight ``W_c = W − 1mᵀ`` (m = w̄/V) and
+bias ``b_c``. So a step costs about ``V·d²`` (the Gram, once) plus ``N·d²`` instead of ``N·V·d``, and no ``N × V``
+tensor exists. The exact gradients, with ``A = ∂L/∂m2``, ``B = ∂L/∂μ`` and ``γ_j = ∂L/∂o_{c_j}`` per row, are
+
+    ∇h_n = 2A_n (Q_c h_n + u) + B_n m + Σ_j γ_nj w_{c_nj}
+    ∇W   = 2 W_c G + 2 b_c vᵀ + 1 (HᵀB / V)ᵀ + Σ_nj γ_nj e_{c_nj} h_nᵀ,     G = Hᵀ diag(A) H,  v = HᵀA
+    ∇b   = 2 (W_c v + b_c ΣA) + ΣB / V + Σ_nj γ_nj e_{c_nj}
+
+Centring the Gram keeps the Z-loss variance exact when the output embeddings share a large mean direction
+(``q/V − μ²`` would cancel). Statistics and products run in float32 (float64 for float64 inputs), TF32 off
+unless asked for. With a ``process_group`` the weight is sharded by rows (vocab parallel): each rank centres
+its shard on its own mean, and one all-reduce carries the shard Grams, the shard sums and the target outputs;
+the exact pooled Gram follows from the parallel-variance identity
+``Q_c = Σ_s Q_s + Σ_s V_s (m_s − m)(m_s − m)ᵀ``. The backward all-reduces the target part of ∇h.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import _ops
+from . import _validation as V
+from ._reduce import reduce_rows
+from .spherical import DEFAULT_EPS, KINDS
+
+_CHUNK_ROWS = 8192  # rows of W centred and multiplied at a time (bounds the temporary to 8192 x d)
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def _no_tf32(device: torch.device, allow_tf32: bool):
+    if device.type != "cuda" or allow_tf32 or torch.compiler.is_compiling():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _shard_stats(weight, bias, acc):
+    """Sum, centred Gram, centred bias cross term and centred bias square sum of one shard of rows."""
+    Vs, d = weight.shape
+    wsum = weight.sum(0, dtype=acc)
+    m = wsum / Vs
+    bsum = bias.sum(dtype=acc) if bias is not None else wsum.new_zeros(())
+    bm = bsum / Vs
+    gram = weight.new_zeros((d, d), dtype=acc)
+    u = weight.new_zeros((d,), dtype=acc)
+    beta = weight.new_zeros((), dtype=acc)
+    for r0 in range(0, Vs, _CHUNK_ROWS):
+        wc = weight[r0:r0 + _CHUNK_ROWS].to(acc) - m
+        gram.addmm_(wc.t(), wc)
+        if bias is not None:
+            bc = bias[r0:r0 + _CHUNK_ROWS].to(acc) - bm
+            u.addmv_(wc.t(), bc)
+            beta = beta + bc.square().sum()
+    return wsum, bsum, gram, u, beta
+
+
+class _LinearSpherical(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, target_weight, kind, a, b, eps, ignore_index, group,
+                allow_tf32):
+        acc = _acc(hidden)
+        hf = hidden.to(acc)
+        Vs = weight.shape[0]
+        world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
+                                                   torch.distributed.get_rank(group))
+        with _no_tf32(hidden.device, allow_tf32):
+            wsum_s, bsum_s, gram, u, beta = _shard_stats(weight, bias, acc)
+            counts = [Vs]
+            if group is not None:  # shard boundaries: every rank's row count (host ints)
+                c = torch.zeros(world, dtype=torch.int64, device=hidden.device)
+                c[rank] = Vs
+                torch.distributed.all_reduce(c, group=group)
+                counts = c.tolist()
+            offsets = [sum(counts[:r]) for r in range(world)]
+            Vtot, lo = sum(counts), offsets[rank]
+            valid = target != ignore_index
+            local = valid & (target >= lo) & (target < lo + Vs)
+            safe = torch.where(local, target - lo, torch.zeros_like(target))
+            center = torch.cat([wsum_s, bsum_s.reshape(1)]) / Vs  # shard-centred target outputs
+            dev = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
+            d = weight.shape[1]
+            if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum) slots | target outputs]
+                slots = hf.new_zeros((world, d + 1))
+                slots[rank, :d] = wsum_s
+                slots[rank, d] = bsum_s
+                buf = torch.cat([gram.reshape(-1), u, beta.reshape(1), slots.reshape(-1), dev.reshape(-1)])
+                torch.distributed.all_reduce(buf, group=group)
+                sizes = [d * d, d, 1, world * (d + 1), dev.numel()]
+                gram, u, beta, slots, dev = buf.split(sizes)
+                gram, beta = gram.reshape(d, d), beta.reshape(())
+                slots, dev = slots.reshape(world, d + 1), dev.reshape(target.shape)
+            else:
+                slots = torch.cat([wsum_s, bsum_s.reshape(1)])[None]
+            mean = slots.sum(0) / Vtot  # global (m, bm)
+            if world > 1:  # parallel-variance identity: pooled centred statistics from the shards'
+                cnt = torch.tensor(counts, dtype=acc, device=hf.device)
+                diff = slots / cnt[:, None] - mean  # per-shard (m_s - m, bm_s - bm)
+                gram = gram + (diff[:, :d] * cnt[:, None]).t() @ diff[:, :d]
+                u = u + (diff[:, :d] * cnt[:, None]).t() @ diff[:, d]
+                beta = beta + (cnt * diff[:, d].square()).sum()
+                # shard-centred target outputs -> globally centred: + (m_s - m) . h + (bm_s - bm) of the owner
+                starts = torch.tensor(offsets, device=hf.device)
+                owner = torch.searchsorted(starts, target.clamp(min=0), right=True) - 1
+                corr = hf @ diff[:, :d].t() + diff[:, d]  # (N, world)
+                dev = torch.where(valid, dev + corr.gather(1, owner.clamp(0, world - 1)), dev)
+            m, bm = mean[:d], mean[d]
+            stat = torch.cat([m, bm.reshape(1), u, beta.reshape(1)])
+            row = torch.ops.fastloss.spherical_row_stats(hidden, hf @ gram, stat)
+            bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
+            mu, m2 = torch.where(bad, torch.nan, row[:, 0]), row[:, 1]
+        oc = mu[:, None] + dev
+        rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, dev, target, target_weight, kind, a, b, eps,
+                                                            Vtot, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, target, gram, stat, coef, local, safe)
+        ctx.opts = (group, rank, lo, ignore_index, allow_tf32, Vtot, bias is not None)
+        ctx.mark_non_differentiable(coef)
+        return rows, coef
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_coef):
+        hidden, weight, bias, target, gram, stat, coef, local, safe = ctx.saved_tensors
+        group, rank, lo, ignore_index, allow_tf32, Vtot, has_bias = ctx.opts
+        acc = gram.dtype
+        d = gram.shape[0]
+        m, bm = stat[:d], stat[d]
+        hf = hidden.to(acc)
+        g = grad_rows.to(acc)
+        ab = coef[:, :2] * g[:, None]
+        A, B = ab[:, 0], ab[:, 1]
+        gam = torch.where(local, coef[:, 2:] * g[:, None], torch.zeros_like(coef[:, 2:]))
+        K = gam.shape[1]
+        grad_h = grad_w = grad_b = None
+        with _no_tf32(hidden.device, allow_tf32):
+            if ctx.needs_input_grad[0]:  # the dense part once (rank 0), every rank's target rows, summed
+                gh = torch.ops.fastloss.spherical_grad_hidden(hf @ gram, ab, gam, weight, target, stat, lo,
+                                                              ignore_index, group is None or rank == 0)
+                if group is not None:
+                    torch.distributed.all_reduce(gh, group=group)
+                grad_h = gh.to(hidden.dtype)
+            if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
+                v = hf.t() @ A
+                G = (hf * A[:, None]).t() @ hf
+                row = hf.t() @ B / Vtot - 2 * (G @ m) - 2 * bm * v  # the same for every row of W
+                gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
+                for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
+                    torch.addmm(row, weight[r0:r0 + _CHUNK_ROWS].to(acc), G, alpha=2, out=gw[r0:r0 + _CHUNK_ROWS])
+                if has_bias:
+                    gw.addr_(bias.to(acc), v, alpha=2)
+                idx = safe.reshape(-1)
+                gw.index_put_((idx,), (gam.reshape(-1, 1) * hf.repeat_interleave(K, 0)), accumulate=True)
+                grad_w = gw.to(weight.dtype)
+                if has_bias and ctx.needs_input_grad[2]:
+                    bc = bias.to(acc) - bm
+                    gb = 2 * (weight.to(acc) @ v - (m @ v) + bc * A.sum()) + B.sum() / Vtot
+                    gb = gb.index_put((idx,), gam.reshape(-1), accumulate=True)
+                    grad_b = gb.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def linear_spherical_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    loss: str = "zloss",
+    a: float = 1.0,
+    b: float = 0.0,
+    eps: float = DEFAULT_EPS,
+    target_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    process_group=None,
+    allow_tf32: bool = False,
+):
+    """A spherical loss of the logits ``hidden @ weight.T + bias`` computed without forming them.
+
+    ``hidden (..., d)``, ``weight (V, d)``, ``bias (V,)`` or None, ``target (...)`` class ids (or ``(..., K)`` with
+    ``target_weight``, as in :mod:`fastloss.spherical`); ``loss`` is one of ``"zloss"`` (with ``a``, ``b``),
+    ``"spherical_softmax"`` (with ``eps``), ``"taylor_softmax"`` (order 2) and ``"mse"``, each equal to the same
+    function on the materialised logits. Gradients for hidden, weight and bias are exact, so any optimizer works.
+    Cost per call: ``V·d²`` for the centred Gram (fp32 products, or fp64 for fp64 inputs) plus ``O(N·d²)``.
+
+    Gradient accumulation: use ``reduction="sum"`` and divide by the global count of counted rows yourself, e.g.
+    ``loss = linear_spherical_loss(h, W, t, reduction="sum") / n_tokens_in_step``.
+
+    Vocab parallel: with ``process_group``, ``weight`` (and ``bias``) are this rank's contiguous shard of rows, in
+    rank order; ``hidden`` and ``target`` (global class ids) are the same on every rank. The loss equals the
+    unsharded call on every rank, ``hidden`` gets the full gradient on every rank and each rank gets its shard's
+    weight gradient. Communication: one all-reduce in the forward (shard Grams, sums and target outputs packed)
+    and one of the target part of the hidden gradient (N x d) in the backward.
+    """
+    fn = "fastloss.linear_spherical_loss"
+    kind, multi = _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index,
+                                     reduction)
+    a, b = V.check_zloss_args(fn, a, b)
+    eps = V.check_finite(fn, "eps", eps, nonnegative=True)
+    checkable = process_group is None and not torch.compiler.is_compiling()
+    if checkable and (V.get_validation() or hidden.device.type == "cpu"):
+        V.check_target_range(fn, target, weight.shape[0], ignore_index)
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    K = target.shape[-1] if multi else 1
+    t = target.reshape(-1, K).long()
+    w = target_weight.reshape(-1, K) if target_weight is not None else None
+    if not _ops.use_kernel("spherical_row_terms", hidden.device):
+        from . import reference
+        return reference.linear_spherical_loss(hidden, weight, target, bias=bias, loss=loss, a=a, b=b, eps=eps,
+                                               target_weight=target_weight, ignore_index=ignore_index,
+                                               reduction=reduction)
+    rows, _ = _LinearSpherical.apply(h, weight, bias, t, w, kind, a, b, eps, ignore_index, process_group,
+                                     allow_tf32)
+    out = reduce_rows(rows, (t != ignore_index).any(-1), reduction)
+    if reduction == "none":
+        out = out.reshape(target.shape[:-1] if multi else target.shape)
+    return out.to(hidden.dtype)
+
+
+def _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index, reduction):
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if loss not in KINDS:
+        raise ValueError(f"{fn}: loss must be one of {tuple(KINDS)}, got {loss!r}")
+    if hidden.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{fn}: hidden must be (..., d) and weight (V, d), got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: hidden has width {hidden.shape[-1]} but weight rows have width {weight.shape[1]}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{fn}: weight needs at least one row (class)")
+    if hidden.dtype not in V._FLOAT_DTYPES:
+        raise TypeError(f"{fn}: hidden must be a floating tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but hidden has {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must be a tensor of shape ({weight.shape[0]},) or None")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"{fn}: bias must have the dtype and device of hidden ({hidden.dtype}, {hidden.device})")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"{fn}: target must hold integer class indices, got {target.dtype}")
+    if target.device != hidden.device:
+        raise ValueError(f"{fn}: target is on {target.device} but hidden is on {hidden.device}")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(target.shape) == lead:
+        multi = False
+    elif target.dim() == len(lead) + 1 and tuple(target.shape[:-1]) == lead and target.shape[-1] >= 1:
+        multi = True
+    else:
+        raise ValueError(f"{fn}: target must have shape {lead} (hidden without its last dimension) or {lead} + (K,),"
+                         f" got {tuple(target.shape)}")
+    if target_weight is not None:
+        if not isinstance(target_weight, torch.Tensor) or target_weight.shape != target.shape:
+            raise ValueError(f"{fn}: target_weight must be a tensor of the shape of target {tuple(target.shape)}")
+        if not target_weight.dtype.is_floating_point or target_weight.device != hidden.device:
+            raise TypeError(f"{fn}: target_weight must be a floating tensor on {hidden.device}")
+    V.check_reduction(fn, reduction)
+    V.check_ignore_index(fn, ignore_index)
+    return KINDS[loss], multi

@@ -1,0 +1,268 @@
+"""fastloss.linear_spherical_loss (the Gram form) against the materialised float64 reference."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import fastloss
+from fastloss import reference
+
+LOSSES = ["zloss", "spherical_softmax", "taylor_softmax", "mse"]
+OPTS = {"zloss": {"a": 1.3, "b": 0.2}, "spherical_softmax": {"eps": 1e-3}, "taylor_softmax": {}, "mse": {}}
+
+
+def _problem(device, dtype, N=40, d=12, V=97, mean_shift=0.0, cond=None, seed=0, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, d, generator=gen, dtype=torch.float64) / d**0.5
+    if cond is not None:  # ill-conditioned: singular values spread over `cond`
+        U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+        W = U @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), d, dtype=torch.float64)) @ Vh
+    W = W + mean_shift * torch.randn(d, generator=gen, dtype=torch.float64) / d**0.5  # shared mean direction
+    h = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    bias = torch.randn(V, generator=gen, dtype=torch.float64) * 0.3
+    t = torch.randint(0, V, (N,), generator=gen)
+    t[::7] = -100
+    if lead is not None:
+        h, t = h.reshape(*lead, d), t.reshape(lead)
+    cast = lambda x: x.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(h), cast(W), cast(bias), t.to(device)
+
+
+def _run(fn, h, W, t, bias, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (h, W) + ((bias,) if bias is not None else ())]
+    out = fn(leaves[0], leaves[1], t, bias=leaves[2] if bias is not None else None, **kw)
+    up = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    grads = torch.autograd.grad(out, leaves, up)
+    return out.detach(), grads
+
+
+def _close(got, want, rtol):
+    """Relative error against the size of the reference tensor (elementwise near-zeros are not meaningful)."""
+    got, want = got.double(), want.double()
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_matches_materialised(device, loss, with_bias, reduction):
+    h, W, bias, t = _problem(device, torch.float64, lead=(5, 8))
+    bias = bias if with_bias else None
+    got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, reduction=reduction, **OPTS[loss])
+    want, gw = _run(reference.linear_spherical_loss, h, W, t, bias, loss=loss, reduction=reduction, **OPTS[loss])
+    assert got.shape == want.shape
+    _close(got, want, 1e-10)
+    for x, y in zip(gg, gw, strict=False):
+        _close(x, y, 1e-10)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", ["plain", "large_mean", "ill_conditioned"])
+def test_float32_precision(device, loss, case):
+    """fp32 inputs: loss and gradients within 1e-5 relative of the float64 materialised reference, also when W
+    has a large shared mean direction (centred Gram) or is ill-conditioned."""
+    kw = {"plain": {}, "large_mean": {"mean_shift": 30.0}, "ill_conditioned": {"cond": 1e4}}[case]
+    h, W, bias, t = _problem(device, torch.float32, N=64, d=16, V=301, **kw)
+    got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, reduction="none", **OPTS[loss])
+    want, gw = _run(reference.linear_spherical_loss, h.double(), W.double(), t, bias.double(), loss=loss,
+                    reduction="none", **OPTS[loss])
+    _close(got, want, 1e-5)
+    for x, y in zip(gg, gw, strict=False):
+        _close(x, y, 1e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(device, loss, dtype):
+    """bf16/fp16 inputs: products and statistics in fp32, so the result is the fp64 one on the rounded inputs."""
+    h, W, bias, t = _problem(device, dtype, N=32, d=16, V=200)
+    got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, reduction="none", **OPTS[loss])
+    want, gw = _run(reference.linear_spherical_loss, h.double(), W.double(), t, bias.double(), loss=loss,
+                    reduction="none", **OPTS[loss])
+    assert got.dtype == dtype and all(g.dtype == dtype for g in gg)
+    eps = torch.finfo(dtype).eps
+    _close(got, want, 2 * eps)
+    for x, y in zip(gg, gw, strict=False):
+        _close(x, y, 2 * eps)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_multi_target(device, loss):
+    h, W, bias, t = _problem(device, torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    t2 = torch.stack([t, torch.randint(0, W.shape[0], t.shape, generator=gen).to(device), t.flip(0)], -1)
+    t2[1, 1] = -100
+    w = (torch.rand(t2.shape, generator=gen, dtype=torch.float64) + 0.1).to(device)
+    got, gg = _run(fastloss.linear_spherical_loss, h, W, t2, bias, loss=loss, target_weight=w, **OPTS[loss])
+    want, gw = _run(reference.linear_spherical_loss, h, W, t2, bias, loss=loss, target_weight=w, **OPTS[loss])
+    _close(got, want, 1e-10)
+    for x, y in zip(gg, gw, strict=False):
+        _close(x, y, 1e-10)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradcheck(device, loss):
+    h, W, bias, t = _problem(device, torch.float64, N=6, d=4, V=9)
+    h, W, bias = (x.requires_grad_() for x in (h, W, bias))
+    f = lambda h, W, bias: fastloss.linear_spherical_loss(h, W, t, bias=bias, loss=loss, reduction="none",  # noqa: E731
+                                                          **OPTS[loss])
+    assert torch.autograd.gradcheck(f, (h, W, bias), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_opcheck_row_terms(device):
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        mu = torch.randn(7, generator=gen).to(device=device, dtype=dtype)
+        m2 = (torch.rand(7, generator=gen) + 0.5).to(device=device, dtype=dtype)
+        t = torch.randint(0, 11, (7, 2), generator=gen).to(device)
+        t[0, 1] = -100
+        dev = torch.randn(7, 2, generator=gen).to(device=device, dtype=dtype)
+        for kind in range(4):
+            for w in (None, torch.rand(7, 2, generator=gen).to(device=device, dtype=dtype)):
+                args = (mu, m2, mu[:, None] + dev, dev, t, w, kind, 1.2, 0.1, 1e-3, 11, -100)
+                torch.library.opcheck(torch.ops.fastloss.spherical_row_terms.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_row_kernels(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    N, d, Vs, K = 9, 37, 13, 2
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    r = lambda *s, t=dtype: torch.randn(*s, generator=gen).to(device=device, dtype=t)  # noqa: E731
+    h, w, b = r(N, d), r(Vs, d), r(Vs)
+    t = torch.randint(0, 30, (N, K), generator=gen).to(device)  # classes 5..17 are local to the shard at offset 5
+    t[0, 0] = -100
+    ops = torch.ops.fastloss
+    torch.library.opcheck(ops.spherical_gather_dot.default, (h, w, b, t, r(d + 1, t=acc), 5, -100))
+    torch.library.opcheck(ops.spherical_gather_dot.default, (h, w, None, t, r(d + 1, t=acc), 0, -100))
+    torch.library.opcheck(ops.spherical_row_stats.default, (h, r(N, d, t=acc), r(2 * d + 2, t=acc)))
+    for with_dense in (True, False):
+        args = (r(N, d, t=acc), r(N, 2, t=acc), r(N, K, t=acc), w, t, r(2 * d + 2, t=acc), 5, -100, with_dense)
+        torch.library.opcheck(ops.spherical_grad_hidden.default, args)
+    # the gather against a direct computation: only local targets contribute, centred on `center`
+    center = r(d + 1, t=acc)
+    got = ops.spherical_gather_dot(h, w, b, t, center, 5, -100)
+    local = (t >= 5) & (t < 5 + Vs)
+    rows = w.to(acc)[(t - 5).clamp(0, Vs - 1)] - center[:d]
+    want = (rows * h.to(acc)[:, None]).sum(-1) + b.to(acc)[(t - 5).clamp(0, Vs - 1)] - center[d]
+    torch.testing.assert_close(got, torch.where(local, want, torch.zeros_like(want)), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    h, W, bias, t = _problem(device, torch.float32)
+    def f(h, W, t, bias=None):
+        return fastloss.linear_spherical_loss(h, W, t, bias=bias, loss="zloss")
+
+    eager, ge = _run(f, h, W, t, bias)
+    compiled, gc = _run(torch.compile(f, fullgraph=True), h, W, t, bias)
+    torch.testing.assert_close(compiled, eager)
+    for x, y in zip(gc, ge, strict=False):
+        torch.testing.assert_close(x, y)
+
+
+def test_bad_inputs(device):
+    h, W, bias, t = _problem(device, torch.float32)
+    f = fastloss.linear_spherical_loss
+    with pytest.raises(ValueError, match="width"):
+        f(h[:, :5], W, t)
+    with pytest.raises(TypeError, match="dtype"):
+        f(h, W.double(), t)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        f(h, W, t, loss="softmax")
+    with pytest.raises(ValueError, match="target must have shape"):
+        f(h, W, t[:3])
+    with pytest.raises(ValueError, match="bias"):
+        f(h, W, t, bias=bias[:3])
+    t_bad = t.clone()
+    t_bad[2] = W.shape[0]
+    if device == "cpu":
+        with pytest.raises(IndexError, match="out of bounds"):
+            f(h, W, t_bad)
+    else:
+        assert torch.isnan(f(h, W, t_bad, reduction="none")[2])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            f(h, W.to("cuda" if device == "cpu" else "cpu"), t)
+
+
+def test_training_smoke():
+    """A small MLP on a synthetic 10k-class problem follows the same loss curve with the Gram form as with the
+    materialised zloss (same initialisation, same data, Adam)."""
+    V, d, N = 10_000, 32, 256
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(V, d, generator=gen)
+    curves = []
+    for use_gram in (True, False):
+        torch.manual_seed(1)
+        body = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.Tanh(), torch.nn.Linear(64, 48))
+        head = torch.nn.Linear(48, V)
+        opt = torch.optim.Adam([*body.parameters(), *head.parameters()], lr=3e-3)
+        data = torch.Generator().manual_seed(2)
+        curve = []
+        for _ in range(25):
+            y = torch.randint(0, V, (N,), generator=data)
+            x = centers[y] + 0.3 * torch.randn(N, d, generator=data)
+            hid = body(x)
+            if use_gram:
+                loss = fastloss.linear_spherical_loss(hid, head.weight, y, bias=head.bias, loss="zloss")
+            else:
+                loss = fastloss.zloss(head(hid), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves.append(torch.tensor(curve))
+    torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
+    assert curves[0][-5:].mean() < curves[0][:5].mean() - 0.05  # it trains
+
+
+_DIST_WORKER = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["FL_PYTHONPATH"]) if os.environ.get("FL_PYTHONPATH") else None
+import fastloss
+from fastloss import reference
+rank, world = int(sys.argv[1]), int(sys.argv[2])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[3], rank=rank, world_size=world)
+gen = torch.Generator().manual_seed(0)
+N, d, V = 33, 10, 101
+W = torch.randn(V, d, generator=gen, dtype=torch.float64) + 2.0
+b = torch.randn(V, generator=gen, dtype=torch.float64)
+h = torch.randn(N, d, generator=gen, dtype=torch.float64)
+t = torch.randint(0, V, (N, 2), generator=gen); t[0, 1] = -100; t[5] = -100
+sizes = [V // world + (1 if r < V % world else 0) for r in range(world)]
+lo = sum(sizes[:rank]); hi = lo + sizes[rank]
+for loss in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]:
+    hl, Wl, bl = h.clone().requires_grad_(), W[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
+    out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl, loss=loss, process_group=dist.group.WORLD)
+    out.backward()
+    hr, Wr, br = h.clone().requires_grad_(), W.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = reference.linear_spherical_loss(hr, Wr, t, bias=br, loss=loss)
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hl.grad, hr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(Wl.grad, Wr.grad[lo:hi], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bl.grad, br.grad[lo:hi], rtol=1e-10, atol=1e-12)
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+def test_vocab_parallel_gloo(tmp_path):
+    """Two processes (gloo, CPU), weight rows sharded: the loss equals the unsharded call on every rank, hidden
+    gets the full gradient and each rank its shard's weight and bias gradients."""
+    import subprocess
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_WORKER)
+    env = dict(os.environ, FL_PYTHONPATH=os.path.dirname(os.path.dirname(fastloss.__file__)), OMP_NUM_THREADS="1")
+    init = str(tmp_path / "rendezvous")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=False):
+        assert p.returncode == 0, err[-3000:]
+        assert out.startswith("ok")
