@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (registrations)
     reference,
 )
 from ._validation import get_validation, set_validation
+from .factored import FactoredSphericalLinear
 from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
 from .linear_spherical import linear_spherical_loss
 
@@ -30,6 +31,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "FactoredSphericalLinear",
     "build_info",
     "cross_entropy",
     "get_validation",
