@@ -245,8 +245,8 @@ class FactoredSphericalLinear(torch.nn.Module):
         Z = (self.V[uniq].to(torch.float64) @ self.U + self.c) @ M - lr * r  # those rows of W_a M - lr 1 r'
         # exact rank-m updates of Q = W_a'W_a and w̄ = W_a'1 for W_a <- W_a M - lr 1 r' - lr S
         Mw = M.t() @ self.col_sum
-        gram = M.t() @ self.gram @ M - lr * (torch.outer(Mw, r) + torch.outer(r, Mw)) + lr * lr * out * torch.outer(r, r)
-        gram = gram - lr * (Z.t() @ S + S.t() @ Z) + lr * lr * (S.t() @ S)
+        gram = M.t() @ self.gram @ M - lr * (torch.outer(Mw, r) + torch.outer(r, Mw) + Z.t() @ S + S.t() @ Z)
+        gram = gram + lr * lr * (out * torch.outer(r, r) + S.t() @ S)
         self.gram = 0.5 * (gram + gram.t())
         self.col_sum = Mw - lr * out * r - lr * S.sum(0)
         # U <- U M, c <- M'c - lr r, U^-1 <- M^-1 U^-1 by Woodbury: M = D - P'Y with P = h_a, Y = 2 lr diag(A) h_a
