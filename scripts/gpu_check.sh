@@ -38,5 +38,11 @@ if [ -f "$REPO/bench/bench_row_losses.py" ]; then
   step bench_quick "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_row_losses.py" --preset quick --device cuda \
     --out "$OUT/row_losses_cuda.csv" ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 fi
+# Gram form at the GPU shape (N=32768, d=2048, V=131072, bf16) and the factored layer's SGD step; their
+# tables land in bench_quick.log (the $OUT file budget is spent), CSVs in $LOGS.
+step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \
+  --out "$LOGS/spherical_cuda.csv"
+step bench_factored "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_factored.py" --device cuda \
+  --out "$LOGS/factored_cuda.csv"
 echo "=== summary"
 cat "$OUT/summary.txt"
