@@ -15,10 +15,12 @@ from . import (  # noqa: F401  (registrations)
     _fake,
     _ops,  # loads fastloss._C (or warns once and falls back to fastloss.reference)
     nn,
+    optim,  # OrthoGrad
     reference,
 )
 from ._validation import get_validation, set_validation
 from .functional import cross_entropy, zloss
+from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # sparsemax family
 
 __version__ = "0.1.0"
 
@@ -36,4 +38,10 @@ __all__ = [
     "reference",
     "set_validation",
     "zloss",
+    # sparsemax family
+    "entmax15",
+    "entmax15_loss",
+    "optim",
+    "sparsemax",
+    "sparsemax_loss",
 ]

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "zloss_fwd", "zloss_bwd")
+OPS += ("sparsemax_fwd", "sparsemax_bwd", "sparsemax_loss_fwd", "sparsemax_loss_bwd")  # sparsemax family
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)

@@ -119,3 +119,7 @@ def zloss(
     x, t = _rows(logits, target)
     rows, _ = torch.ops.fastloss.zloss_fwd(x, t, a, b, ignore_index)
     return row_loss_output(logits, rows, t != ignore_index, reduction)
+
+
+# sparsemax family (python/fastloss/sparsemax.py)
+from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # noqa: E402, F401
