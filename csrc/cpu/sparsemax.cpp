@@ -231,11 +231,14 @@ void loss_bwd_rows(const LossArgs& a, int64_t begin, int64_t end) {
       continue;
     }
     const auto r = ThresholdRow<kEntmax, acc_t>::make(stats[2 * row], stats[2 * row + 1]);
+    if (r.empty) {  // all lanes masked: the loss is the constant +inf, gradient 0
+      std::fill(out, out + a.C, scalar_t(0));
+      continue;
+    }
     const acc_t g = gloss[row];
-    // dL/dz = g (p - e_y); all-masked rows have p = 0 (v = 0 * x - 0).
-    const acc_t sc = r.empty ? acc_t(0) : acc_t(Threshold<kEntmax>::kScale);
-    const V mv = S::splat(r.empty ? acc_t(0) : r.m), tv = S::splat(r.t), scv = S::splat(sc), gv = S::splat(g),
-            zero = S::splat(acc_t(0));
+    // dL/dz = g (p - e_y)
+    const V mv = S::splat(r.m), tv = S::splat(r.t), scv = S::splat(acc_t(Threshold<kEntmax>::kScale)),
+            gv = S::splat(g), zero = S::splat(acc_t(0));
     map_row(
         x, out, a.C,
         [&](V z) {

@@ -77,7 +77,8 @@ def sparsemax_loss(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: 
     from the logits, so no (N, C) probability tensor is held between them. ``ignore_index`` rows give loss 0
     and gradient 0 (any integer, also negative ones); ``reduction`` is ``"mean"`` over counted rows (NaN when
     there are none, like torch), ``"sum"`` or ``"none"``. ``-inf`` logits mask classes; a row whose target is
-    masked has loss ``+inf`` (never NaN) and gradient ``p - e_y``. Class dimension last.
+    masked has loss ``+inf`` (never NaN) and gradient ``p - e_y``; a row with every lane masked has loss ``+inf``
+    and gradient 0 (ignore such rows). Class dimension last.
     """
     return _fy_loss("fastloss.sparsemax_loss", logits, target, ignore_index, reduction, False)
 
