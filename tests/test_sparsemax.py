@@ -454,3 +454,48 @@ def test_modules_and_determinism(device):
 
 def test_env_knob_is_not_left_set():
     assert "FASTLOSS_SPARSEMAX_MAX_ITER" not in os.environ
+
+
+# ------------------------------------------------------------------------------------------ Hypothesis properties
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+
+    @st.composite
+    def _rows(draw):
+        n, C = draw(st.integers(1, 5)), draw(st.integers(1, 600))
+        scale = draw(st.sampled_from([1e-4, 1e-2, 1.0, 30.0, 1e4]))
+        offset = draw(st.sampled_from([0.0, -50.0, 1e3]))
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        x = torch.randn(n, C, generator=gen) * scale + offset
+        t = torch.randint(0, C, (n,), generator=gen)
+        mask = torch.rand(n, C, generator=gen) < draw(st.floats(0.0, 0.9))
+        mask[torch.arange(n), t] = False  # -inf anywhere but on the target
+        return x.masked_fill(mask, float("-inf")), t
+
+    @settings(max_examples=40, deadline=None)
+    @given(_rows(), st.sampled_from(list(LOSSES)))
+    def test_properties(xt, name):
+        """Random shapes, scales up to 1e4, offsets, -inf lanes: float32 kernels against the float64 reference
+        on the same values; p is a distribution; masked lanes get no gradient; nothing is NaN."""
+        x, t = xt
+        ours, ref, _ = LOSSES[name]
+        act = ACTS[name.removesuffix("_loss")][0]
+        up = torch.linspace(0.5, 1.5, x.shape[0])
+        xl = x.clone().requires_grad_()
+        loss = ours(xl, t, reduction="none")
+        (g,) = torch.autograd.grad(loss, xl, up)
+        xr = x.double().requires_grad_()
+        ref_loss = ref(xr, t, reduction="none")
+        (ref_g,) = torch.autograd.grad(ref_loss, xr, up.double())
+        assert torch.isfinite(loss).all() and torch.isfinite(g).all() and (loss >= -1e-6 * x.abs().max()).all()
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.double(), ref_g, rtol=1e-5, atol=1e-5)
+        p = act(x)
+        assert (p >= 0).all() and (p.double().sum(-1) - 1).abs().max() < 1e-5
+        assert (g[torch.isinf(x)] == 0).all() and (p[torch.isinf(x)] == 0).all()

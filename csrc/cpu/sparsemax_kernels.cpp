@@ -75,22 +75,21 @@ FL_INLINE bool any_lane(vint m) {
   return (w[0] | w[1] | w[2] | w[3]) != 0;
 }
 
-// Exact threshold from a candidate list that holds the whole support (all u > t0): sort descending and take
-// the prefix whose closed-form root lies between its last element and the next one. Only used when the
-// Newton passes ran out (never seen on real data).
+// Exact threshold from a candidate list that holds the whole support: sort descending and take the prefix
+// whose closed-form root lies between its last element and the next one. Only used when the Newton passes
+// ran out (never seen on real data; the tests force it).
 template <bool kEntmax, typename acc_t>
-acc_t sorted_threshold(std::vector<acc_t>& cand, acc_t t0) {
+acc_t sorted_threshold(std::vector<acc_t>& cand, acc_t t_lower) {
   std::sort(cand.begin(), cand.end(), std::greater<acc_t>());
   SupportSums<acc_t> s = SupportSums<acc_t>::empty();
   const size_t n = cand.size();
   for (size_t j = 0; j < n; ++j) {
-    s.push(cand[j] - t0);
-    acc_t delta;
-    Threshold<kEntmax>::step(s, delta);
-    const acc_t next = j + 1 < n ? cand[j + 1] - t0 : neg_inf<acc_t>();
-    if (delta <= s.vmin && delta >= next) return t0 + delta;
+    s.push(cand[j], neg_inf<acc_t>(), acc_t(0));
+    acc_t r;
+    const acc_t next = j + 1 < n ? cand[j + 1] : neg_inf<acc_t>();
+    if (Threshold<kEntmax>::closed_form(s, r) && r <= cand[j] && r >= next) return r;
   }
-  return t0;
+  return t_lower;
 }
 
 // Per-thread solver state: the candidate list of the current row.
@@ -148,15 +147,14 @@ struct RowSolver {
       return;
     }
     for (acc_t& c : cand) c = scale * (c - m);  // stale candidates get u <= -1 and leave at the first pass
-    // One pass: drop the candidates at or below t (they never return), sum the rest.
-    auto reduce_at = [&](acc_t tt) {
+    // One pass: drop the candidates at or below t (they never return), sum the rest about c.
+    auto reduce_at = [&](acc_t tt, acc_t cc) {
       SupportSums<acc_t> s = SupportSums<acc_t>::empty();
       size_t w = 0;
       for (size_t j = 0; j < cand.size(); ++j) {
-        const acc_t v = cand[j] - tt;
-        if (v > acc_t(0)) {
+        if (cand[j] > tt) {
           cand[w++] = cand[j];
-          s.push(v);
+          s.push(cand[j], tt, cc);
         }
       }
       cand.resize(w);
@@ -165,7 +163,7 @@ struct RowSolver {
     bool converged;
     t = solve_threshold<kEntmax, acc_t>(reduce_at, max_iter_, converged);
     if (!converged && t == t) t = sorted_threshold<kEntmax>(cand, t);
-    if (sums) *sums = reduce_at(t);
+    if (sums) *sums = reduce_at(t, t);  // moments of v = u - t: what the loss needs
   }
 };
 

@@ -69,19 +69,19 @@ __global__ void __launch_bounds__(kMaxRowThreads)
     acc_t t = m == neg_inf<acc_t>() ? acc_t(0) : nan;
     SupportSums<acc_t> sums = SupportSums<acc_t>::empty();
     if (finite) {
-      auto reduce_at = [&](acc_t tt) {
+      auto reduce_at = [&](acc_t tt, acc_t cc) {
         SupportSums<acc_t> s = SupportSums<acc_t>::empty();
         for_each_in_row(
-            x, C, [&](int64_t, scalar_t v) { s.push(scale * (static_cast<acc_t>(v) - m) - tt); },
+            x, C, [&](int64_t, scalar_t v) { s.push(scale * (static_cast<acc_t>(v) - m), tt, cc); },
             [&](int64_t, const Pack<scalar_t>& p) {
 #pragma unroll
-              for (int j = 0; j < V; ++j) s.push(scale * (static_cast<acc_t>(p.v[j]) - m) - tt);
+              for (int j = 0; j < V; ++j) s.push(scale * (static_cast<acc_t>(p.v[j]) - m), tt, cc);
             });
         return block_merge(s, smem, [](SupportSums<acc_t>& a, const SupportSums<acc_t>& b) { a.merge(b); });
       };
       bool converged;
       t = solve_threshold<kEntmax, acc_t>(reduce_at, kMaxIter, converged);
-      if constexpr (kLoss) sums = reduce_at(t);
+      if constexpr (kLoss) sums = reduce_at(t, t);  // moments of v = u - t: what the loss needs
     }
     if constexpr (kLoss) {
       if (threadIdx.x == 0) {

@@ -10,11 +10,14 @@
 // f(-1) >= 0 (the maximum alone contributes 1). Newton's method started there climbs monotonically towards
 // the root without passing it (a tangent of a convex function lies below it), so every iterate is a lower
 // bound and the support S = {u > t} only shrinks. After each pass over S the root of the polynomial that f
-// equals on S is taken in closed form; when it lies at or below min_S (u - t), S is the true support and
-// that root is the exact threshold. For sparsemax the Newton step and the closed form coincide (Michelot's
-// algorithm). A pass needs only (|S|, sum v, sum v^2, min v) over v = u - t > 0: a mergeable state, so the
-// CPU (over a compacted candidate list) and the CUDA kernels (block reduction over the row) run the same
-// loop, solve_threshold below.
+// equals on S is taken in closed form; when it lies at or below min_S u, S is the true support and that root
+// is the exact threshold. For sparsemax the Newton step and the closed form coincide (Michelot's algorithm).
+//
+// A pass sums the moments of w = u - c over S about a centre c fixed before the pass: c = 0 (the maximum)
+// first, then the previous pass's mean of S. The closed form needs the variance of S, and moments about a
+// point near the mean keep it accurate when S is large and nearly flat (moments of u - t would cancel there:
+// all u - t are close to 1 at t = -1). The sums are a mergeable state, so the CPU (over a compacted candidate
+// list) and the CUDA kernels (block reduction over the row) run the same loop, solve_threshold below.
 #pragma once
 #include "fastloss/macros.h"
 
@@ -22,29 +25,32 @@ namespace fastloss {
 
 template <typename T>
 struct SupportSums {
-  T k;     // |S|, the number of v > 0
-  T a;     // sum v
-  T b;     // sum v^2
-  T c;     // sum v^3
-  T vmin;  // min v over S (+inf when S is empty)
+  T k;     // |S|
+  T s1;    // sum w
+  T s2;    // sum w^2
+  T s3;    // sum w^3
+  T wmin;  // min w over S (+inf when S is empty)
 
-  FL_HD FL_INLINE static SupportSums empty() { return {T(0), T(0), T(0), T(0), std::numeric_limits<T>::infinity()}; }
-  // v = u - t; -inf (masked) and NaN lanes fail v > 0 and do not count.
-  FL_HD FL_INLINE void push(T v) {
-    if (v > T(0)) {
+  FL_HD FL_INLINE static SupportSums empty() {
+    return {T(0), T(0), T(0), T(0), std::numeric_limits<T>::infinity()};
+  }
+  // An element u counts when u > t (so -inf and NaN lanes never do); w = u - c.
+  FL_HD FL_INLINE void push(T u, T t, T c) {
+    if (u > t) {
+      const T w = u - c;
       k += T(1);
-      a += v;
-      b += v * v;
-      c += v * v * v;
-      vmin = v < vmin ? v : vmin;
+      s1 += w;
+      s2 += w * w;
+      s3 += w * w * w;
+      wmin = w < wmin ? w : wmin;
     }
   }
   FL_HD FL_INLINE void merge(const SupportSums& o) {
     k += o.k;
-    a += o.a;
-    b += o.b;
-    c += o.c;
-    vmin = o.vmin < vmin ? o.vmin : vmin;
+    s1 += o.s1;
+    s2 += o.s2;
+    s3 += o.s3;
+    wmin = o.wmin < wmin ? o.wmin : wmin;
   }
 };
 
@@ -73,59 +79,77 @@ struct Threshold {
     else return p > T(0) ? T(1) : (p == p ? T(0) : p);
   }
 
-  // One step from the sums over S at a lower bound t. Returns true with `delta` = tau - t when S is the
-  // true support (exact), else false with `delta` = the Newton step (> 0, or NaN for an empty/NaN row).
+  // Root (relative to the centre c) of the polynomial sum_S (w - r)^beta = 1 that f equals when S is the
+  // support; false when it has none (then S is not the support). sparsemax: r = (s1 - 1) / k; entmax-1.5: the
+  // smaller root mean - sqrt(1/k - var), as in Peters et al. (2019).
   template <typename T>
-  FL_HD FL_INLINE static bool step(const SupportSums<T>& s, T& delta) {
-    if (!(s.k > T(0))) {
-      delta = std::numeric_limits<T>::quiet_NaN();
-      return false;
-    }
+  FL_HD FL_INLINE static bool closed_form(const SupportSums<T>& s, T& r) {
     if constexpr (!kEntmax) {
-      delta = (s.a - T(1)) / s.k;  // sum (v - delta) = 1 on S
-      return delta <= s.vmin;
+      r = (s.s1 - T(1)) / s.k;
+      return true;
     } else {
-      // sum (v - delta)^2 = 1 on S: k delta^2 - 2 a delta + (b - 1) = 0, smaller root in the cancellation-free
-      // form (b - 1) / (a + sqrt(a^2 - k (b - 1))); b - 1 = f(t) >= 0 at a lower bound.
-      const T f = s.b - T(1);
-      const T disc = s.a * s.a - s.k * f;
-      if (disc >= T(0)) {
-        delta = f / (s.a + std::sqrt(disc));
-        if (delta <= s.vmin) return true;
-      }
-      delta = f / (T(2) * s.a);  // Newton: f'(t) = -2 sum v
-      return false;
+      const T mean = s.s1 / s.k;
+      T var = s.s2 / s.k - mean * mean;
+      var = var > T(0) ? var : T(0);
+      const T d = T(1) / s.k - var;
+      r = mean - std::sqrt(d > T(0) ? d : T(0));
+      return d >= T(0);
     }
   }
 
-  // Fenchel-Young loss from the final sums over S at the exact t: with c = sum p^alpha = sum v^(beta + 1),
+  // One step from the sums over S = {u > t} about the centre c, at a lower bound t. Returns true with `t` set
+  // to the exact threshold when S is the support; otherwise moves t by one Newton step (staying a lower
+  // bound) and c to the mean of S, and returns false. An empty or NaN S gives t = NaN.
+  template <typename T>
+  FL_HD FL_INLINE static bool step(const SupportSums<T>& s, T& t, T& c) {
+    if (!(s.k > T(0))) {
+      t = std::numeric_limits<T>::quiet_NaN();
+      return false;
+    }
+    T r;
+    if (closed_form(s, r) && r <= s.wmin) {
+      t = c + r;
+      return true;
+    }
+    if constexpr (!kEntmax) {
+      t = c + r;  // Michelot: the closed form on a too-large S is itself a lower bound
+    } else {
+      // f(t) = sum (u - t)^2 - 1 and -f'(t) / 2 = sum (u - t), from the moments about c (e = c - t >= 0).
+      const T e = c - t;
+      const T a = s.s1 + s.k * e;
+      const T f = s.s2 + e * (T(2) * s.s1 + s.k * e) - T(1);
+      t += f / (T(2) * a);
+    }
+    c += s.s1 / s.k;
+    return false;
+  }
+
+  // Fenchel-Young loss from the sums over S about c = t at the exact t: with q = sum p^alpha = sum v^(beta+1),
   //   L = <p - e_y, z> + (1 - sum p^alpha) / (alpha (alpha - 1))
-  //     = (c + t - u_y) / (alpha - 1) + (1 - c) / (alpha (alpha - 1)),
-  // using sum p = 1 and p v = p (u - t). u_y = -inf (masked target) gives +inf, never NaN.
+  //     = (q + t - u_y) / (alpha - 1) + (1 - q) / (alpha (alpha - 1)),
+  // using sum p = 1 and p u = p (v + t). u_y = -inf (masked target) gives +inf, never NaN.
   template <typename T>
   FL_HD FL_INLINE static T loss(const SupportSums<T>& s, T t, T u_y) {
-    const T c = kEntmax ? s.c : s.b;
-    return (c + t - u_y) / T(kScale) + (T(1) - c) / T(kAlpha * kScale);
+    const T q = kEntmax ? s.s3 : s.s2;
+    return (q + t - u_y) / T(kScale) + (T(1) - q) / T(kAlpha * kScale);
   }
 };
 
-// Newton iterations from t = -1 until the support is exact. reduce_at(t) returns the merged SupportSums of
-// v = u - t over the row (every CUDA thread of a block receives the same sums, so all take the same branch).
-// Returns the threshold t; `converged` is false when max_iter passes ran out (rounding stalls or adversarial
-// rows) or the row has no finite maximum, and t is then the last lower bound (NaN for a NaN row).
+// Newton iterations from t = -1 until the support is exact. reduce_at(t, c) returns the merged SupportSums over
+// {u > t} of w = u - c (every CUDA thread of a block receives the same sums, so all take the same branch).
+// Returns the threshold t; `converged` is false when max_iter passes ran out or progress stalled in this
+// precision (t is then the last lower bound), or the row is NaN (t = NaN).
 template <bool kEntmax, typename T, typename ReduceAt>
 FL_HD FL_INLINE T solve_threshold(ReduceAt&& reduce_at, int max_iter, bool& converged) {
-  T t = T(-1);
+  T t = T(-1), c = T(0);
   converged = false;
   for (int it = 0; it < max_iter; ++it) {
-    const SupportSums<T> s = reduce_at(t);
-    T delta;
-    if (Threshold<kEntmax>::step(s, delta)) {
+    const T t_old = t;
+    if (Threshold<kEntmax>::step(reduce_at(t, c), t, c)) {
       converged = true;
-      return t + delta;
+      return t;
     }
-    if (!(delta > T(0))) return delta == delta ? t : delta;  // no progress left in this precision, or NaN
-    t += delta;
+    if (!(t > t_old)) return t == t ? t_old : t;  // no progress left in this precision, or NaN
   }
   return t;
 }
