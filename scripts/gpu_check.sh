@@ -38,5 +38,9 @@ if [ -f "$REPO/bench/bench_row_losses.py" ]; then
   step bench_quick "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_row_losses.py" --preset quick --device cuda \
     --out "$OUT/row_losses_cuda.csv" ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 fi
+if [ -f "$REPO/bench/bench_sparsemax.py" ]; then  # sparsemax family: rows appended to the same CSV
+  step bench_sparsemax "$LOGS/bench_sparsemax.log" 300 $PY "$REPO/bench/bench_sparsemax.py" --preset quick \
+    --device cuda --out "$OUT/row_losses_cuda.csv"
+fi
 echo "=== summary"
 cat "$OUT/summary.txt"

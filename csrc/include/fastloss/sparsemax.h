@@ -1,5 +1,5 @@
 // Torch-free maths of the threshold normalisers sparsemax (alpha = 2) and entmax-1.5 (alpha = 1.5), shared by
-// the CPU kernels (csrc/cpu/sparsemax.cpp) and the CUDA kernels (csrc/cuda/sparsemax.cu).
+// the CPU kernels (csrc/cpu/sparsemax_kernels.cpp) and the CUDA kernels (csrc/cuda/sparsemax.cu).
 //
 // Per row, with m = max_k z_k and u_k = (alpha - 1)(z_k - m) <= 0:
 //   p_k = [u_k - t]_+^beta,   beta = 1 / (alpha - 1)  (1 for sparsemax, 2 for entmax-1.5),
