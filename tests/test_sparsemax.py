@@ -304,12 +304,12 @@ def test_low_precision_inputs(device, name, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_opcheck(device, dtype):
-    for s in row_samples(device, dtype):
+    for i, s in enumerate(row_samples(device, dtype)):
         C = s.logits.shape[-1]
         x = s.logits.reshape(-1, C)
         x = x if x.stride(-1) == 1 else x.contiguous()
         t = s.target.reshape(-1)
-        for e15 in (False, True):
+        for e15 in (False, True) if i < 2 else (bool(i % 2),):  # both kinds on the small samples, then alternate
             torch.library.opcheck(ops.sparsemax_fwd.default, (x.detach().requires_grad_(), e15))
             p = ops.sparsemax_fwd(x.detach(), e15)
             torch.library.opcheck(ops.sparsemax_bwd.default, (torch.randn_like(p), p, e15))
