@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fastloss  # noqa: E402
 from harness import format_table, run_info  # noqa: E402
+
+import fastloss  # noqa: E402
 
 
 def make_step(provider: str, V: int, d: int, batch: int, device: str, dtype: torch.dtype):

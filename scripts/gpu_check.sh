@@ -44,5 +44,9 @@ step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical
   --out "$LOGS/spherical_cuda.csv"
 step bench_factored "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_factored.py" --device cuda \
   --out "$LOGS/factored_cuda.csv"
+if [ -f "$REPO/bench/bench_sparsemax.py" ]; then  # sparsemax family: rows appended to the same CSV
+  step bench_sparsemax "$LOGS/bench_sparsemax.log" 300 $PY "$REPO/bench/bench_sparsemax.py" --preset quick \
+    --device cuda --out "$OUT/row_losses_cuda.csv"
+fi
 echo "=== summary"
 cat "$OUT/summary.txt"

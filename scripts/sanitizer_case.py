@@ -48,5 +48,23 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         layer.sgd_step(0.1)
     empty = torch.randn(0, 9, device=dev, dtype=dtype, requires_grad=True)
     fastloss.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=dev), reduction="sum").backward()
+# sparsemax family: maps and losses, masked lanes, a fully masked row, a bad target, dim != -1.
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for N, C in ((3, 1), (5, 3), (7, 1001), (4, 8195)):
+        x = torch.randn(N, C + 3, device=dev, dtype=dtype)[:, 1 : C + 1]
+        x = (x.clone() if C == 1 else x).requires_grad_()
+        t = torch.randint(0, C, (N,), device=dev)
+        t[0] = -100
+        for act, loss in ((fastloss.sparsemax, fastloss.sparsemax_loss), (fastloss.entmax15, fastloss.entmax15_loss)):
+            (act(x) * torch.rand_like(x)).sum().backward()
+            act(x, dim=0).sum().backward()
+            loss(x, t).backward()
+            masked = x.detach().clone()
+            masked[0] = float("-inf")
+            masked[-1, ::2] = float("-inf")
+            act(masked.requires_grad_()).sum().backward()
+            bad = t.clone()
+            bad[-1] = C + 5
+            loss(masked, bad, reduction="sum").backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

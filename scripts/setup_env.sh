@@ -12,6 +12,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis expecttest ruff tqdm matplotlib \
   "scikit-build-core>=0.10" cmake ninja
+# Peers compared in the tests; --no-deps keeps pip from resolving another torch.
+.venv/bin/python -m pip install -q --no-deps entmax
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0
 fi

@@ -15,12 +15,14 @@ from . import (  # noqa: F401  (registrations)
     _fake,
     _ops,  # loads fastloss._C (or warns once and falls back to fastloss.reference)
     nn,
+    optim,  # OrthoGrad
     reference,
 )
 from ._validation import get_validation, set_validation
 from .factored import FactoredSphericalLinear
 from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
 from .linear_spherical import linear_spherical_loss
+from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # sparsemax family
 
 __version__ = "0.1.0"
 
@@ -43,4 +45,10 @@ __all__ = [
     "spherical_softmax_loss",
     "taylor_softmax_loss",
     "zloss",
+    # sparsemax family
+    "entmax15",
+    "entmax15_loss",
+    "optim",
+    "sparsemax",
+    "sparsemax_loss",
 ]

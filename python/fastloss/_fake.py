@@ -50,3 +50,20 @@ if _ops.AVAILABLE:
     @torch.library.register_fake("fastloss::spherical_grad_hidden")
     def _(hq, ab, gamma, weight, target, stat, offset, ignore_index, with_dense):
         return hq.new_empty(hq.shape)
+    # sparsemax family
+    @torch.library.register_fake("fastloss::sparsemax_fwd")
+    def _(logits, entmax15):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("fastloss::sparsemax_bwd")
+    def _(grad, probs, entmax15):
+        return probs.new_empty(probs.shape)
+
+    @torch.library.register_fake("fastloss::sparsemax_loss_fwd")
+    def _(logits, target, ignore_index, entmax15):
+        n = logits.shape[0]
+        return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
+
+    @torch.library.register_fake("fastloss::sparsemax_loss_bwd")
+    def _(grad_loss, logits, target, stats, ignore_index, entmax15):
+        return logits.new_empty(logits.shape)
