@@ -71,6 +71,17 @@ TORCH_LIBRARY(fastloss, m) {
       "Tensor? positive, Tensor? labels_q, Tensor? labels_k, Tensor row_stats, Tensor col_stats, int kind, "
       "bool symmetric, bool exclude_self, bool decoupled, float beta, float label_smoothing, int block_rows) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
+  // --- sparsemax family (fastloss/sparsemax.h): sparsemax (entmax15 = false) and entmax-1.5 (true) over rows
+  // of logits (N, C), class stride 1, sort-free exact threshold.
+  // Activation: probabilities (N, C) in the logits dtype; the backward needs only them and dL/dprobs.
+  m.def("sparsemax_fwd(Tensor logits, bool entmax15) -> Tensor");
+  m.def("sparsemax_bwd(Tensor grad, Tensor probs, bool entmax15) -> Tensor");
+  // Fenchel-Young loss per row (N,) in the accumulation type (0 on ignored rows) and stats (N, 2) = [row max,
+  // threshold relative to it] from which the backward recomputes p and writes dL/dlogits = g (p - e_y).
+  m.def("sparsemax_loss_fwd(Tensor logits, Tensor target, int ignore_index, bool entmax15) -> (Tensor loss, "
+        "Tensor stats)");
+  m.def("sparsemax_loss_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, int ignore_index, "
+        "bool entmax15) -> Tensor");
 }
 
 #ifndef FASTLOSS_VERSION

@@ -129,4 +129,55 @@ inline GramTargets check_gram_grad_targets(const at::Tensor& target, const at::T
   return {target.contiguous(), target.size(1), offset};
 }
 
+// Contiguous inputs and the (uninitialised) output of one Gram-form row op, after its checks. Unused fields
+// stay undefined; sizes: N rows, width d, V_s weight rows in this shard, K targets per row.
+struct GramRowInputs {
+  int64_t N = 0, d = 0, Vs = 0, K = 0;
+  at::Tensor hidden, weight, target, bias, center, hq, ab, gamma, stat, out;
+};
+
+inline GramRowInputs prepare_gather_dot(const at::Tensor& hidden, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                        const at::Tensor& center, int64_t offset) {
+  constexpr const char* op = "fastloss.spherical_gather_dot";
+  check_gram_hidden(hidden, op);
+  GramRowInputs in;
+  const auto tg = check_gram_targets(target, hidden, weight, offset, op);
+  in.N = hidden.size(0), in.d = hidden.size(1), in.Vs = weight.size(0), in.K = tg.K;
+  in.center = gram_acc_input(center, hidden, {in.d + 1}, op, "center");
+  if (bias.has_value() && bias->defined())
+    in.bias = gram_acc_input(bias->to(gram_acc_type(hidden)), hidden, {in.Vs}, op, "bias");
+  in.hidden = hidden.contiguous(), in.weight = weight.contiguous(), in.target = tg.target;
+  in.out = at::empty({in.N, in.K}, hidden.options().dtype(gram_acc_type(hidden)));
+  return in;
+}
+
+inline GramRowInputs prepare_row_stats(const at::Tensor& hidden, const at::Tensor& hq, const at::Tensor& stat) {
+  constexpr const char* op = "fastloss.spherical_row_stats";
+  check_gram_hidden(hidden, op);
+  GramRowInputs in;
+  in.N = hidden.size(0), in.d = hidden.size(1);
+  in.hq = gram_acc_input(hq, hidden, {in.N, in.d}, op, "hq");
+  in.stat = gram_acc_input(stat, hidden, {2 * in.d + 2}, op, "stat");
+  in.hidden = hidden.contiguous();
+  in.out = at::empty({in.N, 2}, in.hq.options());
+  return in;
+}
+
+inline GramRowInputs prepare_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
+                                         const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
+                                         int64_t offset) {
+  constexpr const char* op = "fastloss.spherical_grad_hidden";
+  TORCH_CHECK(hq.dim() == 2, op, ": hq must be (N, d)");
+  GramRowInputs in;
+  const auto tg = check_gram_grad_targets(target, hq, weight, offset, op);
+  in.N = hq.size(0), in.d = hq.size(1), in.Vs = weight.size(0), in.K = tg.K;
+  in.hq = hq.contiguous(), in.weight = weight.contiguous(), in.target = tg.target;
+  in.ab = gram_acc_input(ab, hq, {in.N, 2}, op, "ab");
+  in.gamma = gram_acc_input(gamma, hq, {in.N, in.K}, op, "gamma");
+  in.stat = gram_acc_input(stat, hq, {2 * in.d + 2}, op, "stat");
+  in.out = at::empty({in.N, in.d}, in.hq.options());
+  return in;
+}
+
 }  // namespace fastloss

@@ -22,11 +22,30 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             out = fastloss.cross_entropy(x, t, **kw)
             loss = out[0] + out[1].sum() if isinstance(out, tuple) else out
             loss.backward()
-        fastloss.zloss(x, t, a=1.3, b=0.2).backward()
+        t2 = torch.stack([t, torch.randint(0, C, (N,), device=dev)], -1)
+        tw = torch.rand(t2.shape, device=dev, dtype=dtype)
+        for fn in (fastloss.zloss, fastloss.spherical_softmax_loss, fastloss.taylor_softmax_loss,
+                   fastloss.spherical_mse_loss):
+            fn(x, t).backward()
+            fn(x, t2, target_weight=tw).backward()
         bad = t.clone()
         bad[-1] = C + 5
         fastloss.cross_entropy(x, bad).backward()
         fastloss.zloss(x, bad).backward()
+    # Gram form: odd widths, a weight shard's worth of rows, multi-target, an out-of-range target
+    h = torch.randn(6, 37, device=dev, dtype=dtype, requires_grad=True)
+    W = torch.randn(101, 37, device=dev, dtype=dtype, requires_grad=True)
+    b = torch.randn(101, device=dev, dtype=dtype, requires_grad=True)
+    for loss in ("zloss", "spherical_softmax", "taylor_softmax", "mse"):
+        tt = torch.randint(0, 101, (6, 3), device=dev)
+        tt[0, 1] = -100
+        fastloss.linear_spherical_loss(h, W, tt, bias=b, loss=loss).backward()
+    tt[1, 0] = 101
+    fastloss.linear_spherical_loss(h, W, tt, bias=b, reduction="sum").backward()
+    if dtype in (torch.float32, torch.float64):
+        layer = fastloss.FactoredSphericalLinear(37, 101, device=dev, dtype=dtype)
+        layer(h, tt.clamp(0, 100)).backward()
+        layer.sgd_step(0.1)
     empty = torch.randn(0, 9, device=dev, dtype=dtype, requires_grad=True)
     fastloss.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=dev), reduction="sum").backward()
 # contrastive family: every kind and option, odd sizes, tile boundaries, a bad positive (NaN row, no OOB access)
@@ -49,5 +68,24 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
     z = torch.randn(8, 5, device=dev, dtype=dtype, requires_grad=True)
     fastloss.nt_xent_loss(z[:4], z[4:], temperature=0.5).backward()
     fastloss.supcon_loss(z, torch.tensor([0, 1, 0, 1, 2, 2, 3, 0], device=dev), temperature=0.5).backward()
+
+# sparsemax family: maps and losses, masked lanes, a fully masked row, a bad target, dim != -1.
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for N, C in ((3, 1), (5, 3), (7, 1001), (4, 8195)):
+        x = torch.randn(N, C + 3, device=dev, dtype=dtype)[:, 1 : C + 1]
+        x = (x.clone() if C == 1 else x).requires_grad_()
+        t = torch.randint(0, C, (N,), device=dev)
+        t[0] = -100
+        for act, loss in ((fastloss.sparsemax, fastloss.sparsemax_loss), (fastloss.entmax15, fastloss.entmax15_loss)):
+            (act(x) * torch.rand_like(x)).sum().backward()
+            act(x, dim=0).sum().backward()
+            loss(x, t).backward()
+            masked = x.detach().clone()
+            masked[0] = float("-inf")
+            masked[-1, ::2] = float("-inf")
+            act(masked.requires_grad_()).sum().backward()
+            bad = t.clone()
+            bad[-1] = C + 5
+            loss(masked, bad, reduction="sum").backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

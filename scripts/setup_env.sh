@@ -15,6 +15,8 @@ fi
 # open_clip's loss module is the parity peer of tests/test_contrastive.py. --no-deps: it must never pull another
 # torch or torchvision; the package __init__ then fails to import (torchvision), so the test loads loss.py alone.
 .venv/bin/python -m pip install -q --no-deps open_clip_torch || echo "open_clip_torch not installed: parity tests skip"
+# Peers compared in the tests; --no-deps keeps pip from resolving another torch.
+.venv/bin/python -m pip install -q --no-deps entmax
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0
 fi

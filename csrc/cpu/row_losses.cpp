@@ -5,11 +5,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "../row_checks.h"
+#include "huge_pages.h"
 #include "row_kernels.h"
 
 namespace fastloss::cpu {
@@ -60,20 +58,6 @@ RowArgs base_args(const at::Tensor& logits, const at::Tensor& target, int64_t ig
 void run_rows(RowKernel k, const RowArgs& a, int64_t N) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.C, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { k(a, begin, end); });
-}
-
-// A fresh (N, C) gradient is written exactly once; with 4 KiB pages its first touch costs one page fault per
-// 4 KiB, which on a small CPU takes longer than the kernel itself. Asking for transparent huge pages on the
-// 2 MiB-aligned interior of the (still untouched) allocation removes nearly all of them. The memory stays
-// torch's allocation (its accounting and deleter are unchanged); the advice is harmless if ignored.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
-  if (hi > lo && hi - lo >= 16 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
 }
 
 void set_backward_args(RowArgs& a, RowBackwardInputs& in) {

@@ -33,96 +33,73 @@ int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int
 at::Tensor spherical_gather_dot(const at::Tensor& hidden, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& target,
                                 const at::Tensor& center, int64_t offset, int64_t ignore_index) {
-  constexpr const char* op = "fastloss.spherical_gather_dot";
-  check_gram_hidden(hidden, op);
-  const auto tg = check_gram_targets(target, hidden, weight, offset, op);
-  const int64_t N = hidden.size(0), d = hidden.size(1), Vs = weight.size(0), K = tg.K;
-  const auto c = gram_acc_input(center, hidden, {d + 1}, op, "center");
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) b = gram_acc_input(bias->to(gram_acc_type(hidden)), hidden, {Vs}, op, "bias");
-  auto h = hidden.contiguous(), w = weight.contiguous();
-  at::Tensor out = at::empty({N, K}, hidden.options().dtype(gram_acc_type(hidden)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), op, [&] {
+  auto in = prepare_gather_dot(hidden, weight, bias, target, center, offset);
+  const int64_t d = in.d, Vs = in.Vs, K = in.K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "spherical_gather_dot", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *hp = h.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
-    const acc_t* cp = c.data_ptr<acc_t>();
-    const acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
-    const int64_t* tp = tg.target.data_ptr<int64_t>();
-    acc_t* op_ = out.data_ptr<acc_t>();
-    at::parallel_for(0, N, grain_rows(d * K), [&](int64_t begin, int64_t end) {
+    const scalar_t *hp = in.hidden.data_ptr<scalar_t>(), *wp = in.weight.data_ptr<scalar_t>();
+    const acc_t* cp = in.center.data_ptr<acc_t>();
+    const acc_t* bp = in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr;
+    const int64_t* tp = in.target.data_ptr<int64_t>();
+    acc_t* out = in.out.data_ptr<acc_t>();
+    at::parallel_for(0, in.N, grain_rows(d * K), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t j = 0; j < K; ++j) {
-          const int64_t cls = tp[n * K + j];
-          const int64_t r = cls - offset;
+          const int64_t cls = tp[n * K + j], r = cls - offset;
           acc_t s = acc_t(0);
           if (cls != ignore_index && r >= 0 && r < Vs) {
-            const scalar_t* wr = wp + r * d;
-            const scalar_t* hr = hp + n * d;
+            const scalar_t *wr = wp + r * d, *hr = hp + n * d;
             for (int64_t i = 0; i < d; ++i) s += gram_dev_term<acc_t>(wr[i], cp[i], hr[i]);
             if (bp) s += bp[r] - cp[d];
           }
-          op_[n * K + j] = s;
+          out[n * K + j] = s;
         }
       }
     });
   });
-  return out;
+  return in.out;
 }
 
 at::Tensor spherical_row_stats(const at::Tensor& hidden, const at::Tensor& hq, const at::Tensor& stat) {
-  constexpr const char* op = "fastloss.spherical_row_stats";
-  check_gram_hidden(hidden, op);
-  const int64_t N = hidden.size(0), d = hidden.size(1);
-  const auto q = gram_acc_input(hq, hidden, {N, d}, op, "hq");
-  const auto st = gram_acc_input(stat, hidden, {2 * d + 2}, op, "stat");
-  auto h = hidden.contiguous();
-  at::Tensor out = at::empty({N, 2}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), op, [&] {
+  auto in = prepare_row_stats(hidden, hq, stat);
+  const int64_t d = in.d;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "spherical_row_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    const acc_t *qp = q.data_ptr<acc_t>(), *sp = st.data_ptr<acc_t>();
-    acc_t* o = out.data_ptr<acc_t>();
-    at::parallel_for(0, N, grain_rows(d), [&](int64_t begin, int64_t end) {
+    const scalar_t* hp = in.hidden.data_ptr<scalar_t>();
+    const acc_t *qp = in.hq.data_ptr<acc_t>(), *sp = in.stat.data_ptr<acc_t>();
+    acc_t* out = in.out.data_ptr<acc_t>();
+    at::parallel_for(0, in.N, grain_rows(d), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         acc_t mu = acc_t(0), m2 = acc_t(0);
         for (int64_t i = 0; i < d; ++i)
           gram_stats_terms<acc_t>(static_cast<acc_t>(hp[n * d + i]), qp[n * d + i], sp[i], sp[d + 1 + i], mu, m2);
-        o[2 * n] = mu + sp[d];
-        o[2 * n + 1] = m2 + sp[2 * d + 1];
+        out[2 * n] = mu + sp[d];
+        out[2 * n + 1] = m2 + sp[2 * d + 1];
       }
     });
   });
-  return out;
+  return in.out;
 }
 
 at::Tensor spherical_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
                                  const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
                                  int64_t offset, int64_t ignore_index, bool with_dense) {
-  constexpr const char* op = "fastloss.spherical_grad_hidden";
-  TORCH_CHECK(hq.dim() == 2, op, ": hq must be (N, d)");
-  const int64_t N = hq.size(0), d = hq.size(1), Vs = weight.size(0);
-  const auto q = hq.contiguous();
-  const auto tg = check_gram_grad_targets(target, hq, weight, offset, op);
-  const int64_t K = tg.K;
-  const auto a_b = gram_acc_input(ab, hq, {N, 2}, op, "ab");
-  const auto gm = gram_acc_input(gamma, hq, {N, K}, op, "gamma");
-  const auto st = gram_acc_input(stat, hq, {2 * d + 2}, op, "stat");
-  auto w = weight.contiguous();
-  at::Tensor out = at::empty({N, d}, q.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+  auto in = prepare_grad_hidden(hq, ab, gamma, weight, target, stat, offset);
+  const int64_t d = in.d, Vs = in.Vs, K = in.K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spherical_grad_hidden", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const acc_t *qp = q.data_ptr<acc_t>(), *abp = a_b.data_ptr<acc_t>(), *gp = gm.data_ptr<acc_t>(),
-                *sp = st.data_ptr<acc_t>();
-    const int64_t* tp = tg.target.data_ptr<int64_t>();
-    acc_t* o = out.data_ptr<acc_t>();
-    at::parallel_for(0, N, grain_rows(d), [&](int64_t begin, int64_t end) {
+    const scalar_t* wp = in.weight.data_ptr<scalar_t>();
+    const acc_t *qp = in.hq.data_ptr<acc_t>(), *abp = in.ab.data_ptr<acc_t>(), *gp = in.gamma.data_ptr<acc_t>(),
+                *sp = in.stat.data_ptr<acc_t>();
+    const int64_t* tp = in.target.data_ptr<int64_t>();
+    acc_t* out = in.out.data_ptr<acc_t>();
+    at::parallel_for(0, in.N, grain_rows(d), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        acc_t* orow = o + n * d;
+        acc_t* orow = out + n * d;
         const acc_t A = abp[2 * n], B = abp[2 * n + 1];
         for (int64_t i = 0; i < d; ++i)
           orow[i] = with_dense ? gram_grad_dense<acc_t>(A, B, qp[n * d + i], sp[d + 1 + i], sp[i]) : acc_t(0);
-        for (int64_t j = 0; j < K; ++j) {
+        for (int64_t j = 0; j < K; ++j) {  // target rows in target order
           const int64_t cls = tp[n * K + j], r = cls - offset;
           const acc_t g = gp[n * K + j];
           if (cls == ignore_index || r < 0 || r >= Vs || g == acc_t(0)) continue;
@@ -132,7 +109,7 @@ at::Tensor spherical_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, con
       }
     });
   });
-  return out;
+  return in.out;
 }
 
 }  // namespace

@@ -77,27 +77,19 @@ __global__ void gather_dot_kernel(const scalar_t* __restrict__ h, const scalar_t
 at::Tensor spherical_gather_dot(const at::Tensor& hidden, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& target,
                                 const at::Tensor& center, int64_t offset, int64_t ignore_index) {
-  constexpr const char* op = "fastloss.spherical_gather_dot";
   c10::cuda::CUDAGuard guard(hidden.device());
-  check_gram_hidden(hidden, op);
-  const auto tg = check_gram_targets(target, hidden, weight, offset, op);
-  const int64_t N = hidden.size(0), d = hidden.size(1), Vs = weight.size(0), K = tg.K;
-  const auto c = gram_acc_input(center, hidden, {d + 1}, op, "center");
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) b = gram_acc_input(bias->to(gram_acc_type(hidden)), hidden, {Vs}, op, "bias");
-  auto h = hidden.contiguous(), w = weight.contiguous();
-  at::Tensor out = at::empty({N, K}, hidden.options().dtype(gram_acc_type(hidden)));
-  if (N * K == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), op, [&] {
+  auto in = prepare_gather_dot(hidden, weight, bias, target, center, offset);
+  if (in.N * in.K == 0) return in.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "spherical_gather_dot", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    gather_dot_kernel<scalar_t, acc_t><<<warp_blocks(N * K), kWarpsPerBlock * kWarp, 0,
+    gather_dot_kernel<scalar_t, acc_t><<<warp_blocks(in.N * in.K), kWarpsPerBlock * kWarp, 0,
                                          c10::cuda::getCurrentCUDAStream()>>>(
-        h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<acc_t>() : nullptr,
-        tg.target.data_ptr<int64_t>(), c.data_ptr<acc_t>(), N * K, K, d, Vs, offset, ignore_index,
-        out.data_ptr<acc_t>());
+        in.hidden.data_ptr<scalar_t>(), in.weight.data_ptr<scalar_t>(),
+        in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr, in.target.data_ptr<int64_t>(),
+        in.center.data_ptr<acc_t>(), in.N * in.K, in.K, in.d, in.Vs, offset, ignore_index, in.out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return in.out;
 }
 
 // One warp per row.
@@ -119,23 +111,18 @@ __global__ void row_stats_kernel(const scalar_t* __restrict__ h, const acc_t* __
 }
 
 at::Tensor spherical_row_stats(const at::Tensor& hidden, const at::Tensor& hq, const at::Tensor& stat) {
-  constexpr const char* op = "fastloss.spherical_row_stats";
   c10::cuda::CUDAGuard guard(hidden.device());
-  check_gram_hidden(hidden, op);
-  const int64_t N = hidden.size(0), d = hidden.size(1);
-  const auto q = gram_acc_input(hq, hidden, {N, d}, op, "hq");
-  const auto st = gram_acc_input(stat, hidden, {2 * d + 2}, op, "stat");
-  auto h = hidden.contiguous();
-  at::Tensor out = at::empty({N, 2}, q.options());
-  if (N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), op, [&] {
+  auto in = prepare_row_stats(hidden, hq, stat);
+  if (in.N == 0) return in.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "spherical_row_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    row_stats_kernel<scalar_t, acc_t><<<warp_blocks(N), kWarpsPerBlock * kWarp, 0,
+    row_stats_kernel<scalar_t, acc_t><<<warp_blocks(in.N), kWarpsPerBlock * kWarp, 0,
                                         c10::cuda::getCurrentCUDAStream()>>>(
-        h.data_ptr<scalar_t>(), q.data_ptr<acc_t>(), st.data_ptr<acc_t>(), N, d, out.data_ptr<acc_t>());
+        in.hidden.data_ptr<scalar_t>(), in.hq.data_ptr<acc_t>(), in.stat.data_ptr<acc_t>(), in.N, in.d,
+        in.out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return in.out;
 }
 
 // One warp per row: each lane owns the elements i = lane + 32 k, first the dense part, then the targets'
@@ -165,29 +152,19 @@ __global__ void grad_hidden_kernel(const acc_t* __restrict__ hq, const acc_t* __
 at::Tensor spherical_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
                                  const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
                                  int64_t offset, int64_t ignore_index, bool with_dense) {
-  constexpr const char* op = "fastloss.spherical_grad_hidden";
   c10::cuda::CUDAGuard guard(hq.device());
-  TORCH_CHECK(hq.dim() == 2, op, ": hq must be (N, d)");
-  const int64_t N = hq.size(0), d = hq.size(1), Vs = weight.size(0);
-  const auto q = hq.contiguous();
-  const auto tg = check_gram_grad_targets(target, hq, weight, offset, op);
-  const int64_t K = tg.K;
-  const auto a_b = gram_acc_input(ab, hq, {N, 2}, op, "ab");
-  const auto gm = gram_acc_input(gamma, hq, {N, K}, op, "gamma");
-  const auto st = gram_acc_input(stat, hq, {2 * d + 2}, op, "stat");
-  auto w = weight.contiguous();
-  at::Tensor out = at::empty({N, d}, q.options());
-  if (N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), op, [&] {
+  auto in = prepare_grad_hidden(hq, ab, gamma, weight, target, stat, offset);
+  if (in.N == 0) return in.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "spherical_grad_hidden", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    grad_hidden_kernel<scalar_t, acc_t><<<warp_blocks(N), kWarpsPerBlock * kWarp, 0,
+    grad_hidden_kernel<scalar_t, acc_t><<<warp_blocks(in.N), kWarpsPerBlock * kWarp, 0,
                                           c10::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<acc_t>(), a_b.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), w.data_ptr<scalar_t>(),
-        tg.target.data_ptr<int64_t>(), st.data_ptr<acc_t>(), N, K, d, Vs, offset, ignore_index, with_dense,
-        out.data_ptr<acc_t>());
+        in.hq.data_ptr<acc_t>(), in.ab.data_ptr<acc_t>(), in.gamma.data_ptr<acc_t>(), in.weight.data_ptr<scalar_t>(),
+        in.target.data_ptr<int64_t>(), in.stat.data_ptr<acc_t>(), in.N, in.K, in.d, in.Vs, offset, ignore_index,
+        with_dense, in.out.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return in.out;
 }
 
 }  // namespace

@@ -15,12 +15,15 @@ from . import (  # noqa: F401  (registrations)
     _fake,
     _ops,  # loads fastloss._C (or warns once and falls back to fastloss.reference)
     nn,
+    optim,  # OrthoGrad
     reference,
 )
 from ._validation import get_validation, set_validation
 from .contrastive import clip_loss, contrastive_loss, nt_xent_loss, siglip_loss, supcon_loss
+from .factored import FactoredSphericalLinear
 from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
 from .linear_spherical import linear_spherical_loss
+from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # sparsemax family
 
 __version__ = "0.1.0"
 
@@ -31,6 +34,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "FactoredSphericalLinear",
     "build_info",
     "clip_loss",
     "contrastive_loss",
@@ -47,4 +51,10 @@ __all__ = [
     "supcon_loss",
     "taylor_softmax_loss",
     "zloss",
+    # sparsemax family
+    "entmax15",
+    "entmax15_loss",
+    "optim",
+    "sparsemax",
+    "sparsemax_loss",
 ]

@@ -67,3 +67,33 @@ if _ops.AVAILABLE:
     torch.library.register_autograd(
         "fastloss::contrastive_fwd", _contrastive_backward, setup_context=_contrastive_setup
     )
+
+    # sparsemax family: the activation saves its output (the backward needs only p); the loss saves the logits
+    # and two numbers per row.
+    def _sparsemax_setup(ctx, inputs, output):
+        ctx.entmax15 = inputs[1]
+        ctx.save_for_backward(output)
+
+    def _sparsemax_backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        return torch.ops.fastloss.sparsemax_bwd(grad, probs, ctx.entmax15), None
+
+    torch.library.register_autograd("fastloss::sparsemax_fwd", _sparsemax_backward, setup_context=_sparsemax_setup)
+
+    def _sparsemax_loss_setup(ctx, inputs, output):
+        logits, target, ignore_index, entmax15 = inputs
+        _, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(logits, target, stats)
+        ctx.opts = (ignore_index, entmax15)
+
+    def _sparsemax_loss_backward(ctx, grad_loss, _grad_stats):
+        logits, target, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastloss.sparsemax_loss_bwd(grad_loss, logits, target, stats, *ctx.opts)
+        return grad, None, None, None
+
+    torch.library.register_autograd(
+        "fastloss::sparsemax_loss_fwd", _sparsemax_loss_backward, setup_context=_sparsemax_loss_setup
+    )

@@ -65,3 +65,21 @@ if _ops.AVAILABLE:
         acc = _acc(query)
         return (query.new_empty(query.shape), key.new_empty(key.shape),
                 query.new_empty((query.shape[0],), dtype=acc), query.new_empty((), dtype=acc))
+
+    # sparsemax family
+    @torch.library.register_fake("fastloss::sparsemax_fwd")
+    def _(logits, entmax15):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("fastloss::sparsemax_bwd")
+    def _(grad, probs, entmax15):
+        return probs.new_empty(probs.shape)
+
+    @torch.library.register_fake("fastloss::sparsemax_loss_fwd")
+    def _(logits, target, ignore_index, entmax15):
+        n = logits.shape[0]
+        return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
+
+    @torch.library.register_fake("fastloss::sparsemax_loss_bwd")
+    def _(grad_loss, logits, target, stats, ignore_index, entmax15):
+        return logits.new_empty(logits.shape)

@@ -155,3 +155,22 @@ def check_spherical_args(fn, logits, target, target_weight, *, ignore_index, red
 
 def check_zloss_args(fn, a, b):
     return check_finite(fn, "a", a, positive=True), check_finite(fn, "b", b)
+
+
+# sparsemax family ------------------------------------------------------------------------------------------------
+def check_threshold_input(fn: str, logits, dim) -> int:
+    """Checks of sparsemax / entmax15 (the activations); returns ``dim`` made non-negative."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{fn}: dim must be an int, got {type(dim).__name__}")
+    if logits.dim() == 0:
+        raise ValueError(f"{fn}: logits must have at least one dimension, got a 0-d tensor")
+    if not -logits.dim() <= dim < logits.dim():
+        raise IndexError(f"{fn}: dim {dim} is out of range for logits with {logits.dim()} dimensions")
+    dim %= logits.dim()
+    if logits.shape[dim] < 1:
+        raise ValueError(f"{fn}: logits need at least one class along dim {dim}, got shape {tuple(logits.shape)}")
+    return dim

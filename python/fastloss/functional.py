@@ -86,3 +86,7 @@ def cross_entropy(
         logits, nll, smooth, lse, counted, w_y, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, return_lse=return_lse,
     )
+
+
+# sparsemax family (python/fastloss/sparsemax.py)
+from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # noqa: E402, F401

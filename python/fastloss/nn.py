@@ -109,3 +109,40 @@ class SigLipLoss(torch.nn.Module):
 
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, block_rows=self.block_rows)
         return {"contrastive_loss": loss} if (self.output_dict if output_dict is None else output_dict) else loss
+
+# sparsemax family -------------------------------------------------------------------------------------------------
+class Sparsemax(torch.nn.Module):
+    """Module form of :func:`fastloss.sparsemax` (like ``entmax.Sparsemax``)."""
+
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.sparsemax(input, dim=self.dim)
+
+
+class Entmax15(Sparsemax):
+    """Module form of :func:`fastloss.entmax15` (like ``entmax.Entmax15``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.entmax15(input, dim=self.dim)
+
+
+class SparsemaxLoss(torch.nn.Module):
+    """Module form of :func:`fastloss.sparsemax_loss`; ``reduction="elementwise_mean"`` (entmax's name) is "mean"."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = "mean" if reduction == "elementwise_mean" else reduction
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.sparsemax_loss(input, target, ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class Entmax15Loss(SparsemaxLoss):
+    """Module form of :func:`fastloss.entmax15_loss`."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.entmax15_loss(input, target, ignore_index=self.ignore_index, reduction=self.reduction)

@@ -194,6 +194,106 @@ def linear_spherical_loss(hidden, weight, target, *, bias=None, loss="zloss", a=
     out = spherical_loss(kind, logits, target, target_weight, a=a, b=b, eps=eps, ignore_index=ignore_index,
                          reduction=reduction)
     return out.to(hidden.dtype)
+    fn = "fastloss.reference.zloss"
+    a, b = V.check_zloss_args(fn, logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
+    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
+    acc = x.dtype
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).square().mean(-1, keepdim=True)
+    flat = var == 0
+    sigma = torch.sqrt(torch.where(flat, torch.ones_like(var), var))
+    zc = ((x.gather(-1, safe_t[:, None]) - mu) / sigma).masked_fill(flat, 0.0).squeeze(-1)
+    u = a * (b - zc)
+    loss = (u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))) / a
+    loss = torch.where(counted, loss, torch.zeros((), dtype=acc, device=x.device))
+    return row_loss_output(logits, loss, counted, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sparsemax family: sparsemax, entmax-1.5 and their Fenchel-Young losses (sort-based, the textbook algorithm)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _threshold_rows(z: torch.Tensor, entmax15: bool):
+    """(p, u, empty) for rows z (N, C) of the accumulation type: p = [u - tau]_+^beta with u = (alpha - 1)(z - max),
+    the support found by sorting (Martins & Astudillo 2016; Peters et al. 2019) and tau differentiable through
+    the closed form on that support. Rows without a finite maximum (all -inf) are flagged `empty` (p = 0)."""
+    scale = 0.5 if entmax15 else 1.0
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    empty = z.detach().amax(-1) == float("-inf")
+    z = torch.where(empty[:, None], zero, z)  # finite stand-in rows: no inf * 0 in their backward
+    u = scale * (z - z.detach().amax(-1, keepdim=True))
+    # Masked lanes (u <= -1 can never be in the support since tau >= -1) become finite stand-ins for the sort.
+    us = torch.where(u > -1, u, torch.full_like(u, -2.0)).detach()
+    srt = torch.sort(us, dim=-1, descending=True).values
+    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    cs = srt.cumsum(-1)
+    if entmax15:
+        mean = cs / k
+        var = (srt.square().cumsum(-1) / k - mean.square()).clamp(min=0)
+        tau_k = mean - torch.sqrt((1.0 / k - var).clamp(min=0))
+        ksup = (tau_k <= srt).sum(-1, keepdim=True).clamp(min=1)
+    else:
+        ksup = (1 + k * srt > cs).sum(-1, keepdim=True).clamp(min=1)
+    supp = us >= srt.gather(-1, ksup - 1)
+    n = supp.sum(-1, keepdim=True).to(z.dtype)
+    u_s = torch.where(supp, u, zero)  # -inf lanes leave the graph here
+    s1 = u_s.sum(-1, keepdim=True)
+    if entmax15:
+        mu = s1 / n
+        var = torch.where(supp, (u_s - mu).square(), zero).sum(-1, keepdim=True) / n
+        tau = mu - torch.sqrt((1.0 / n - var).clamp(min=0))
+        p = (u - tau).clamp(min=0).square()
+    else:
+        tau = (s1 - 1) / n
+        p = (u - tau).clamp(min=0)
+    p = torch.where(empty[:, None], zero, p)
+    return p, u, empty
+
+
+def _threshold_map(fn: str, logits: torch.Tensor, dim: int, entmax15: bool) -> torch.Tensor:
+    dim = V.check_threshold_input(fn, logits, dim)
+    x = logits.movedim(dim, -1)
+    shape = x.shape
+    p, _, _ = _threshold_rows(x.reshape(-1, shape[-1]).to(_acc_dtype(logits)), entmax15)
+    return p.reshape(shape).movedim(-1, dim).to(logits.dtype)
+
+
+def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Reference of :func:`fastloss.sparsemax`: Euclidean projection of ``logits`` onto the simplex along ``dim``."""
+    return _threshold_map("fastloss.reference.sparsemax", logits, dim, False)
+
+
+def entmax15(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Reference of :func:`fastloss.entmax15` (alpha = 1.5 entmax along ``dim``)."""
+    return _threshold_map("fastloss.reference.entmax15", logits, dim, True)
+
+
+def _fy_loss(fn, logits, target, ignore_index, reduction, entmax15):
+    V.check_logits_target(fn, logits, target)
+    V.check_reduction(fn, reduction)
+    V.check_ignore_index(fn, ignore_index)
+    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
+    p, u, empty = _threshold_rows(x, entmax15)
+    scale, alpha = (0.5, 1.5) if entmax15 else (1.0, 2.0)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    # <p - e_y, z> + (1 - sum p^alpha) / (alpha (alpha - 1)), shift-invariant form; 0 * (-inf) never formed.
+    pz = (p * torch.where(p > 0, u, zero)).sum(-1) / scale
+    u_y = u.gather(-1, safe_t[:, None]).squeeze(-1) / scale
+    loss = pz - u_y + (1 - p.pow(alpha).sum(-1)) / (alpha * (alpha - 1))
+    loss = torch.where(empty, torch.full_like(loss, float("inf")), loss)
+    loss = torch.where(counted, loss, zero)
+    return row_loss_output(logits, loss, counted, reduction)
+
+
+def sparsemax_loss(logits, target, *, ignore_index: int = -100, reduction: str = "mean"):
+    """Reference of :func:`fastloss.sparsemax_loss` (sparsemax Fenchel-Young loss)."""
+    return _fy_loss("fastloss.reference.sparsemax_loss", logits, target, ignore_index, reduction, False)
+
+
+def entmax15_loss(logits, target, *, ignore_index: int = -100, reduction: str = "mean"):
+    """Reference of :func:`fastloss.entmax15_loss` (entmax-1.5 Fenchel-Young loss)."""
+    return _fy_loss("fastloss.reference.entmax15_loss", logits, target, ignore_index, reduction, True)
 
 
 # ------------------------------------------------------------------------------------------------------------
