@@ -52,6 +52,25 @@ TORCH_LIBRARY(fastloss, m) {
       "spherical_grad_hidden(Tensor hq, Tensor ab, Tensor gamma, Tensor weight, Tensor target, Tensor stat, "
       "int offset, int ignore_index, bool with_dense) -> Tensor");
 
+  // --- contrastive engine (csrc/contrastive_engine.h): logits s_ij = scale_i <query_i, key_j> + bias, tiled by
+  // blocks of query rows; the N x M matrix is never stored. kind: 0 softmax (InfoNCE / CLIP, one positive per
+  // row given by `positive`, optional HCL beta, decoupled, label smoothing, symmetric adds the column
+  // direction), 1 sigmoid (SigLIP, positive pairs (i, positive[i]), the rest negatives), 2 SupCon (positives =
+  // equal labels_q / labels_k). exclude_self drops lane j == i. block_rows 0 picks the tile height.
+  // Returns row_loss (N,), col_loss (M,) or (0,), and row / col statistics (N | M, 8) for the backward
+  // (fastloss/contrastive.h names the columns), all in the accumulation type.
+  m.def(
+      "contrastive_fwd(Tensor query, Tensor key, Tensor scale, Tensor? bias, Tensor? positive, Tensor? labels_q, "
+      "Tensor? labels_k, int kind, bool symmetric, bool exclude_self, bool decoupled, float beta, "
+      "float label_smoothing, int block_rows) -> (Tensor row_loss, Tensor col_loss, Tensor row_stats, "
+      "Tensor col_stats)");
+  // Recomputes every tile: grad_query (N, d), grad_key (M, d) in the features' dtype, grad_scale (N,) and
+  // grad_bias () in the accumulation type.
+  m.def(
+      "contrastive_bwd(Tensor grad_row, Tensor grad_col, Tensor query, Tensor key, Tensor scale, Tensor? bias, "
+      "Tensor? positive, Tensor? labels_q, Tensor? labels_k, Tensor row_stats, Tensor col_stats, int kind, "
+      "bool symmetric, bool exclude_self, bool decoupled, float beta, float label_smoothing, int block_rows) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
   // --- sparsemax family (fastloss/sparsemax.h): sparsemax (entmax15 = false) and entmax-1.5 (true) over rows
   // of logits (N, C), class stride 1, sort-free exact threshold.
   // Activation: probabilities (N, C) in the logits dtype; the backward needs only them and dL/dprobs.

@@ -48,6 +48,27 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         layer.sgd_step(0.1)
     empty = torch.randn(0, 9, device=dev, dtype=dtype, requires_grad=True)
     fastloss.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=dev), reduction="sum").backward()
+# contrastive family: every kind and option, odd sizes, tile boundaries, a bad positive (NaN row, no OOB access)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for N, M, d, block in ((1, 1, 3, None), (5, 9, 3, 2), (33, 33, 17, 8)):
+        q = torch.randn(N, d, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(M, d, device=dev, dtype=dtype, requires_grad=True)
+        s = torch.tensor(3.0, device=dev, requires_grad=True)
+        b = torch.tensor(-1.0, device=dev, requires_grad=True)
+        opts = [{}, {"hard_negative_beta": 0.5, "label_smoothing": 0.1}, {"decoupled": True, "logit_bias": b},
+                {"loss": "sigmoid", "logit_bias": b}]
+        if N == M:
+            opts.append({"symmetric": True, "hard_negative_beta": 0.3, "return_stats": True})
+        for kw in opts:
+            out = fastloss.contrastive_loss(q, k, logit_scale=s, block_rows=block, **kw)
+            (out[0] if isinstance(out, tuple) else out).backward()
+        pos = torch.arange(N, device=dev)
+        pos[-1] = M + 4
+        fastloss.contrastive_loss(q, k, positive=pos, logit_scale=s, block_rows=block).backward()
+    z = torch.randn(8, 5, device=dev, dtype=dtype, requires_grad=True)
+    fastloss.nt_xent_loss(z[:4], z[4:], temperature=0.5).backward()
+    fastloss.supcon_loss(z, torch.tensor([0, 1, 0, 1, 2, 2, 3, 0], device=dev), temperature=0.5).backward()
+
 # sparsemax family: maps and losses, masked lanes, a fully masked row, a bad target, dim != -1.
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for N, C in ((3, 1), (5, 3), (7, 1001), (4, 8195)):

@@ -12,6 +12,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis expecttest ruff tqdm matplotlib \
   "scikit-build-core>=0.10" cmake ninja
+# open_clip's loss module is the parity peer of tests/test_contrastive.py. --no-deps: it must never pull another
+# torch or torchvision; the package __init__ then fails to import (torchvision), so the test loads loss.py alone.
+.venv/bin/python -m pip install -q --no-deps open_clip_torch || echo "open_clip_torch not installed: parity tests skip"
 # Peers compared in the tests; --no-deps keeps pip from resolving another torch.
 .venv/bin/python -m pip install -q --no-deps entmax
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then

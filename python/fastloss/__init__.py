@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registrations)
     reference,
 )
 from ._validation import get_validation, set_validation
+from .contrastive import clip_loss, contrastive_loss, nt_xent_loss, siglip_loss, supcon_loss
 from .factored import FactoredSphericalLinear
 from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
 from .linear_spherical import linear_spherical_loss
@@ -35,14 +36,19 @@ def build_info() -> dict:
 __all__ = [
     "FactoredSphericalLinear",
     "build_info",
+    "clip_loss",
+    "contrastive_loss",
     "cross_entropy",
     "get_validation",
     "linear_spherical_loss",
     "nn",
+    "nt_xent_loss",
     "reference",
     "set_validation",
+    "siglip_loss",
     "spherical_mse_loss",
     "spherical_softmax_loss",
+    "supcon_loss",
     "taylor_softmax_loss",
     "zloss",
     # sparsemax family

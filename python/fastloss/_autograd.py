@@ -41,6 +41,33 @@ if _ops.AVAILABLE:
 
     torch.library.register_autograd("fastloss::spherical_fwd", _spherical_backward, setup_context=_spherical_setup)
 
+    # --- contrastive family: the backward op recomputes every tile from the features and the row/column records.
+    def _contrastive_setup(ctx, inputs, output):
+        query, key, scale, bias, positive, labels_q, labels_k, *opts = inputs
+        _, _, row_stats, col_stats = output
+        ctx.mark_non_differentiable(row_stats, col_stats)
+        ctx.save_for_backward(query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats)
+        ctx.opts = tuple(opts)
+
+    def _contrastive_backward(ctx, grad_row, grad_col, _g_row_stats, _g_col_stats):
+        query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats = ctx.saved_tensors
+        if grad_row is None:
+            grad_row = row_stats.new_zeros(row_stats.shape[0])
+        if grad_col is None:
+            grad_col = col_stats.new_zeros(col_stats.shape[0])
+        dq, dk, dscale, dbias = torch.ops.fastloss.contrastive_bwd(
+            grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats,
+            *ctx.opts,
+        )
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dscale if need[2] else None,
+                dbias if bias is not None and need[3] else None, None, None, None, None, None, None, None, None,
+                None, None)
+
+    torch.library.register_autograd(
+        "fastloss::contrastive_fwd", _contrastive_backward, setup_context=_contrastive_setup
+    )
+
     # sparsemax family: the activation saves its output (the backward needs only p); the loss saves the logits
     # and two numbers per row.
     def _sparsemax_setup(ctx, inputs, output):

@@ -50,6 +50,22 @@ if _ops.AVAILABLE:
     @torch.library.register_fake("fastloss::spherical_grad_hidden")
     def _(hq, ab, gamma, weight, target, stat, offset, ignore_index, with_dense):
         return hq.new_empty(hq.shape)
+
+    # --- contrastive family
+    @torch.library.register_fake("fastloss::contrastive_fwd")
+    def _(query, key, scale, bias, positive, labels_q, labels_k, kind, symmetric, exclude_self, decoupled, beta,
+          label_smoothing, block_rows):
+        n, m, acc = query.shape[0], key.shape[0] if symmetric else 0, _acc(query)
+        return (query.new_empty((n,), dtype=acc), query.new_empty((m,), dtype=acc),
+                query.new_empty((n, 8), dtype=acc), query.new_empty((m, 8), dtype=acc))
+
+    @torch.library.register_fake("fastloss::contrastive_bwd")
+    def _(grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats, kind,
+          symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows):
+        acc = _acc(query)
+        return (query.new_empty(query.shape), key.new_empty(key.shape),
+                query.new_empty((query.shape[0],), dtype=acc), query.new_empty((), dtype=acc))
+
     # sparsemax family
     @torch.library.register_fake("fastloss::sparsemax_fwd")
     def _(logits, entmax15):

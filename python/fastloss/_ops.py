@@ -8,6 +8,7 @@ import torch
 
 OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd", "spherical_row_terms",
        "spherical_gather_dot", "spherical_row_stats", "spherical_grad_hidden")
+OPS += ("contrastive_fwd", "contrastive_bwd")  # contrastive family
 OPS += ("sparsemax_fwd", "sparsemax_bwd", "sparsemax_loss_fwd", "sparsemax_loss_bwd")  # sparsemax family
 
 try:

@@ -79,6 +79,37 @@ class LinearSphericalLoss(torch.nn.Module):
                                      allow_tf32=self.allow_tf32)
 
 
+# --- contrastive family: drop-ins for open_clip's single-device ClipLoss / SigLipLoss call signatures.
+class ClipLoss(torch.nn.Module):
+    """``loss = ClipLoss()(image_features, text_features, logit_scale[, logit_bias])``, like open_clip's
+    ``ClipLoss`` on one device (``output_dict=True`` returns ``{"contrastive_loss": loss}``), backed by
+    :func:`fastloss.clip_loss`; the N x N logits are never stored."""
+
+    def __init__(self, *, output_dict: bool = False, block_rows: int | None = None):
+        super().__init__()
+        self.output_dict, self.block_rows = output_dict, block_rows
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=None):
+        from .contrastive import clip_loss
+
+        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, block_rows=self.block_rows)
+        return {"contrastive_loss": loss} if (self.output_dict if output_dict is None else output_dict) else loss
+
+
+class SigLipLoss(torch.nn.Module):
+    """``loss = SigLipLoss()(image_features, text_features, logit_scale, logit_bias)``, like open_clip's
+    ``SigLipLoss`` on one device, backed by :func:`fastloss.siglip_loss`."""
+
+    def __init__(self, *, output_dict: bool = False, block_rows: int | None = None):
+        super().__init__()
+        self.output_dict, self.block_rows = output_dict, block_rows
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=None):
+        from .contrastive import siglip_loss
+
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, block_rows=self.block_rows)
+        return {"contrastive_loss": loss} if (self.output_dict if output_dict is None else output_dict) else loss
+
 # sparsemax family -------------------------------------------------------------------------------------------------
 class Sparsemax(torch.nn.Module):
     """Module form of :func:`fastloss.sparsemax` (like ``entmax.Sparsemax``)."""

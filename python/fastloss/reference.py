@@ -294,3 +294,115 @@ def sparsemax_loss(logits, target, *, ignore_index: int = -100, reduction: str =
 def entmax15_loss(logits, target, *, ignore_index: int = -100, reduction: str = "mean"):
     """Reference of :func:`fastloss.entmax15_loss` (entmax-1.5 Fenchel-Young loss)."""
     return _fy_loss("fastloss.reference.entmax15_loss", logits, target, ignore_index, reduction, True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Contrastive family (fastloss/contrastive.py): the same losses on the materialised N x M logits, float64-capable.
+# Argument checks and reductions are shared with the fused path (contrastive.run); only the parts differ.
+
+
+def _masked_lse(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the masked lanes of each row; -inf (with a zero, not NaN, gradient) for an empty row."""
+    has = mask.any(-1)
+    safe = torch.where(mask, x, torch.where(has[:, None], float("-inf"), 0.0))
+    return torch.where(has, torch.logsumexp(safe, -1), float("-inf"))
+
+
+def _softmax_direction(S, pos, cand, *, decoupled, beta, eps):
+    """Per-row softmax loss, log-normaliser and top-1 of logits S (R, C) with positive column pos (R,) and
+    candidate mask cand (self excluded)."""
+    R, C = S.shape
+    pos_mask = torch.nn.functional.one_hot(pos, C).bool()
+    neg = cand & ~pos_mask
+    s_p = S.gather(1, pos[:, None]).squeeze(1)
+    if beta > 0:
+        nn_ = neg.sum(1).to(S.dtype)
+        n = _masked_lse((1 + beta) * S, neg) - _masked_lse(beta * S, neg) + torch.log(nn_)
+        n = torch.where(nn_ > 0, n, float("-inf"))
+    else:
+        n = _masked_lse(S, neg)
+    lse = n if decoupled else torch.logaddexp(s_p, n)
+    loss = lse - s_p
+    if eps:
+        mean = torch.where(cand, S, 0.0).sum(1) / cand.sum(1).to(S.dtype)
+        loss = loss + eps * (s_p - mean)
+    neg_max = torch.where(neg, S, float("-inf")).amax(1)
+    return loss, lse.detach(), (s_p > neg_max).detach()
+
+
+def contrastive_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, exclude_self, decoupled, beta,
+                      eps, block_rows, want_stats):
+    """Materialised twin of contrastive.fused_parts (block_rows is ignored)."""
+    from . import contrastive as C
+
+    acc = _acc_dtype(query)
+    S = scale[:, None] * (query.to(acc) @ key.to(acc).T)
+    if bias is not None:
+        S = S + bias
+    N, M = S.shape
+    idx = torch.arange(N, device=S.device)
+    cand = torch.ones(N, M, dtype=torch.bool, device=S.device)
+    if exclude_self:
+        cand[idx[idx < M], idx[idx < M]] = False
+    if kind == C.SIGMOID:
+        z = 2.0 * torch.nn.functional.one_hot(positive, M).to(acc) - 1.0
+        loss = -torch.nn.functional.logsigmoid(z * S).sum(1)  # exact; F.softplus turns linear above 20
+        return C.Parts(loss, None, None, None)
+    if kind == C.SUPCON:
+        P = (labels[:, None] == labels[None, :]) & cand
+        cnt = P.sum(1)
+        lse = _masked_lse(S, cand)
+        mean_pos = torch.where(P, S, 0.0).sum(1) / cnt.clamp(min=1).to(acc)
+        loss = torch.where(cnt > 0, lse - mean_pos, 0.0)
+        return C.Parts(loss, None, cnt > 0, None)
+    loss, lse, correct = _softmax_direction(S, positive, cand, decoupled=decoupled, beta=beta, eps=eps)
+    stats = C.ContrastiveStats(lse, correct) if want_stats else None
+    col_loss = None
+    if symmetric:
+        col_loss, col_lse, col_correct = _softmax_direction(
+            S.T, torch.arange(M, device=S.device), cand.T, decoupled=decoupled, beta=beta, eps=eps
+        )
+        if want_stats:
+            stats = stats._replace(col_lse=col_lse, col_correct=col_correct)
+    return C.Parts(loss, col_loss, None, stats)
+
+
+def contrastive_loss(query, key, *, positive=None, logit_scale, logit_bias=None, symmetric=False, loss="softmax",
+                     decoupled=False, hard_negative_beta=0.0, label_smoothing=0.0, reduction="mean",
+                     return_stats=False, block_rows=None):
+    """Reference of :func:`fastloss.contrastive_loss` (materialises the logits)."""
+    from . import contrastive as C
+
+    return C.contrastive_loss(
+        query, key, positive=positive, logit_scale=logit_scale, logit_bias=logit_bias, symmetric=symmetric,
+        loss=loss, decoupled=decoupled, hard_negative_beta=hard_negative_beta, label_smoothing=label_smoothing,
+        reduction=reduction, return_stats=return_stats, block_rows=block_rows, _parts=contrastive_parts,
+    )
+
+
+def clip_loss(image, text, logit_scale, logit_bias=None, *, reduction="mean", block_rows=None):
+    """Reference of :func:`fastloss.clip_loss`."""
+    from . import contrastive as C
+
+    return C.clip_loss(image, text, logit_scale, logit_bias, reduction=reduction, _parts=contrastive_parts)
+
+
+def siglip_loss(image, text, logit_scale, logit_bias, *, reduction="mean", block_rows=None):
+    """Reference of :func:`fastloss.siglip_loss`."""
+    from . import contrastive as C
+
+    return C.siglip_loss(image, text, logit_scale, logit_bias, reduction=reduction, _parts=contrastive_parts)
+
+
+def nt_xent_loss(z1, z2, *, temperature, reduction="mean", block_rows=None):
+    """Reference of :func:`fastloss.nt_xent_loss`."""
+    from . import contrastive as C
+
+    return C.nt_xent_loss(z1, z2, temperature=temperature, reduction=reduction, _parts=contrastive_parts)
+
+
+def supcon_loss(features, labels, *, temperature, reduction="mean", block_rows=None):
+    """Reference of :func:`fastloss.supcon_loss`."""
+    from . import contrastive as C
+
+    return C.supcon_loss(features, labels, temperature=temperature, reduction=reduction, _parts=contrastive_parts)

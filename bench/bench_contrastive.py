@@ -1,0 +1,239 @@
+"""Benchmark fastloss's tiled contrastive losses (clip_loss, siglip_loss) against the materialised torch loss.
+
+    python bench/bench_contrastive.py --preset quick --device cpu
+    python bench/bench_contrastive.py --preset target --device cpu      # N=M=8192, d=512 fwd+bwd (minutes)
+    python bench/bench_contrastive.py --memory --device cpu --plot      # peak memory growth vs N + PNG
+    python bench/bench_contrastive.py --preset quick --device cuda --dtype bf16
+
+Providers: ``fastloss``; ``torch`` = the loss as open_clip writes it on one device (``s * x @ y.T``, then
+``(CE(L) + CE(L.T)) / 2``, or ``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference``
+(``fastloss.reference``, materialised too); ``open_clip`` (its ClipLoss / SigLipLoss, when its loss module
+loads); ``inf_cl`` (Inf-CL's tiled Triton loss, CUDA, clip_loss only, when installed). Inputs:
+L2-normalised ``randn(N, d)`` features, scale 14.3 (and bias -10 for SigLIP) requiring grad.
+Rows go to a CSV in bench/harness.py's columns; ``--memory`` records one fwd+bwd per N (no timing: the
+materialised loss needs many seconds per call at large N on a small CPU) and plots extra peak memory vs N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from harness import Case, _CpuPeak, _CudaPeak, append_csv, csv_row, format_table, measure, run_info
+
+import fastloss
+
+RESULTS = Path(__file__).parent / "results"
+OPS = ("clip_loss", "siglip_loss")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def torch_clip(x, y, s, b):
+    logits = s * x @ y.T
+    labels = torch.arange(x.shape[0], device=x.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def torch_siglip(x, y, s, b):
+    logits = s * x @ y.T + b
+    z = 2 * torch.eye(x.shape[0], device=x.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits).sum() / x.shape[0]
+
+
+def _open_clip():
+    try:
+        import open_clip.loss as mod
+    except Exception:  # the package __init__ needs torchvision; its loss module needs only torch
+        spec = importlib.util.find_spec("open_clip")
+        path = Path(spec.submodule_search_locations[0]) / "loss.py"
+        s = importlib.util.spec_from_file_location("_open_clip_loss", path)
+        mod = importlib.util.module_from_spec(s)
+        s.loader.exec_module(mod)
+    clip, sig = mod.ClipLoss(), mod.SigLipLoss()
+    return {"clip_loss": lambda x, y, s, b: clip(x, y, s), "siglip_loss": lambda x, y, s, b: sig(x, y, s, b)}
+
+
+def _inf_cl():
+    # Inf-CL (DAMO-NLP-SG, Triton, CUDA only): one direction per call, scale applied to the queries
+    from inf_cl import cal_inf_loss
+
+    def clip(x, y, s, b):
+        return (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s)) / 2
+
+    return {"clip_loss": clip}
+
+
+PROVIDERS = {
+    "fastloss": lambda: {"clip_loss": lambda x, y, s, b: fastloss.clip_loss(x, y, s),
+                         "siglip_loss": fastloss.siglip_loss},
+    "torch": lambda: {"clip_loss": torch_clip, "siglip_loss": torch_siglip},
+    "reference": lambda: {"clip_loss": lambda x, y, s, b: fastloss.reference.clip_loss(x, y, s),
+                          "siglip_loss": fastloss.reference.siglip_loss},
+    "open_clip": _open_clip,
+    "inf_cl": _inf_cl,
+}
+PRESETS = {  # (N, d) shapes, modes, providers
+    "quick": (((2048, 256),), ("fwdbwd",), ("fastloss", "torch")),
+    "target": (((8192, 512),), ("fwdbwd",), ("fastloss", "torch")),
+    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "torch", "open_clip", "inf_cl")),
+}
+
+
+def input_setup(fn, case: Case):
+    n, d = case.shape["N"], case.shape["d"]
+
+    def setup(requires_grad: bool):
+        gen = torch.Generator(case.device).manual_seed(0)
+        x = F.normalize(torch.randn(n, d, device=case.device, generator=gen), dim=1).to(case.dtype)
+        y = F.normalize(torch.randn(n, d, device=case.device, generator=gen), dim=1).to(case.dtype)
+        s = torch.tensor(14.3, device=case.device)
+        b = torch.tensor(-10.0, device=case.device)
+        for t in (x, y, s, b):
+            t.requires_grad_(requires_grad)
+        return fn, (x, y, s, b)
+
+    return setup
+
+
+def flops(case: Case) -> float:
+    """GEMM-equivalents of the materialised loss: 1 forward, 2 backward (2 N M d FLOPs each)."""
+    g = 2.0 * case.shape["N"] ** 2 * case.shape["d"]
+    return g * {"fwd": 1, "bwd": 2, "fwdbwd": 3}[case.mode]
+
+
+def timing(args):
+    shapes, modes, providers = PRESETS[args.preset]
+    shapes = args.shapes or shapes
+    providers = args.providers or providers
+    fns = {}
+    for name in providers:
+        try:
+            fns[name] = PROVIDERS[name]()
+        except Exception as exc:
+            print(f"skipped provider {name}: {type(exc).__name__}: {exc}")
+    info = run_info(args.device)
+    rows, table = [], []
+    for dtype in args.dtype:
+        for n, d in shapes:
+            for op in args.ops:
+                for mode in modes:
+                    case = Case(op, {"N": n, "d": d}, DTYPES[dtype], args.device, mode)
+                    base = None
+                    for name, f in fns.items():
+                        if op not in f:
+                            continue
+                        r = measure(input_setup(f[op], case), case, min_run_time=0.1, min_samples=args.samples)
+                        rows.append(csv_row(case, name, r, 0.0, info))
+                        base = r.median_ms if name == "torch" else base
+                        table.append([op, mode, dtype, case.shape_str, name, f"{r.median_ms:.1f}",
+                                      f"{flops(case) / r.median_ms / 1e9:.2f}", f"{r.extra_mem_mb:.1f}"])
+                        print(" ".join(table[-1]), flush=True)
+                    for row in table[-sum(op in f for f in fns.values()):]:
+                        row.append(f"{float(row[5]) / base:.2f}x" if base else "-")
+    append_csv(args.out, rows)
+    print(format_table(("op", "mode", "dtype", "shape", "provider", "median ms", "TFLOP/s", "extra MB",
+                        "time vs torch"), table, "lllllrrrr"))
+
+
+def one_call_memory(fn, n, d, device, dtype) -> tuple[float, float]:
+    """(extra peak MB of one fwd+bwd, seconds) with inputs built outside the measured region."""
+    tracker = _CudaPeak(torch.device(device)) if device.startswith("cuda") else _CpuPeak()
+    with tracker:
+        gen = torch.Generator(device).manual_seed(0)
+        x = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=1).to(dtype).requires_grad_()
+        y = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=1).to(dtype).requires_grad_()
+        s = torch.tensor(14.3, device=device, requires_grad=True)
+        tracker.start()
+        t = time.perf_counter()
+        fn(x, y, s, None).backward()
+        seconds = time.perf_counter() - t
+        tracker.stop()
+    return (tracker.peak - tracker.before) / 2**20, seconds
+
+
+def memory(args):
+    d = args.memory_d
+    ns = args.memory_n
+    out = []
+    for n in ns:
+        for name in ("fastloss", "torch"):
+            if name == "torch" and n > args.torch_max_n:
+                continue
+            fn = PROVIDERS[name]()["clip_loss"]
+            mb, sec = one_call_memory(fn, n, d, args.device, DTYPES[args.dtype[0]])
+            out.append((n, name, mb, sec))
+            print(f"clip_loss fwd+bwd N={n} d={d} {name}: extra peak {mb:.1f} MB, {sec:.1f} s", flush=True)
+    path = args.out.with_name(args.out.stem + "_memory.csv")
+    new = not path.exists()
+    with path.open("a") as f:
+        if new:
+            f.write("op,provider,device,dtype,N,d,extra_peak_mb,seconds\n")
+        for n, name, mb, sec in out:
+            f.write(f"clip_loss,{name},{args.device},{args.dtype[0]},{n},{d},{mb:.2f},{sec:.2f}\n")
+    for n in ns:
+        got = {name: mb for m, name, mb, _ in out if m == n}
+        if len(got) == 2:
+            print(f"N={n}: fastloss / torch extra peak = {got['fastloss'] / got['torch']:.4f} "
+                  f"(1/{got['torch'] / max(got['fastloss'], 1e-9):.0f})")
+    if args.plot:
+        plot_memory(path, args.out.with_name(args.out.stem + "_memory.png"))
+
+
+def plot_memory(csv_path: Path, png: Path) -> None:
+    """Extra peak memory vs N from every row of the memory CSV (the newest per provider, d, N)."""
+    import csv
+
+    from matplotlib.figure import Figure
+
+    latest = {}
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            latest[(row["provider"], int(row["d"]), int(row["N"]))] = float(row["extra_peak_mb"])
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for provider, d in sorted({(p, d) for p, d, _ in latest}):
+        pts = sorted((n, mb) for (p, dd, n), mb in latest.items() if (p, dd) == (provider, d))
+        ax.loglog(*zip(*pts, strict=True), marker="o", label=f"{provider} d={d}", base=2)
+    ax.set_xlabel("N = M (batch)")
+    ax.set_ylabel("extra peak memory of one fwd+bwd (MB)")
+    ax.set_title(f"clip_loss memory ({csv_path.name})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    print("wrote", png)
+
+
+def main(argv=None):
+    csv_list = lambda s: [x for x in s.split(",") if x]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", type=csv_list, default=None)
+    p.add_argument("--ops", type=csv_list, default=["clip_loss"])
+    p.add_argument("--shapes", type=lambda s: [tuple(map(int, x.split("x"))) for x in csv_list(s)],
+                   help="comma list of NxD")
+    p.add_argument("--providers", type=csv_list)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--memory", action="store_true", help="peak-memory sweep over N instead of timing")
+    p.add_argument("--memory-n", type=lambda s: [int(x) for x in csv_list(s)],
+                   default=[1024, 2048, 4096, 8192, 16384, 65536])
+    p.add_argument("--memory-d", type=int, default=256)
+    p.add_argument("--torch-max-n", type=int, default=16384, help="largest N for the materialised loss")
+    p.add_argument("--plot", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS / "contrastive_cpu.csv")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or (["bf16"] if args.device.startswith("cuda") else ["fp32"])
+    if bad := set(args.ops) - set(OPS):
+        p.error(f"--ops: unknown {sorted(bad)}")
+    if args.memory:
+        memory(args)
+    else:
+        timing(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,544 @@
+"""Contrastive family: fused engine vs the materialised float64 reference, open_clip parity, op contracts."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+from fastloss import reference
+from samples import grad_like
+
+ops = torch.ops.fastloss
+
+# (name, N, M, d, kwargs): every option, odd sizes (N != M, N = 1, d = 3, d not a multiple of 8/16) and, through
+# block_rows, rows on and around tile boundaries.
+VARIANTS = [
+    ("infonce", {}),
+    ("infonce_queue", {"extra_keys": 5}),
+    ("positive_index", {"positive": True}),
+    ("decoupled", {"decoupled": True}),
+    ("hcl", {"hard_negative_beta": 0.7}),
+    ("hcl_dcl", {"hard_negative_beta": 0.4, "decoupled": True}),
+    ("smoothing", {"label_smoothing": 0.15}),
+    ("bias", {"logit_bias": True}),
+    ("per_row_scale", {"per_row_scale": True}),
+    ("symmetric", {"symmetric": True}),
+    ("symmetric_all", {"symmetric": True, "hard_negative_beta": 0.3, "label_smoothing": 0.1, "decoupled": True,
+                       "logit_bias": True}),
+    ("symmetric_per_row", {"symmetric": True, "per_row_scale": True}),
+    ("sigmoid", {"loss": "sigmoid", "logit_bias": True}),
+    ("sigmoid_positive", {"loss": "sigmoid", "logit_bias": True, "positive": True, "extra_keys": 3}),
+]
+SHAPES = [(7, 3, None), (1, 5, None), (13, 19, 4), (33, 8, 16), (16, 64, 16), (17, 11, 1)]  # (N, d, block_rows)
+
+
+def make_inputs(N, d, opts, device, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed + 31 * N + d)
+    M = N + opts.get("extra_keys", 0)
+    if opts.get("positive") and not opts.get("symmetric"):
+        M = max(M, 2)
+    q = F.normalize(torch.randn(N, d, generator=gen, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(M, d, generator=gen, dtype=torch.float64), dim=1)
+    kw = {k_: v for k_, v in opts.items() if k_ in ("decoupled", "hard_negative_beta", "label_smoothing", "symmetric",
+                                                 "loss")}
+    if opts.get("per_row_scale"):
+        scale = torch.rand(N, generator=gen, dtype=torch.float64) * 4 + 1
+    else:
+        scale = torch.tensor(3.7, dtype=torch.float64)
+    if opts.get("logit_bias"):
+        kw["logit_bias"] = torch.tensor(-1.3, dtype=torch.float64).to(device).requires_grad_()
+    if opts.get("positive"):
+        kw["positive"] = torch.randint(0, M, (N,), generator=gen).to(device)
+    leaves = [q.to(device, dtype).requires_grad_(), k.to(device, dtype).requires_grad_(),
+              scale.to(device).requires_grad_()]
+    kw["logit_scale"] = leaves[2]
+    if "logit_bias" in kw:
+        leaves.append(kw["logit_bias"])
+    return leaves, kw
+
+
+def run(fn, leaves, kw, reduction="mean", **extra):
+    out = fn(leaves[0], leaves[1], reduction=reduction, **kw, **extra)
+    grads = torch.autograd.grad(out, leaves, grad_like(out))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}_d{}_b{}".format(*s))
+def test_matches_reference_float64(device, variant, shape):
+    _, opts = variant
+    N, d, block = shape
+    leaves, kw = make_inputs(N, d, opts, device)
+    for reduction in ("mean", "none"):
+        got = run(fastloss.contrastive_loss, leaves, kw, reduction, block_rows=block)
+        want = run(reference.contrastive_loss, leaves, kw, reduction)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+        for g, w in zip(got[1], want[1], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:1] + VARIANTS[4:5] + VARIANTS[9:10] + VARIANTS[12:13], ids=lambda v: v[0])
+def test_float32_close_to_float64_reference(device, variant):
+    _, opts = variant
+    leaves, kw = make_inputs(40, 24, opts, device)
+    want = run(reference.contrastive_loss, leaves, kw)
+    leaves32 = [x.detach().float().requires_grad_() for x in leaves]
+    kw32 = {k: (leaves32[[id(x) for x in leaves].index(id(v))] if isinstance(v, torch.Tensor) and v.requires_grad
+                else v) for k, v in kw.items()}
+    got = run(fastloss.contrastive_loss, leaves32, kw32, block_rows=16)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=2e-5, atol=2e-6)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[9], VARIANTS[12]], ids=lambda v: v[0])
+def test_low_precision(device, dtype, variant):
+    """fp16/bf16 features are multiplied in fp32: the loss matches float64 maths on the same (rounded) inputs to
+    fp32 accuracy, and the gradients to the rounding of their own dtype."""
+    _, opts = variant
+    leaves, kw = make_inputs(50, 40, opts, device, dtype=dtype)
+    got = run(fastloss.contrastive_loss, leaves, kw, block_rows=16)
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    kw64 = dict(kw, logit_scale=leaves64[2])
+    if "logit_bias" in kw:
+        kw64["logit_bias"] = leaves64[3]
+    want = run(reference.contrastive_loss, leaves64, kw64)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-2, atol=1e-2)
+    assert got[1][0].dtype == dtype and got[1][1].dtype == dtype
+    for g, w in zip(got[1], want[1], strict=True):
+        err = (g.double() - w).abs().max()
+        assert err <= 1e-2 * w.abs().max() + 1e-6, (err, w.abs().max())
+
+
+def test_wrappers_match_reference(device):
+    gen = torch.Generator().manual_seed(5)
+    z1, z2 = (torch.randn(9, 6, generator=gen, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
+    t = torch.tensor(0.5, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 3, 0, 7, 1] * 2, device=device)
+    b = torch.tensor(-2.0, dtype=torch.float64, device=device, requires_grad=True)
+    cases = [
+        ("clip", lambda m: m.clip_loss(z1, z2, 1 / t), (z1, z2, t)),
+        ("clip_bias", lambda m: m.clip_loss(z1, z2, 1 / t, b), (z1, z2, t, b)),
+        ("siglip", lambda m: m.siglip_loss(z1, z2, 1 / t, b), (z1, z2, t, b)),
+        ("nt_xent", lambda m: m.nt_xent_loss(z1, z2, temperature=t, block_rows=5), (z1, z2, t)),
+        ("nt_xent_float", lambda m: m.nt_xent_loss(z1, z2, temperature=0.3, reduction="none"), (z1, z2)),
+        ("supcon", lambda m: m.supcon_loss(torch.cat([z1, z2]), labels, temperature=t, block_rows=7), (z1, z2, t)),
+        ("supcon_none", lambda m: m.supcon_loss(torch.cat([z1, z2]), labels, temperature=0.2, reduction="none"),
+         (z1, z2)),
+    ]
+    for name, f, leaves in cases:
+        res = []
+        for mod in (fastloss, reference):
+            out = f(mod)
+            res.append((out.detach(), torch.autograd.grad(out, leaves, grad_like(out))))
+        torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-10, atol=1e-12, msg=name)
+        for g, w in zip(res[0][1], res[1][1], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_closed_forms(device):
+    """Independent formulas: CLIP = mean of two torch cross-entropies, NT-Xent with a -inf self mask, SupCon
+    anchors without positives left out of the mean, SigLIP = logsigmoid sum / N."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64).to(device)
+    y = torch.randn(6, 5, generator=gen, dtype=torch.float64).to(device)
+    L = 2.5 * x @ y.T
+    lab = torch.arange(6, device=device)
+    clip = (F.cross_entropy(L, lab) + F.cross_entropy(L.T, lab)) / 2
+    torch.testing.assert_close(fastloss.clip_loss(x, y, 2.5), clip)
+    sig = -F.logsigmoid((2 * torch.eye(6, device=device, dtype=L.dtype) - 1) * (L - 1.0)).sum() / 6
+    torch.testing.assert_close(fastloss.siglip_loss(x, y, 2.5, -1.0), sig)
+    z = torch.cat([x, y])
+    S = (z @ z.T) / 0.4
+    S.fill_diagonal_(float("-inf"))
+    ntx = F.cross_entropy(S, torch.arange(12, device=device).add(6).remainder(12))
+    torch.testing.assert_close(fastloss.nt_xent_loss(x, y, temperature=0.4), ntx)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2], device=device)
+    S = (x @ x.T) / 0.4
+    S.fill_diagonal_(float("-inf"))
+    logp = S.log_softmax(1)
+    P = (labels[:, None] == labels[None, :]) & ~torch.eye(6, dtype=torch.bool, device=device)
+    per = -(logp.masked_fill(~P, 0).sum(1)) / P.sum(1).clamp(min=1)
+    has = P.any(1)
+    torch.testing.assert_close(fastloss.supcon_loss(x, labels, temperature=0.4), per[has].mean())
+    # CE smoothing over the M keys
+    q = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(device)
+    k = torch.randn(9, 5, generator=gen, dtype=torch.float64).to(device)
+    pos = torch.tensor([8, 0, 3, 3], device=device)
+    want = F.cross_entropy(1.5 * q @ k.T, pos, label_smoothing=0.2)
+    torch.testing.assert_close(fastloss.contrastive_loss(q, k, positive=pos, logit_scale=1.5, label_smoothing=0.2),
+                               want)
+
+
+def test_return_stats(device):
+    leaves, kw = make_inputs(20, 6, {"symmetric": True}, device)
+    kw["logit_scale"] = torch.tensor(9.0, dtype=torch.float64, device=device)
+    q, k = leaves[0].detach().clone(), leaves[0].detach() + 0.3 * leaves[1].detach()  # mostly right
+    loss, st = fastloss.contrastive_loss(q, k, return_stats=True, block_rows=7, **kw)
+    ref_loss, ref = reference.contrastive_loss(q, k, return_stats=True, **kw)
+    torch.testing.assert_close(loss, ref_loss)
+    S = 9.0 * q @ k.T
+    torch.testing.assert_close(st.lse, S.logsumexp(1))
+    torch.testing.assert_close(st.col_lse, S.logsumexp(0))
+    assert torch.equal(st.correct, S.argmax(1) == torch.arange(20, device=device))
+    assert torch.equal(st.col_correct, S.argmax(0) == torch.arange(20, device=device))
+    assert torch.equal(st.correct, ref.correct) and 0 < int(st.correct.sum()) <= 20
+    assert not st.lse.requires_grad
+
+
+def test_no_softmax_collapse_fp32(device):
+    """A dominant positive keeps a positive loss and gradient in fp32 (the positive is outside the negatives'
+    sum, so the loss is softplus(n - s_p) rather than lse - s_p)."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=device)
+    k = q.clone().requires_grad_()
+    loss = fastloss.contrastive_loss(q, k, logit_scale=40.0, reduction="none")
+    want = F.softplus(torch.tensor(-40.0, dtype=torch.float64)).item()
+    assert torch.allclose(loss.double(), torch.full((2,), want, dtype=torch.float64, device=device), rtol=1e-6)
+    (g,) = torch.autograd.grad(loss.sum(), k)
+    assert (g.abs().sum(1) > 0).all()
+
+
+def test_extreme_scales_finite(device):
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(30, 8, generator=gen).to(device).requires_grad_()
+    k = torch.randn(30, 8, generator=gen).to(device).requires_grad_()
+    for scale in (1e-6, 100.0, 1e4):
+        loss = fastloss.contrastive_loss(q, k, logit_scale=scale, symmetric=True, hard_negative_beta=0.5,
+                                         block_rows=8)
+        gq, gk = torch.autograd.grad(loss, (q, k))
+        assert torch.isfinite(loss) and torch.isfinite(gq).all() and torch.isfinite(gk).all()
+        want = reference.contrastive_loss(q.double(), k.double(), logit_scale=scale, symmetric=True,
+                                          hard_negative_beta=0.5)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-4 * max(1.0, scale / 100))
+
+
+def test_single_key(device):
+    """M = 1: the only key is the positive; no negatives, finite zero loss and gradient."""
+    q = torch.randn(1, 3, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(1, 3, dtype=torch.float64, device=device, requires_grad=True)
+    loss = fastloss.contrastive_loss(q, k, logit_scale=2.0, symmetric=True)
+    assert loss.item() == 0.0
+    gq, gk = torch.autograd.grad(loss, (q, k))
+    assert torch.equal(gq, torch.zeros_like(gq)) and torch.equal(gk, torch.zeros_like(gk))
+    sig = fastloss.siglip_loss(q, k, 2.0, 0.5)
+    torch.testing.assert_close(sig, reference.siglip_loss(q, k, 2.0, 0.5))
+
+
+def test_never_saves_the_matrix(device):
+    """Autograd keeps O((N + M) d) for the fused op: no saved tensor has N x M elements."""
+    N, M = 64, 96
+    q = torch.randn(N, 4, device=device, requires_grad=True)
+    k = torch.randn(M, 4, device=device, requires_grad=True)
+    scale = torch.tensor(5.0, device=device, requires_grad=True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (sizes.append(t.numel()), t)[1], lambda t: t):
+        loss = fastloss.contrastive_loss(q, k, logit_scale=scale, hard_negative_beta=0.2, block_rows=16)
+    assert sizes and max(sizes) < N * M / 8, sizes
+    loss.backward()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (sizes.append(t.numel()), t)[1], lambda t: t):
+        reference.contrastive_loss(q, k, logit_scale=scale)
+    assert max(sizes) >= N * M  # the hook does see a materialised matrix
+
+
+def test_deterministic(device):
+    leaves, kw = make_inputs(70, 12, {"symmetric": True, "hard_negative_beta": 0.3}, device, dtype=torch.float32)
+    a = run(fastloss.contrastive_loss, leaves, kw, block_rows=16)
+    b = run(fastloss.contrastive_loss, leaves, kw, block_rows=16)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
+
+
+def test_block_rows_do_not_change_the_result(device):
+    leaves, kw = make_inputs(45, 10, {"symmetric": True, "label_smoothing": 0.1}, device)
+    base = run(fastloss.contrastive_loss, leaves, kw, block_rows=45)
+    for block in (1, 2, 7, 44, 100):
+        got = run(fastloss.contrastive_loss, leaves, kw, block_rows=block)
+        torch.testing.assert_close(got[0], base[0], rtol=1e-12, atol=1e-13)
+        for g, w in zip(got[1], base[1], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
+
+
+def test_nn_modules(device):
+    x = torch.randn(10, 6, device=device, requires_grad=True)
+    y = torch.randn(10, 6, device=device)
+    s, b = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+    torch.testing.assert_close(fastloss.nn.ClipLoss()(x, y, s), fastloss.clip_loss(x, y, s))
+    assert set(fastloss.nn.ClipLoss(output_dict=True)(x, y, s)) == {"contrastive_loss"}
+    torch.testing.assert_close(fastloss.nn.SigLipLoss()(x, y, s, b), fastloss.siglip_loss(x, y, s, b))
+
+
+# ------------------------------------------------------------------------------------------- open_clip parity
+def _open_clip_loss_module():
+    """open_clip.loss, also when the package itself does not import (its __init__ needs torchvision): the loss
+    module depends on torch only, so it is loaded from its file."""
+    try:
+        import open_clip.loss as mod
+
+        return mod
+    except Exception:
+        pass
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "loss.py"
+    if not path.exists():
+        return None
+    s = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    return mod
+
+
+OPEN_CLIP = _open_clip_loss_module()
+needs_open_clip = pytest.mark.skipif(OPEN_CLIP is None, reason="open_clip (open_clip_torch) is not installed")
+
+
+@needs_open_clip
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_open_clip_clip_loss(device, with_bias):
+    gen = torch.Generator().manual_seed(11)
+    img = F.normalize(torch.randn(33, 16, generator=gen, dtype=torch.float64), dim=1).to(device)
+    txt = F.normalize(torch.randn(33, 16, generator=gen, dtype=torch.float64), dim=1).to(device)
+    res = []
+    for mod in ("open_clip", "fastloss"):
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, device=device, requires_grad=True)
+        b = torch.tensor(-0.5, dtype=torch.float64, device=device, requires_grad=True)
+        extra = (b,) if with_bias else ()
+        if mod == "open_clip":
+            loss = OPEN_CLIP.ClipLoss()(i, t, s.exp(), *extra)
+        else:
+            loss = fastloss.nn.ClipLoss(block_rows=8)(i, t, s.exp(), *extra)
+        leaves = (i, t, s) + extra
+        res.append((loss.detach(), torch.autograd.grad(loss, leaves)))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-10, atol=1e-12)
+    for g, w in zip(res[1][1], res[0][1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+@needs_open_clip
+def test_open_clip_siglip_loss(device):
+    gen = torch.Generator().manual_seed(12)
+    img = F.normalize(torch.randn(29, 16, generator=gen, dtype=torch.float64), dim=1).to(device)
+    txt = F.normalize(torch.randn(29, 16, generator=gen, dtype=torch.float64), dim=1).to(device)
+    res = []
+    for mod in ("open_clip", "fastloss"):
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(math.log(10.0), dtype=torch.float64, device=device, requires_grad=True)
+        b = torch.tensor(-10.0, dtype=torch.float64, device=device, requires_grad=True)
+        loss_mod = OPEN_CLIP.SigLipLoss() if mod == "open_clip" else fastloss.nn.SigLipLoss(block_rows=8)
+        loss = loss_mod(i, t, s.exp(), b)
+        res.append((loss.detach(), torch.autograd.grad(loss, (i, t, s, b))))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-10, atol=1e-12)
+    for g, w in zip(res[1][1], res[0][1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+# ------------------------------------------------------------------------------------------- op contracts
+def _op_args(device, dtype, kind, symmetric=False, exclude_self=False, beta=0.0, eps=0.0, decoupled=False):
+    gen = torch.Generator().manual_seed(2)
+    N = 6
+    M = N if (symmetric or exclude_self) else 9
+    q = torch.randn(N, 5, generator=gen).to(device, dtype)
+    k = q if exclude_self else torch.randn(M, 5, generator=gen).to(device, dtype)
+    scale = (torch.rand(N, generator=gen) + 1).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    bias = torch.tensor(-0.5, dtype=scale.dtype, device=device)
+    positive = None if kind == 2 else ((torch.arange(N) + 3) % N if exclude_self else torch.arange(N)).to(device)
+    labels = torch.tensor([0, 1, 0, 1, 2, 3], device=device) if kind == 2 else None
+    return (q, k if not exclude_self else q.clone(), scale, bias, positive, labels, labels, kind, symmetric,
+            exclude_self, decoupled, beta, eps, 4)
+
+
+OP_CASES = [
+    {"kind": 0}, {"kind": 0, "symmetric": True, "beta": 0.5, "eps": 0.1}, {"kind": 0, "decoupled": True},
+    {"kind": 1}, {"kind": 2, "exclude_self": True}, {"kind": 0, "exclude_self": True},
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_opcheck(device, dtype, case):
+    args = _op_args(device, dtype, **case)
+    grad_args = tuple(a.detach().requires_grad_() if i in (0, 1, 2, 3) else a for i, a in enumerate(args))
+    torch.library.opcheck(ops.contrastive_fwd.default, grad_args)
+    row_loss, col_loss, rs, cs = ops.contrastive_fwd(*args)
+    bwd = (torch.rand_like(row_loss), torch.rand_like(col_loss)) + args[:7] + (rs, cs) + args[7:]
+    torch.library.opcheck(ops.contrastive_bwd.default, bwd)
+
+
+GRADCHECK = [
+    ("infonce", {}), ("symmetric_hcl_smooth", {"symmetric": True, "hard_negative_beta": 0.5, "label_smoothing": 0.1}),
+    ("dcl_per_row", {"decoupled": True, "per_row_scale": True}), ("sigmoid", {"loss": "sigmoid", "logit_bias": True}),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK, ids=lambda c: c[0])
+def test_gradcheck_float64(device, case):
+    _, opts = case
+    leaves, kw = make_inputs(5, 3, opts, device)
+
+    def f(*xs):
+        kw2 = dict(kw, logit_scale=xs[2])
+        if len(xs) > 3:
+            kw2["logit_bias"] = xs[3]
+        return fastloss.contrastive_loss(xs[0], xs[1], block_rows=2, reduction="none", **kw2)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_gradcheck_wrappers(device):
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(8, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.tensor(0.7, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 5, 0], device=device)
+    assert torch.autograd.gradcheck(lambda z, t: fastloss.supcon_loss(z, labels, temperature=t), (z, t))
+    assert torch.autograd.gradcheck(lambda z, t: fastloss.nt_xent_loss(z[:4], z[4:], temperature=t), (z, t))
+
+
+class TwoTower(torch.nn.Module):
+    def __init__(self, loss):
+        super().__init__()
+        self.img = torch.nn.Linear(12, 8)
+        self.txt = torch.nn.Linear(10, 8)
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = torch.nn.Parameter(torch.tensor(-5.0))
+        self.loss = loss
+
+    def forward(self, a, b):
+        x, y = F.normalize(self.img(a), dim=-1), F.normalize(self.txt(b), dim=-1)
+        return self.loss(x, y, self.log_scale.exp(), self.bias)
+
+
+COMPILE_LOSSES = {
+    "clip": lambda x, y, s, b: fastloss.clip_loss(x, y, s, b),
+    "siglip": lambda x, y, s, b: fastloss.siglip_loss(x, y, s, b),
+    "hcl_stats": lambda x, y, s, b: sum(
+        t.float().sum() for t in fastloss.contrastive_loss(x, y, logit_scale=s, hard_negative_beta=0.5,
+                                                           return_stats=True, block_rows=3)[1][:2]
+    ) * 0 + fastloss.contrastive_loss(x, y, logit_scale=s, logit_bias=b, hard_negative_beta=0.5, block_rows=3),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_LOSSES))
+def test_compile_fullgraph(device, name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TwoTower(COMPILE_LOSSES[name]).to(device)
+    a, b = torch.randn(9, 12, device=device), torch.randn(9, 10, device=device)
+    eager = model(a, b)
+    eager.backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(a, b)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
+        torch.testing.assert_close(g, ge)
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+FUNCS = [fastloss.contrastive_loss, reference.contrastive_loss]
+
+
+def _good(device="cpu"):
+    return torch.randn(4, 3, device=device), torch.randn(6, 3, device=device)
+
+
+@pytest.mark.parametrize("fn", FUNCS, ids=["fused", "reference"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("width mismatch", lambda q, k: (q, k[:, :2]), {}, ValueError, "same width"),
+        ("1-D query", lambda q, k: (q[0], k), {}, ValueError, "query must have shape"),
+        ("1-D key", lambda q, k: (q, k[0]), {}, ValueError, "key must have shape"),
+        ("int features", lambda q, k: (q.long(), k), {}, TypeError, "query must be float"),
+        ("dtype mismatch", lambda q, k: (q, k.double()), {}, TypeError, "same dtype"),
+        ("empty", lambda q, k: (q[:0], k), {}, ValueError, "at least one row"),
+        ("not a tensor", lambda q, k: (q.tolist(), k), {}, TypeError, "query must be a torch.Tensor"),
+        ("positive out of range", lambda q, k: (q, k), {"positive": torch.tensor([0, 1, 6, 2])}, IndexError,
+         "positive 6 of row 2"),
+        ("negative positive", lambda q, k: (q, k), {"positive": torch.tensor([0, -1, 2, 2])}, IndexError,
+         "positive -1"),
+        ("positive shape", lambda q, k: (q, k), {"positive": torch.tensor([0, 1])}, ValueError,
+         r"positive must have shape \(4,\)"),
+        ("float positive", lambda q, k: (q, k), {"positive": torch.zeros(4)}, TypeError, "integer indices"),
+        ("symmetric N != M", lambda q, k: (q, k), {"symmetric": True}, ValueError, "symmetric=True needs"),
+        ("diag needs N <= M", lambda q, k: (k, q), {}, ValueError, "N <= M"),
+        ("scale shape", lambda q, k: (q, k), {"logit_scale": torch.ones(3)}, ValueError,
+         r"logit_scale must be a scalar tensor or have shape \(4,\)"),
+        ("scale nan", lambda q, k: (q, k), {"logit_scale": float("nan")}, ValueError, "logit_scale must be finite"),
+        ("bias shape", lambda q, k: (q, k), {"logit_bias": torch.ones(2)}, ValueError, "logit_bias must be a scalar"),
+        ("bad loss", lambda q, k: (q, k), {"loss": "hinge"}, ValueError, "loss must be"),
+        ("sigmoid + dcl", lambda q, k: (q, k), {"loss": "sigmoid", "decoupled": True}, ValueError, "softmax loss"),
+        ("sigmoid symmetric", lambda q, k: (q, q), {"loss": "sigmoid", "symmetric": True}, ValueError,
+         "symmetric applies"),
+        ("negative beta", lambda q, k: (q, k), {"hard_negative_beta": -1.0}, ValueError, "hard_negative_beta"),
+        ("smoothing > 1", lambda q, k: (q, k), {"label_smoothing": 2.0}, ValueError, "label_smoothing"),
+        ("reduction", lambda q, k: (q, k), {"reduction": "avg"}, ValueError, "reduction must be"),
+        ("block_rows", lambda q, k: (q, k), {"block_rows": 0}, ValueError, "block_rows"),
+    ],
+    ids=lambda c: c[0] if isinstance(c, tuple) else c,
+)
+def test_bad_inputs(fn, case):
+    _, make, kw, exc, msg = case
+    q, k = make(*_good())
+    kw = dict({"logit_scale": 2.0}, **kw)
+    with pytest.raises(exc, match=msg):
+        fn(q, k, **kw)
+
+
+def test_bad_wrapper_inputs():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="same shape"):
+        fastloss.nt_xent_loss(x, x[:3], temperature=0.1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastloss.nt_xent_loss(x, x, temperature=0.0)
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        fastloss.supcon_loss(x, torch.zeros(3, dtype=torch.long), temperature=0.1)
+    with pytest.raises(ValueError, match="same width"):
+        fastloss.clip_loss(x, torch.randn(4, 2), 1.0)
+
+
+def test_direct_op_bad_positive_raises_index_error():
+    q, k = _good()
+    args = list(_op_args("cpu", torch.float32, 0))
+    args[4] = torch.tensor([0, 1, 2, 3, 4, 99])
+    with pytest.raises(IndexError, match="positive 99"):
+        ops.contrastive_fwd(*args)
+
+
+def test_random_configurations(device):
+    """Seeded random mixes of every option, shape and tile height against the float64 reference."""
+    rng = torch.Generator().manual_seed(2024)
+    pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=rng))]
+    for _ in range(30):
+        N = int(torch.randint(1, 40, (1,), generator=rng))
+        d = int(torch.randint(1, 20, (1,), generator=rng))
+        loss = pick("softmax", "softmax", "sigmoid")
+        symmetric = loss == "softmax" and pick(True, False)
+        M = N if symmetric else N + int(torch.randint(0, 9, (1,), generator=rng))
+        kw = {"loss": loss, "symmetric": symmetric, "logit_bias": pick(None, -0.7)}
+        if loss == "softmax":
+            kw.update(decoupled=pick(False, True), hard_negative_beta=pick(0.0, 0.0, 0.8),
+                      label_smoothing=pick(0.0, 0.2))
+        if not symmetric and pick(True, False):
+            kw["positive"] = torch.randint(0, M, (N,), generator=rng).to(device)
+        scale = pick(torch.tensor(pick(0.5, 8.0), dtype=torch.float64),
+                     torch.rand(N, generator=rng, dtype=torch.float64) * 10)
+        q = torch.randn(N, d, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+        k = torch.randn(M, d, generator=rng, dtype=torch.float64).to(device).requires_grad_()
+        s = scale.to(device).requires_grad_()
+        block = pick(None, 1, 3, 16)
+        res = []
+        for fn in (fastloss.contrastive_loss, reference.contrastive_loss):
+            out = fn(q, k, logit_scale=s, reduction="sum", block_rows=block,
+                     **kw)
+            res.append((out.detach(), torch.autograd.grad(out, (q, k, s))))
+        msg = f"N={N} M={M} d={d} block={block} {kw}"
+        # sums of up to ~1e4 in magnitude: absolute tolerance relative to the largest entry (summation order)
+        for g, w in zip((res[0][0], *res[0][1]), (res[1][0], *res[1][1]), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11 * (1 + float(w.abs().max())), msg=msg)
