@@ -194,19 +194,6 @@ def linear_spherical_loss(hidden, weight, target, *, bias=None, loss="zloss", a=
     out = spherical_loss(kind, logits, target, target_weight, a=a, b=b, eps=eps, ignore_index=ignore_index,
                          reduction=reduction)
     return out.to(hidden.dtype)
-    fn = "fastloss.reference.zloss"
-    a, b = V.check_zloss_args(fn, logits, target, a=a, b=b, ignore_index=ignore_index, reduction=reduction)
-    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
-    acc = x.dtype
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).square().mean(-1, keepdim=True)
-    flat = var == 0
-    sigma = torch.sqrt(torch.where(flat, torch.ones_like(var), var))
-    zc = ((x.gather(-1, safe_t[:, None]) - mu) / sigma).masked_fill(flat, 0.0).squeeze(-1)
-    u = a * (b - zc)
-    loss = (u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))) / a
-    loss = torch.where(counted, loss, torch.zeros((), dtype=acc, device=x.device))
-    return row_loss_output(logits, loss, counted, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------
