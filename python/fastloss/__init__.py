@@ -19,6 +19,16 @@ from . import (  # noqa: F401  (registrations)
 )
 from ._validation import get_validation, set_validation
 from .functional import cross_entropy, zloss
+from .stable_softmax import (  # stable-softmax family
+    comp_sum_loss,
+    decoupled_softmax_loss,
+    generalized_cross_entropy,
+    softmax_collapse_stats,
+    softplus_cross_entropy,
+    stablemax_cross_entropy,
+    taylor_softmax_loss,
+    zlpr_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -36,4 +46,13 @@ __all__ = [
     "reference",
     "set_validation",
     "zloss",
+    # stable-softmax family
+    "comp_sum_loss",
+    "decoupled_softmax_loss",
+    "generalized_cross_entropy",
+    "softmax_collapse_stats",
+    "softplus_cross_entropy",
+    "stablemax_cross_entropy",
+    "taylor_softmax_loss",
+    "zlpr_loss",
 ]

@@ -7,6 +7,7 @@ import warnings
 import torch
 
 OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "zloss_fwd", "zloss_bwd")
+OPS += ("additive_row_fwd", "additive_row_bwd", "multilabel_row_fwd", "multilabel_row_bwd")  # stable softmax
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fastloss.*)

@@ -119,3 +119,16 @@ def zloss(
     x, t = _rows(logits, target)
     rows, _ = torch.ops.fastloss.zloss_fwd(x, t, a, b, ignore_index)
     return row_loss_output(logits, rows, t != ignore_index, reduction)
+
+
+# stable-softmax family (defined in stable_softmax.py, re-exported here as part of the functional API)
+from .stable_softmax import (  # noqa: E402, F401
+    comp_sum_loss,
+    decoupled_softmax_loss,
+    generalized_cross_entropy,
+    softmax_collapse_stats,
+    softplus_cross_entropy,
+    stablemax_cross_entropy,
+    taylor_softmax_loss,
+    zlpr_loss,
+)
