@@ -13,16 +13,6 @@
 #include "simd.h"
 #include "stable_softmax_kernels.h"
 
-namespace fastloss {
-// log1p on a vector of floats: per lane (only the softplus forward needs it).
-template <>
-FL_INLINE cpu::vfloat fl_log1p<cpu::vfloat>(cpu::vfloat x) {
-  cpu::vfloat r;
-  for (int i = 0; i < 8; ++i) r[i] = std::log1p(x[i]);
-  return r;
-}
-}  // namespace fastloss
-
 #include "fastloss/stable_softmax.h"
 
 #ifndef FL_CPU_ISA_NS
