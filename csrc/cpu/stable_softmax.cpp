@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../row_checks.h"
+#include "huge_pages.h"
 #include "stable_softmax_kernels.h"
 
 namespace fastloss::cpu {
@@ -91,6 +92,7 @@ at::Tensor additive_row_bwd(const at::Tensor& grad_loss, const at::Tensor& logit
   a.order = static_cast<int>(order);
   a.scale = scale;
   a.margin = margin;
+  advise_huge_pages_for(in.grad_logits);
   a.stats = in.stats.data_ptr();
   a.grad_loss = in.grad_rows.data_ptr();
   a.grad_logits = in.grad_logits.data_ptr();
@@ -145,6 +147,7 @@ at::Tensor multilabel_row_bwd(const at::Tensor& grad_loss, const at::Tensor& log
   auto g = grad_loss.to(acc).contiguous();
   auto s = stats.to(acc).contiguous();
   at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  advise_huge_pages_for(grad);
   StableArgs a = ml_args(logits, mask, scale, margin);
   a.stats = s.data_ptr();
   a.grad_loss = g.data_ptr();

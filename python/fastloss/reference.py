@@ -163,7 +163,7 @@ def _log_phi(kind, z, order):
         return torch.where(z >= 0, torch.log1p(z.clamp(min=0)), -torch.log1p(-z.clamp(max=0)))
     if kind == "taylor":
         return torch.log(_phi(kind, z, order))
-    return torch.where(z < -20, z - 0.5 * torch.exp(z), torch.log(_softplus(z.clamp(min=-20))))
+    return torch.where(z < -20, z - 0.5 * torch.exp(z.clamp(max=-20)), torch.log(_softplus(z.clamp(min=-20))))
 
 
 def additive_rows(fn, kind, logits, target, *, order=2, scale=1.0, margin=0.0, ignore_index=-100):
@@ -180,7 +180,8 @@ def additive_rows(fn, kind, logits, target, *, order=2, scale=1.0, margin=0.0, i
     small_loss = torch.log1p(rest / torch.where(big, phi_y, torch.ones_like(phi_y)))
     large_loss = torch.log(rest + phi_y) - _log_phi(kind, z_y, order)
     loss = torch.where(big, small_loss, large_loss)
-    return torch.where(counted, loss, torch.zeros_like(loss)), t, counted
+    only_target = rest == 0  # C = 1 or every other class masked: p_y = 1
+    return torch.where(counted & ~only_target, loss, torch.zeros_like(loss)), t, counted
 
 
 def _single_label_output(fn, logits, target, rows, t, counted, weight, reduction):

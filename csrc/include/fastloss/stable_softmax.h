@@ -35,7 +35,7 @@ struct AddOpts {
 // t_n(z) = sum_{i <= n} z^i / i! by Horner: 1 + z (1 + z/2 (1 + ... (1 + z/n))). V is T or a SIMD vector.
 template <typename V, typename T>
 FL_HD FL_INLINE V taylor_poly(V z, int n, const AddOpts<T>& o) {
-  V p = z * T(0) + T(1);
+  V p = V{} + T(1);
   for (int i = n; i >= 1; --i) p = z * (p * o.inv[i]) + T(1);
   return p;
 }
@@ -118,6 +118,7 @@ template <typename T>
 FL_HD FL_INLINE T additive_loss(T rest, T phi_y, T log_phi_y) {
   // R <= phi_y: log1p(R / phi_y) keeps every digit of a tiny loss; otherwise the loss is >= log 2 and the
   // plain difference is safe (and survives phi_y underflowing to 0).
+  if (rest == T(0)) return T(0);  // only the target has mass (C = 1, or every other class masked): p_y = 1
   if (phi_y >= rest && phi_y > T(0)) return fl_log1p(rest / phi_y);
   return std::log(rest + phi_y) - log_phi_y;
 }
@@ -134,8 +135,9 @@ template <AddKind K, typename T>
 FL_HD FL_INLINE AddGradRow<T> additive_grad_row(T g, T rest, T phi_y, T z_y, const AddOpts<T>& o) {
   const T S = rest + phi_y;
   AddGradRow<T> r;
+  if (S == T(0)) return {T(0), T(0)};  // nothing but underflowed mass: no gradient instead of 0 * inf
   r.coef = g / S;
-  r.target = -g * AddPhi<K>::dlog_phi(z_y, o) * (rest / S);
+  r.target = rest == T(0) ? T(0) : -g * AddPhi<K>::dlog_phi(z_y, o) * (rest / S);
   return r;
 }
 
