@@ -434,6 +434,7 @@ COMPILE = {
     "taylor": lambda z, t: fastloss.taylor_softmax_loss(z, t, order=4, margin=0.3),
     "comp_sum": lambda z, t: fastloss.comp_sum_loss(z, t, tau=0.5),
     "zlpr": lambda z, t: fastloss.zlpr_loss(z, F.one_hot(t.clamp(min=0), z.shape[-1]).bool()),
+    "dexml_index_lists": lambda z, t: fastloss.decoupled_softmax_loss(z, torch.stack([t, t.flip(-1)], -1)),
 }
 
 
@@ -571,3 +572,20 @@ def test_cuda_bad_targets_give_nan_rows(device):
         fastloss.stablemax_cross_entropy(x, t)
     with pytest.raises(IndexError, match="target index 99"):
         fastloss.zlpr_loss(x, idx)
+
+
+@pytest.mark.parametrize("case", [("stablemax", {}), ("taylor", {"order": 2}), ("softplus", {}),
+                                  ("gce", {"q": 0.5})], ids=_case_id)
+def test_ignore_index_naming_a_real_class(device, case):
+    """ignore_index = 2: rows with target 2 are dropped, class 2 stays in every normaliser."""
+    kind, kw = case
+    fn, ref = _fns(kind)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(20, 5, generator=gen, dtype=torch.float64).to(device)
+    t = torch.randint(0, 5, (20,), generator=gen).to(device)
+    t[:3] = 2
+    got = fn(x, t, ignore_index=2, reduction="none", **kw)
+    torch.testing.assert_close(got, ref(x, t, ignore_index=2, reduction="none", **kw))
+    assert (got[t == 2] == 0).all() and (got[t != 2] > 0).all()
+    keep = t != 2
+    torch.testing.assert_close(got[keep], fn(x[keep], t[keep], reduction="none", **kw))

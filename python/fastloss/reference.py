@@ -243,8 +243,8 @@ def multilabel_mask(fn, logits, targets, ignore_index):
     """(mask (N, C) bool, bad_rows (N,) bool or None) from a bool mask or padded index lists (N, K).
 
     Index lists: ignore_index entries are padding, repeats count once. An index outside [0, C) raises
-    IndexError on CPU (and on CUDA with fastloss.set_validation(True)); otherwise its row is reported in
-    bad_rows (the caller makes that row's loss NaN) without a host sync."""
+    IndexError on CPU (and on CUDA with fastloss.set_validation(True)) in eager mode; otherwise (and under
+    torch.compile) its row is reported in bad_rows (the caller makes that row's loss NaN) without a host sync."""
     C = logits.shape[-1]
     if targets.dtype == torch.bool:
         return targets.reshape(-1, C), None
@@ -252,7 +252,8 @@ def multilabel_mask(fn, logits, targets, ignore_index):
     valid = idx != ignore_index
     in_range = (idx >= 0) & (idx < C)
     bad = valid & ~in_range
-    if logits.device.type == "cpu" or V.get_validation():
+    # The eager check syncs; under torch.compile the NaN-row path keeps the graph whole.
+    if (logits.device.type == "cpu" or V.get_validation()) and not torch.compiler.is_compiling():
         if bool(bad.any()):
             pos = int(bad.reshape(-1).nonzero()[0, 0])
             raise IndexError(
