@@ -78,7 +78,7 @@ void add_fwd_rows(const StableArgs& a, int64_t begin, int64_t end) {
       rest += s;
     }
     const acc_t phi_y = Phi::phi(z_y, o);
-    loss[row] = additive_loss(rest, phi_y, Phi::log_phi(z_y, o));
+    loss[row] = additive_loss(rest, phi_y, Phi::log_phi(z_y, o), a.C == 1);
     stats[2 * row] = rest;
     stats[2 * row + 1] = phi_y;
   }

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinBlocks<scalar_t>)
     if (threadIdx.x == 0) {
       const acc_t z_y = p.scale * static_cast<acc_t>(x[y]) - p.margin;
       const acc_t phi_y = Phi::phi(z_y, p.o);
-      loss[row] = additive_loss(rest, phi_y, Phi::log_phi(z_y, p.o));
+      loss[row] = additive_loss(rest, phi_y, Phi::log_phi(z_y, p.o), C == 1);
       stats[2 * row] = rest;
       stats[2 * row + 1] = phi_y;
     }

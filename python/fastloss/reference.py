@@ -180,8 +180,8 @@ def additive_rows(fn, kind, logits, target, *, order=2, scale=1.0, margin=0.0, i
     small_loss = torch.log1p(rest / torch.where(big, phi_y, torch.ones_like(phi_y)))
     large_loss = torch.log(rest + phi_y) - _log_phi(kind, z_y, order)
     loss = torch.where(big, small_loss, large_loss)
-    only_target = rest == 0  # C = 1 or every other class masked: p_y = 1
-    return torch.where(counted & ~only_target, loss, torch.zeros_like(loss)), t, counted
+    keep = counted & (C > 1)  # C = 1: p_y = 1 even where phi_y underflows
+    return torch.where(keep, loss, torch.zeros_like(loss)), t, counted
 
 
 def _single_label_output(fn, logits, target, rows, t, counted, weight, reduction):

@@ -114,11 +114,12 @@ struct AddPhi {
 };
 
 // Row loss from the rest mass R and the target's phi_y (log phi_y given separately for accuracy).
+// single_class: C = 1, where p_y = 1 even if phi_y underflows.
 template <typename T>
-FL_HD FL_INLINE T additive_loss(T rest, T phi_y, T log_phi_y) {
-  // R <= phi_y: log1p(R / phi_y) keeps every digit of a tiny loss; otherwise the loss is >= log 2 and the
-  // plain difference is safe (and survives phi_y underflowing to 0).
-  if (rest == T(0)) return T(0);  // only the target has mass (C = 1, or every other class masked): p_y = 1
+FL_HD FL_INLINE T additive_loss(T rest, T phi_y, T log_phi_y, bool single_class) {
+  // R <= phi_y: log1p(R / phi_y) keeps every digit of a tiny loss (0 when every other class is masked);
+  // otherwise the loss is >= log 2 and the plain difference is safe (and survives phi_y underflowing to 0).
+  if (single_class) return T(0);
   if (phi_y >= rest && phi_y > T(0)) return fl_log1p(rest / phi_y);
   return std::log(rest + phi_y) - log_phi_y;
 }
