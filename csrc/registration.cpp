@@ -84,6 +84,30 @@ TORCH_LIBRARY(fastloss, m) {
         "bool entmax15) -> Tensor");
 }
 
+// Stable-softmax family (csrc/cpu/stable_softmax*.cpp, csrc/cuda/stable_softmax.cu; maths in
+// fastloss/stable_softmax.h).
+TORCH_LIBRARY_FRAGMENT(fastloss, m) {
+  // Additive normaliser p_k = phi(z_k) / sum_j phi(z_j) over rows of logits (N, C), z = scale * x, target logit
+  // z_y - margin. kind: 0 StableMax, 1 Taylor of even `order` (2..10), 2 softplus. -inf logits are masked.
+  // Returns loss (N,) = -log p_y (0 on ignored rows) and stats (N, 2) = [sum_{k != y} phi(z_k), phi(z_y)].
+  m.def(
+      "additive_row_fwd(Tensor logits, Tensor target, int kind, int order, float scale, float margin, "
+      "int ignore_index) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "additive_row_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor stats, int kind, int order, "
+      "float scale, float margin, int ignore_index) -> Tensor");
+  // Multi-label losses on a bool mask (N, C) of positives, s = scale (z - margin) on positives and
+  // scale (z + margin) on negatives. kind 0: ZLPR log(1 + sum_n e^{s_n}) + log(1 + sum_p e^{-s_p});
+  // kind 1: decoupled softmax (DEXML) mean_p softplus(lse_n - s_p), 0 on rows without positives.
+  // Returns loss (N,) and stats (N, 4) (see fastloss/stable_softmax.h).
+  m.def(
+      "multilabel_row_fwd(Tensor logits, Tensor mask, int kind, float scale, float margin) "
+      "-> (Tensor loss, Tensor stats)");
+  m.def(
+      "multilabel_row_bwd(Tensor grad_loss, Tensor logits, Tensor mask, Tensor stats, int kind, float scale, "
+      "float margin) -> Tensor");
+}
+
 #ifndef FASTLOSS_VERSION
 #define FASTLOSS_VERSION "0.0.0"
 #endif

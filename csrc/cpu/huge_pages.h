@@ -1,4 +1,4 @@
-// Allocation hint shared by the CPU glue files (row_losses.cpp, sparsemax.cpp).
+// Allocation hint shared by the CPU glue files (row_losses.cpp, sparsemax.cpp, stable_softmax.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
 

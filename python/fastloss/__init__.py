@@ -21,9 +21,19 @@ from . import (  # noqa: F401  (registrations)
 from ._validation import get_validation, set_validation
 from .contrastive import clip_loss, contrastive_loss, nt_xent_loss, siglip_loss, supcon_loss
 from .factored import FactoredSphericalLinear
-from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss
+from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, zloss
 from .linear_spherical import linear_spherical_loss
 from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # sparsemax family
+from .stable_softmax import (  # stable-softmax family
+    comp_sum_loss,
+    decoupled_softmax_loss,
+    generalized_cross_entropy,
+    softmax_collapse_stats,
+    softplus_cross_entropy,
+    stablemax_cross_entropy,
+    taylor_softmax_loss,
+    zlpr_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -49,7 +59,6 @@ __all__ = [
     "spherical_mse_loss",
     "spherical_softmax_loss",
     "supcon_loss",
-    "taylor_softmax_loss",
     "zloss",
     # sparsemax family
     "entmax15",
@@ -57,4 +66,13 @@ __all__ = [
     "optim",
     "sparsemax",
     "sparsemax_loss",
+    # stable-softmax family
+    "comp_sum_loss",
+    "decoupled_softmax_loss",
+    "generalized_cross_entropy",
+    "softmax_collapse_stats",
+    "softplus_cross_entropy",
+    "stablemax_cross_entropy",
+    "taylor_softmax_loss",
+    "zlpr_loss",
 ]

@@ -97,3 +97,36 @@ if _ops.AVAILABLE:
     torch.library.register_autograd(
         "fastloss::sparsemax_loss_fwd", _sparsemax_loss_backward, setup_context=_sparsemax_loss_setup
     )
+
+    # stable-softmax family
+    def _additive_setup(ctx, inputs, output):
+        logits, target, *opts = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(logits, target, output[1])
+        ctx.opts = opts
+
+    def _additive_backward(ctx, grad_loss, _grad_stats):
+        logits, target, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastloss.additive_row_bwd(grad_loss, logits, target, stats, *ctx.opts)
+        return grad, None, None, None, None, None, None
+
+    torch.library.register_autograd("fastloss::additive_row_fwd", _additive_backward, setup_context=_additive_setup)
+
+    def _multilabel_setup(ctx, inputs, output):
+        logits, mask, *opts = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(logits, mask, output[1])
+        ctx.opts = opts
+
+    def _multilabel_backward(ctx, grad_loss, _grad_stats):
+        logits, mask, stats = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastloss.multilabel_row_bwd(grad_loss, logits, mask, stats, *ctx.opts)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd(
+        "fastloss::multilabel_row_fwd", _multilabel_backward, setup_context=_multilabel_setup
+    )

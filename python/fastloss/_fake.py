@@ -83,3 +83,22 @@ if _ops.AVAILABLE:
     @torch.library.register_fake("fastloss::sparsemax_loss_bwd")
     def _(grad_loss, logits, target, stats, ignore_index, entmax15):
         return logits.new_empty(logits.shape)
+
+    # stable-softmax family
+    @torch.library.register_fake("fastloss::additive_row_fwd")
+    def _(logits, target, kind, order, scale, margin, ignore_index):
+        n = logits.shape[0]
+        return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
+
+    @torch.library.register_fake("fastloss::additive_row_bwd")
+    def _(grad_loss, logits, target, stats, kind, order, scale, margin, ignore_index):
+        return logits.new_empty(logits.shape)
+
+    @torch.library.register_fake("fastloss::multilabel_row_fwd")
+    def _(logits, mask, kind, scale, margin):
+        n = logits.shape[0]
+        return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 4), dtype=_acc(logits))
+
+    @torch.library.register_fake("fastloss::multilabel_row_bwd")
+    def _(grad_loss, logits, mask, stats, kind, scale, margin):
+        return logits.new_empty(logits.shape)

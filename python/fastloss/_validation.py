@@ -174,3 +174,55 @@ def check_threshold_input(fn: str, logits, dim) -> int:
     if logits.shape[dim] < 1:
         raise ValueError(f"{fn}: logits need at least one class along dim {dim}, got shape {tuple(logits.shape)}")
     return dim
+
+
+# ---------------------------------------------------------------------------------------------- stable softmax
+
+
+def check_single_label_args(fn, logits, target, *, weight, ignore_index, reduction) -> None:
+    """Checks shared by the single-label losses of the stable-softmax family (class-index targets)."""
+    check_logits_target(fn, logits, target)
+    check_class_vector(fn, "weight", weight, logits)
+    check_reduction(fn, reduction)
+    check_ignore_index(fn, ignore_index)
+
+
+def check_taylor_order(fn, order) -> int:
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise TypeError(f"{fn}: order must be an int, got {type(order).__name__}")
+    if order not in (2, 4, 6, 8, 10):
+        raise ValueError(f"{fn}: order must be an even number from 2 to 10, got {order}")
+    return order
+
+
+def check_multilabel_args(fn, logits, targets, *, ignore_index, reduction) -> None:
+    """Multi-label targets: a bool mask shaped like logits, or padded class-index lists (..., K)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"{fn}: targets must be a torch.Tensor, got {type(targets).__name__}")
+    if logits.dim() < 2:
+        raise ValueError(f"{fn}: logits must have shape (N, C) or (..., C), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{fn}: logits need at least one class, got shape {tuple(logits.shape)}")
+    if targets.dtype == torch.bool:
+        if tuple(targets.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"{fn}: a bool targets mask must have the shape of logits {tuple(logits.shape)}, "
+                f"got {tuple(targets.shape)}"
+            )
+    elif targets.dtype.is_floating_point or targets.dtype.is_complex:
+        raise TypeError(
+            f"{fn}: targets must be a bool mask (..., C) or integer class lists (..., K), got {targets.dtype}"
+        )
+    elif targets.dim() != logits.dim() or tuple(targets.shape[:-1]) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{fn}: integer targets must have shape {tuple(logits.shape[:-1])} + (K,) (padded with "
+            f"ignore_index), got {tuple(targets.shape)}"
+        )
+    if targets.device != logits.device:
+        raise ValueError(f"{fn}: targets are on {targets.device} but logits are on {logits.device}")
+    check_ignore_index(fn, ignore_index)
+    check_reduction(fn, reduction)

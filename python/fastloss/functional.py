@@ -7,7 +7,7 @@ import torch
 from . import _ops, reference
 from . import _validation as V
 from ._reduce import cross_entropy_output, gather_class_weight
-from .spherical import spherical_mse_loss, spherical_softmax_loss, taylor_softmax_loss, zloss  # noqa: F401
+from .spherical import spherical_mse_loss, spherical_softmax_loss, zloss  # noqa: F401
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor):
@@ -90,3 +90,15 @@ def cross_entropy(
 
 # sparsemax family (python/fastloss/sparsemax.py)
 from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # noqa: E402, F401
+
+# stable-softmax family (defined in stable_softmax.py, re-exported here as part of the functional API)
+from .stable_softmax import (  # noqa: E402, F401
+    comp_sum_loss,
+    decoupled_softmax_loss,
+    generalized_cross_entropy,
+    softmax_collapse_stats,
+    softplus_cross_entropy,
+    stablemax_cross_entropy,
+    taylor_softmax_loss,
+    zlpr_loss,
+)

@@ -164,13 +164,6 @@ def spherical_softmax_loss(logits, target, *, eps=1e-4, target_weight=None, igno
     return spherical_loss(1, logits, target, target_weight, eps=eps, ignore_index=ignore_index, reduction=reduction)
 
 
-def taylor_softmax_loss(logits, target, *, order=2, target_weight=None, ignore_index=-100, reduction="mean"):
-    """Reference of :func:`fastloss.taylor_softmax_loss` (order 2)."""
-    if order != 2:
-        raise ValueError(f"fastloss.reference.taylor_softmax_loss: order must be 2, got {order!r}")
-    return spherical_loss(2, logits, target, target_weight, ignore_index=ignore_index, reduction=reduction)
-
-
 def spherical_mse_loss(logits, target, *, target_weight=None, ignore_index=-100, reduction="mean"):
     """Reference of :func:`fastloss.spherical_mse_loss`."""
     return spherical_loss(3, logits, target, target_weight, ignore_index=ignore_index, reduction=reduction)
@@ -393,3 +386,185 @@ def supcon_loss(features, labels, *, temperature, reduction="mean", block_rows=N
     from . import contrastive as C
 
     return C.supcon_loss(features, labels, temperature=temperature, reduction=reduction, _parts=contrastive_parts)
+# ---------------------------------------------------------------------------------------------- stable softmax
+# Additive normalisers p_k = phi(z_k) / sum_j phi(z_j) (StableMax, Taylor, softplus), comp-sum / GCE and the
+# multi-label losses (ZLPR, decoupled softmax). -inf logits are masked classes (phi = 0) for every kind.
+
+from ._reduce import comp_sum_from_nll, weighted_row_output  # noqa: E402
+
+
+def _softplus(z):
+    return z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
+
+
+def _taylor(z, n):
+    p = torch.ones_like(z)
+    for i in range(n, 0, -1):
+        p = z * (p / i) + 1.0
+    return p
+
+
+def _phi(kind, z, order):
+    if kind == "stablemax":
+        return torch.where(z >= 0, z + 1.0, 1.0 / (1.0 - z.clamp(max=0)))
+    if kind == "taylor":
+        masked = z == float("-inf")
+        return torch.where(masked, torch.zeros_like(z), _taylor(torch.where(masked, torch.zeros_like(z), z), order))
+    return _softplus(z)
+
+
+def _log_phi(kind, z, order):
+    if kind == "stablemax":  # sign(z) log1p|z|
+        return torch.where(z >= 0, torch.log1p(z.clamp(min=0)), -torch.log1p(-z.clamp(max=0)))
+    if kind == "taylor":
+        return torch.log(_phi(kind, z, order))
+    return torch.where(z < -20, z - 0.5 * torch.exp(z.clamp(max=-20)), torch.log(_softplus(z.clamp(min=-20))))
+
+
+def additive_rows(fn, kind, logits, target, *, order=2, scale=1.0, margin=0.0, ignore_index=-100):
+    """Per-row -log p_y (0 on ignored rows) and the counted mask; the rest mass sum_{k != y} phi(z_k) is kept
+    apart from phi(z_y) so that log1p(rest / phi_y) keeps a tiny loss exact."""
+    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
+    z = x * scale if scale != 1.0 else x
+    C = z.shape[-1]
+    onehot = torch.nn.functional.one_hot(safe_t, C).bool()
+    z_y = z.gather(-1, safe_t[:, None]).squeeze(-1) - margin
+    rest = _phi(kind, z.masked_fill(onehot, float("-inf")), order).sum(-1)
+    phi_y = _phi(kind, z_y, order)
+    big = (phi_y >= rest) & (phi_y > 0)
+    small_loss = torch.log1p(rest / torch.where(big, phi_y, torch.ones_like(phi_y)))
+    large_loss = torch.log(rest + phi_y) - _log_phi(kind, z_y, order)
+    loss = torch.where(big, small_loss, large_loss)
+    keep = counted & (C > 1)  # C = 1: p_y = 1 even where phi_y underflows
+    return torch.where(keep, loss, torch.zeros_like(loss)), t, counted
+
+
+def _single_label_output(fn, logits, target, rows, t, counted, weight, reduction):
+    w = weight.to(rows.dtype) if weight is not None else None
+    w_y = gather_class_weight(w, t, counted, logits.shape[-1])
+    return weighted_row_output(logits, rows, counted, w_y, reduction)
+
+
+def stablemax_cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.stablemax_cross_entropy`."""
+    fn = "fastloss.reference.stablemax_cross_entropy"
+    V.check_single_label_args(fn, logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    rows, t, counted = additive_rows(fn, "stablemax", logits, target, ignore_index=ignore_index)
+    return _single_label_output(fn, logits, target, rows, t, counted, weight, reduction)
+
+
+def taylor_softmax_loss(logits, target, *, order=2, margin=0.0, weight=None, target_weight=None, ignore_index=-100,
+                        reduction="mean"):
+    """Reference of :func:`fastloss.taylor_softmax_loss`."""
+    fn = "fastloss.reference.taylor_softmax_loss"
+    if target.dim() == logits.dim() or target_weight is not None:  # several targets: the spherical member
+        if order != 2 or margin != 0.0 or weight is not None:
+            raise ValueError(f"{fn}: (..., K) targets and target_weight are for order=2 without margin or weight")
+        return spherical_loss(2, logits, target, target_weight, ignore_index=ignore_index, reduction=reduction)
+    V.check_single_label_args(fn, logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    order = V.check_taylor_order(fn, order)
+    margin = V.check_finite(fn, "margin", margin)
+    rows, t, counted = additive_rows(fn, "taylor", logits, target, order=order, margin=margin,
+                                     ignore_index=ignore_index)
+    return _single_label_output(fn, logits, target, rows, t, counted, weight, reduction)
+
+
+def softplus_cross_entropy(logits, target, *, scale=1.0, weight=None, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.softplus_cross_entropy`."""
+    fn = "fastloss.reference.softplus_cross_entropy"
+    V.check_single_label_args(fn, logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    scale = V.check_finite(fn, "scale", scale, positive=True)
+    rows, t, counted = additive_rows(fn, "softplus", logits, target, scale=scale, ignore_index=ignore_index)
+    return _single_label_output(fn, logits, target, rows, t, counted, weight, reduction)
+
+
+def comp_sum_loss(logits, target, *, tau, weight=None, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.comp_sum_loss`: Phi_tau of the rest-mass cross-entropy -log p_y."""
+    fn = "fastloss.reference.comp_sum_loss"
+    V.check_single_label_args(fn, logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+    tau = V.check_finite(fn, "tau", tau, nonnegative=True)
+    x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
+    m, rest, top = log_sum_exp_rest(x)
+    nll = (m - x.gather(-1, safe_t[:, None]).squeeze(-1)) + torch.log1p(rest + top)
+    rows = torch.where(counted, comp_sum_from_nll(nll, tau), torch.zeros_like(nll))
+    return _single_label_output(fn, logits, target, rows, t, counted, weight, reduction)
+
+
+def generalized_cross_entropy(logits, target, *, q, weight=None, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.generalized_cross_entropy`: (1 - p_y^q) / q = comp-sum with tau = 1 + q."""
+    fn = "fastloss.reference.generalized_cross_entropy"
+    q = V.check_finite(fn, "q", q, positive=True)
+    if q > 1:
+        raise ValueError(f"{fn}: q must be in (0, 1], got {q}")
+    return comp_sum_loss(logits, target, tau=1.0 + q, weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+def multilabel_mask(fn, logits, targets, ignore_index):
+    """(mask (N, C) bool, bad_rows (N,) bool or None) from a bool mask or padded index lists (N, K).
+
+    Index lists: ignore_index entries are padding, repeats count once. An index outside [0, C) raises
+    IndexError on CPU (and on CUDA with fastloss.set_validation(True)) in eager mode; otherwise (and under
+    torch.compile) its row is reported in bad_rows (the caller makes that row's loss NaN) without a host sync."""
+    C = logits.shape[-1]
+    if targets.dtype == torch.bool:
+        return targets.reshape(-1, C), None
+    idx = targets.reshape(-1, targets.shape[-1]).long()
+    valid = idx != ignore_index
+    in_range = (idx >= 0) & (idx < C)
+    bad = valid & ~in_range
+    # The eager check syncs; under torch.compile the NaN-row path keeps the graph whole.
+    if (logits.device.type == "cpu" or V.get_validation()) and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            pos = int(bad.reshape(-1).nonzero()[0, 0])
+            raise IndexError(
+                f"{fn}: target index {int(idx.reshape(-1)[pos])} at flat position {pos} is out of bounds for "
+                f"{C} classes (and is not ignore_index={ignore_index})"
+            )
+    # One spare column takes the padding, so every scatter writes True (no write conflicts).
+    safe = torch.where(valid & in_range, idx, torch.full_like(idx, C))
+    mask = torch.zeros(idx.shape[0], C + 1, dtype=torch.bool, device=idx.device)
+    mask.scatter_(1, safe, True)
+    return mask[:, :C], bad.any(1)
+
+
+def _lse_rows(s, mask_out):
+    """log sum exp over the unmasked entries of each row (-inf where none), NaN-free gradients."""
+    has = (~mask_out).any(-1)
+    z = torch.where(has[:, None], s.masked_fill(mask_out, float("-inf")), torch.zeros_like(s))
+    lse = torch.logsumexp(z, -1)
+    return torch.where(has, lse, torch.full_like(lse, float("-inf")))
+
+
+def _multilabel_output(logits, rows, counted, bad, reduction):
+    if bad is not None:
+        rows = torch.where(bad, torch.full_like(rows, float("nan")), rows)
+    return row_loss_output(logits, rows, counted, reduction)
+
+
+def zlpr_loss(logits, targets, *, margin=0.0, scale=1.0, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.zlpr_loss`."""
+    fn = "fastloss.reference.zlpr_loss"
+    V.check_multilabel_args(fn, logits, targets, ignore_index=ignore_index, reduction=reduction)
+    margin = V.check_finite(fn, "margin", margin)
+    scale = V.check_finite(fn, "scale", scale, positive=True)
+    mask, bad = multilabel_mask(fn, logits, targets, ignore_index)
+    x = logits.reshape(-1, logits.shape[-1]).to(_acc_dtype(logits))
+    zero = torch.zeros_like(x[:, :1])
+    neg = torch.cat([zero, (scale * (x + margin)).masked_fill(mask, float("-inf"))], 1).logsumexp(-1)
+    pos = torch.cat([zero, (-scale * (x - margin)).masked_fill(~mask, float("-inf"))], 1).logsumexp(-1)
+    counted = torch.ones_like(neg, dtype=torch.bool)
+    return _multilabel_output(logits, neg + pos, counted, bad, reduction)
+
+
+def decoupled_softmax_loss(logits, targets, *, scale=1.0, ignore_index=-100, reduction="mean"):
+    """Reference of :func:`fastloss.decoupled_softmax_loss`."""
+    fn = "fastloss.reference.decoupled_softmax_loss"
+    V.check_multilabel_args(fn, logits, targets, ignore_index=ignore_index, reduction=reduction)
+    scale = V.check_finite(fn, "scale", scale, positive=True)
+    mask, bad = multilabel_mask(fn, logits, targets, ignore_index)
+    s = scale * logits.reshape(-1, logits.shape[-1]).to(_acc_dtype(logits))
+    lse_n = _lse_rows(s, mask)
+    per_pos = torch.where(mask, _softplus(lse_n[:, None] - s), torch.zeros_like(s))
+    count = mask.sum(-1)
+    rows = per_pos.sum(-1) / count.clamp(min=1).to(s.dtype)
+    return _multilabel_output(logits, rows, count > 0, bad, reduction)

@@ -1,4 +1,5 @@
-"""The spherical family on logits: Z-loss, spherical softmax, log-Taylor softmax (order 2) and squared error.
+"""The spherical family on logits: Z-loss, spherical softmax, log-Taylor softmax (order 2; the public function with
+every order is :func:`fastloss.taylor_softmax_loss`, which sends multi-target calls here) and squared error.
 
 Each loss sees a row of outputs o only through its mean, its centred square sum and the target outputs, so one
 fused kernel (``spherical_fwd`` / ``spherical_bwd``, maths in ``csrc/include/fastloss/spherical.h``) serves all
@@ -100,28 +101,6 @@ def spherical_softmax_loss(
     fn = "fastloss.spherical_softmax_loss"
     eps = V.check_finite(fn, "eps", eps, nonnegative=True)
     return spherical_call(fn, SPHERICAL_SOFTMAX, logits, target, target_weight, eps=eps, ignore_index=ignore_index,
-                          reduction=reduction)
-
-
-def taylor_softmax_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    order: int = 2,
-    target_weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-):
-    """Log-Taylor softmax (de Brébisson & Vincent 2016): ``−log(t(o_c) / Σ_k t(o_k))`` with
-    ``t(x) = 1 + x + x²/2`` (> 0 everywhere, so no ε is needed).
-
-    Order 2 is a spherical loss (it needs only Σo and Σo²) and runs on the spherical kernel, with ``(..., K)``
-    targets and ``target_weight`` as in :mod:`fastloss.spherical`.
-    """
-    fn = "fastloss.taylor_softmax_loss"
-    if isinstance(order, bool) or not isinstance(order, int) or order != 2:
-        raise ValueError(f"{fn}: order must be 2, got {order!r}")
-    return spherical_call(fn, TAYLOR_SOFTMAX, logits, target, target_weight, ignore_index=ignore_index,
                           reduction=reduction)
 
 
