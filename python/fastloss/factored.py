@@ -229,34 +229,37 @@ class FactoredSphericalLinear(torch.nn.Module):
         h_a, A, B, gam, target, valid = s["h_a"], s["A"], s["B"], s["gamma"], s["target"], s["valid"]
         self._stash = {}
         out, da = self.V.shape
-        mean = self.col_sum / out
-        G = (h_a * A[:, None]).t() @ h_a
-        r = h_a.t() @ B / out - 2 * (G @ mean)
+        P, lr2a = h_a, 2 * lr * A  # G = P' diag(A) P has rank <= m: every product below is O(m d^2)
         decay = torch.full((da,), 1 - lr * weight_decay, dtype=torch.float64, device=h_a.device)
         if self.has_bias:
             decay[-1] = 1.0
-        M = torch.diag(decay) - 2 * lr * G
+
+        def times_M(X):  # X @ M for a block of rows, M = diag(decay) - 2 lr G (symmetric)
+            return X * decay - ((X @ P.t()) * lr2a) @ P
+
+        mean = self.col_sum / out
+        r = P.t() @ B / out - 2 * (P.t() @ (A * (P @ mean)))  # H'B / V - 2 G m
         # target rows: S_k = sum of gamma_nj h_a[n] over the (n, j) with c_nj = k, per distinct class k
         cls = target[valid]
         uniq, inv = torch.unique(cls, return_inverse=True)
-        rows = (gam[valid][:, None] * h_a[valid.nonzero()[:, 0]])
+        rows = gam[valid][:, None] * h_a[valid.nonzero()[:, 0]]
         S = torch.zeros(uniq.shape[0], da, dtype=torch.float64, device=h_a.device).index_put_((inv,), rows,
                                                                                                 accumulate=True)
-        Z = (self.V[uniq].to(torch.float64) @ self.U + self.c) @ M - lr * r  # those rows of W_a M - lr 1 r'
+        Z = times_M(self.V[uniq].to(torch.float64) @ self.U + self.c) - lr * r  # those rows of W_a M - lr 1 r'
         # exact rank-m updates of Q = W_a'W_a and w̄ = W_a'1 for W_a <- W_a M - lr 1 r' - lr S
-        Mw = M.t() @ self.col_sum
-        gram = M.t() @ self.gram @ M - lr * (torch.outer(Mw, r) + torch.outer(r, Mw) + Z.t() @ S + S.t() @ Z)
+        Mw = times_M(self.col_sum[None])[0]
+        MQM = times_M(times_M(self.gram).t()).t()
+        gram = MQM - lr * (torch.outer(Mw, r) + torch.outer(r, Mw) + Z.t() @ S + S.t() @ Z)
         gram = gram + lr * lr * (out * torch.outer(r, r) + S.t() @ S)
         self.gram = 0.5 * (gram + gram.t())
         self.col_sum = Mw - lr * out * r - lr * S.sum(0)
-        # U <- U M, c <- M'c - lr r, U^-1 <- M^-1 U^-1 by Woodbury: M = D - P'Y with P = h_a, Y = 2 lr diag(A) h_a
-        self.U = self.U @ M
-        self.c = M.t() @ self.c - lr * r
+        # U <- U M, c <- M'c - lr r, U^-1 <- M^-1 U^-1 by Woodbury: M = D - P'Y with Y = 2 lr diag(A) P
+        self.U = times_M(self.U)
+        self.c = times_M(self.c[None])[0] - lr * r
         dinv = 1.0 / decay
-        Y = 2 * lr * A[:, None] * h_a
-        core = torch.eye(h_a.shape[0], dtype=torch.float64, device=h_a.device) - (Y * dinv) @ h_a.t()
-        m_inv = torch.diag(dinv) + (dinv[:, None] * h_a.t()) @ torch.linalg.solve(core, Y * dinv)
-        self.U_inv = m_inv @ self.U_inv
+        Yd = (lr2a[:, None] * P) * dinv
+        core = torch.eye(P.shape[0], dtype=torch.float64, device=P.device) - Yd @ P.t()
+        self.U_inv = dinv[:, None] * self.U_inv + (dinv[:, None] * P.t()) @ torch.linalg.solve(core, Yd @ self.U_inv)
         # V[k] <- V[k] - lr S_k U^-1 on the target rows only
         self.V.index_put_((uniq,), (-lr * S @ self.U_inv).to(self.V.dtype), accumulate=True)
         self.steps += 1
