@@ -7,40 +7,11 @@
 #include <cstdint>
 
 #include "../row_checks.h"
-#include "huge_pages.h"
+#include "glue.h"
 #include "row_kernels.h"
 
 namespace fastloss::cpu {
 namespace {
-
-const RowKernels& kernels() {
-#if defined(FL_HAVE_AVX2_KERNELS)
-  static const RowKernels* k =
-      (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? &avx2::kernels : &base::kernels;
-  return *k;
-#else
-  return base::kernels;
-#endif
-}
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    case at::kHalf: return DType::f16;
-    default: return DType::bf16;
-  }
-}
-
-// CPU contract: a target outside [0, C) that is not ignore_index raises IndexError before any kernel runs.
-void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
-  const int64_t* t = target.data_ptr<int64_t>();
-  for (int64_t i = 0, n = target.numel(); i < n; ++i) {
-    const int64_t y = t[i];
-    TORCH_CHECK_INDEX(y == ignore_index || (y >= 0 && y < C), "target ", y, " at position ", i,
-                      " is out of bounds for ", C, " classes (and is not ignore_index=", ignore_index, ")");
-  }
-}
 
 RowArgs base_args(const at::Tensor& logits, const at::Tensor& target, int64_t ignore_index) {
   RowArgs a{};
@@ -53,11 +24,6 @@ RowArgs base_args(const at::Tensor& logits, const at::Tensor& target, int64_t ig
   a.ignore_index = ignore_index;
   a.scale = 1.0;
   return a;
-}
-
-void run_rows(RowKernel k, const RowArgs& a, int64_t N) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.C, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { k(a, begin, end); });
 }
 
 void set_backward_args(RowArgs& a, RowBackwardInputs& in) {
@@ -96,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   set_ce_options(a, w, mg, margin_scalar, logit_scale, softcap, with_smoothing);
   a.parts = parts.data_ptr();
   a.stats = stats.data_ptr();
-  run_rows(kernels().ce_fwd, a, N);
+  run_rows(FL_CPU_KERNELS(kernels).ce_fwd, a, N);
   return {parts, stats};
 }
 
@@ -110,7 +76,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
   RowArgs a = base_args(logits, in.target, ignore_index);
   set_ce_options(a, w, std::nullopt, 0.0, logit_scale, softcap, with_smoothing);
   set_backward_args(a, in);
-  run_rows(kernels().ce_bwd, a, logits.size(0));
+  run_rows(FL_CPU_KERNELS(kernels).ce_bwd, a, logits.size(0));
   return in.grad_logits;
 }
 
@@ -140,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> spherical_fwd(const at::Tensor& logits, const
   set_spherical_options(a, t, tw, kind, a_, b_, eps);
   a.parts = loss.data_ptr();
   a.stats = stats.data_ptr();
-  run_rows(kernels().spherical_fwd, a, N);
+  run_rows(FL_CPU_KERNELS(kernels).spherical_fwd, a, N);
   return {loss, stats};
 }
 
@@ -154,7 +120,7 @@ at::Tensor spherical_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, 
   RowArgs a = base_args(logits, in.target, ignore_index);
   set_spherical_options(a, in.target, tw, kind, a_, b_, eps);
   set_backward_args(a, in);
-  run_rows(kernels().spherical_bwd, a, logits.size(0));
+  run_rows(FL_CPU_KERNELS(kernels).spherical_bwd, a, logits.size(0));
   return in.grad_logits;
 }
 

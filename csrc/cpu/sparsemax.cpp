@@ -8,31 +8,11 @@
 #include <cstdlib>
 
 #include "../row_checks.h"
-#include "huge_pages.h"
+#include "glue.h"
 #include "sparsemax_kernels.h"
 
 namespace fastloss::cpu {
 namespace {
-
-const SparsemaxKernels& sm_kernels() {
-#if defined(FL_HAVE_AVX2_KERNELS)
-  static const SparsemaxKernels* k = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-                                         ? &avx2::sparsemax_kernels
-                                         : &base::sparsemax_kernels;
-  return *k;
-#else
-  return base::sparsemax_kernels;
-#endif
-}
-
-DType sm_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    case at::kHalf: return DType::f16;
-    default: return DType::bf16;
-  }
-}
 
 // Newton passes before the exact sort-based fallback (rows seen in tests need at most ~12). The
 // FASTLOSS_SPARSEMAX_MAX_ITER variable lowers it so the tests can reach the fallback.
@@ -41,29 +21,15 @@ int max_iter() {
   return env ? std::max(1, std::atoi(env)) : 100;
 }
 
-void run_rows(SparsemaxKernel k, const SparsemaxArgs& a, int64_t N) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.C, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { k(a, begin, end); });
-}
-
 SparsemaxArgs sm_args(const at::Tensor& in, bool entmax15) {
   SparsemaxArgs a{};
-  a.dtype = sm_dtype(in);
+  a.dtype = dtype_of(in);
   a.entmax15 = entmax15;
   a.in = in.data_ptr();
   a.row_stride = in.size(0) > 1 ? in.stride(0) : in.size(1);
   a.C = in.size(1);
   a.max_iter = max_iter();
   return a;
-}
-
-void check_targets(const at::Tensor& target, int64_t C, int64_t ignore_index) {
-  const int64_t* t = target.data_ptr<int64_t>();
-  for (int64_t i = 0, n = target.numel(); i < n; ++i) {
-    const int64_t y = t[i];
-    TORCH_CHECK_INDEX(y == ignore_index || (y >= 0 && y < C), "target ", y, " at position ", i,
-                      " is out of bounds for ", C, " classes (and is not ignore_index=", ignore_index, ")");
-  }
 }
 
 void check_act_input(const at::Tensor& x, const char* op, const char* name) {
@@ -89,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> sparsemax_loss_fwd(const at::Tensor& logits, 
   a.ignore_index = ignore_index;
   a.out = loss.data_ptr();
   a.stats = stats.data_ptr();
-  run_rows(sm_kernels().loss_fwd, a, N);
+  run_rows(FL_CPU_KERNELS(sparsemax_kernels).loss_fwd, a, N);
   return {loss, stats};
 }
 
@@ -105,7 +71,7 @@ at::Tensor sparsemax_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& log
   a.stats = in.stats.data_ptr();
   a.grad_in = in.grad_rows.data_ptr();
   a.out = in.grad_logits.data_ptr();
-  run_rows(sm_kernels().loss_bwd, a, logits.size(0));
+  run_rows(FL_CPU_KERNELS(sparsemax_kernels).loss_bwd, a, logits.size(0));
   return in.grad_logits;
 }
 
@@ -117,7 +83,7 @@ at::Tensor sparsemax_fwd(const at::Tensor& logits, bool entmax15) {
   advise_huge_pages(out);
   SparsemaxArgs a = sm_args(logits, entmax15);
   a.out = out.data_ptr();
-  run_rows(sm_kernels().act_fwd, a, N);
+  run_rows(FL_CPU_KERNELS(sparsemax_kernels).act_fwd, a, N);
   return out;
 }
 
@@ -134,7 +100,7 @@ at::Tensor sparsemax_bwd(const at::Tensor& grad, const at::Tensor& probs, bool e
   SparsemaxArgs a = sm_args(p, entmax15);
   a.grad_in = g.data_ptr();
   a.out = out.data_ptr();
-  run_rows(sm_kernels().act_bwd, a, N);
+  run_rows(FL_CPU_KERNELS(sparsemax_kernels).act_bwd, a, N);
   return out;
 }
 

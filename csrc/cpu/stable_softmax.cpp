@@ -5,31 +5,15 @@
 #include <torch/library.h>
 
 #include "../row_checks.h"
-#include "huge_pages.h"
+#include "glue.h"
 #include "stable_softmax_kernels.h"
 
 namespace fastloss::cpu {
 namespace {
 
-const StableKernels& stable() {
-#if defined(FL_HAVE_AVX2_KERNELS)
-  static const StableKernels* k = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-                                      ? &avx2::stable_kernels
-                                      : &base::stable_kernels;
-  return *k;
-#else
-  return base::stable_kernels;
-#endif
-}
-
 StableArgs make_args(const at::Tensor& logits) {
   StableArgs a{};
-  switch (logits.scalar_type()) {
-    case at::kFloat: a.dtype = DType::f32; break;
-    case at::kDouble: a.dtype = DType::f64; break;
-    case at::kHalf: a.dtype = DType::f16; break;
-    default: a.dtype = DType::bf16;
-  }
+  a.dtype = dtype_of(logits);
   a.logits = logits.data_ptr();
   a.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
   a.C = logits.size(1);
@@ -37,23 +21,11 @@ StableArgs make_args(const at::Tensor& logits) {
   return a;
 }
 
-void run(StableKernel k, const StableArgs& a, int64_t N) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.C, 1));
-  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) { k(a, b, e); });
-}
-
 int additive_kind(int64_t kind, int64_t order, const char* op) {
   TORCH_CHECK(kind >= 0 && kind <= 2, op, ": kind must be 0 (stablemax), 1 (taylor) or 2 (softplus), got ", kind);
   TORCH_CHECK(kind != 1 || (order >= 2 && order <= 10 && order % 2 == 0), op,
               ": Taylor order must be even in [2, 10], got ", order);
   return static_cast<int>(kind);
-}
-
-void check_add_targets(const at::Tensor& t, int64_t C, int64_t ignore_index) {
-  const int64_t* p = t.data_ptr<int64_t>();
-  for (int64_t i = 0, n = t.numel(); i < n; ++i)
-    TORCH_CHECK_INDEX(p[i] == ignore_index || (p[i] >= 0 && p[i] < C), "target ", p[i], " at position ", i,
-                      " is out of bounds for ", C, " classes (and is not ignore_index=", ignore_index, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor> additive_row_fwd(const at::Tensor& logits, const at::Tensor& target,
@@ -64,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> additive_row_fwd(const at::Tensor& logits, co
   const int k = additive_kind(kind, order, op);
   const int64_t N = logits.size(0);
   auto t = target.contiguous();
-  check_add_targets(t, logits.size(1), ignore_index);
+  check_targets(t, logits.size(1), ignore_index);
   auto opts = logits.options().dtype(acc_type_of(logits));
   at::Tensor loss = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
   StableArgs a = make_args(logits);
@@ -75,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> additive_row_fwd(const at::Tensor& logits, co
   a.margin = margin;
   a.loss = loss.data_ptr();
   a.stats = stats.data_ptr();
-  run(stable().add_fwd[k], a, N);
+  run_rows(FL_CPU_KERNELS(stable_kernels).add_fwd[k], a, N);
   return {loss, stats};
 }
 
@@ -85,7 +57,7 @@ at::Tensor additive_row_bwd(const at::Tensor& grad_loss, const at::Tensor& logit
   constexpr const char* op = "fastloss.additive_row_bwd";
   auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, op);
   const int k = additive_kind(kind, order, op);
-  check_add_targets(in.target, logits.size(1), ignore_index);
+  check_targets(in.target, logits.size(1), ignore_index);
   StableArgs a = make_args(logits);
   a.target = in.target.data_ptr<int64_t>();
   a.ignore_index = ignore_index;
@@ -96,7 +68,7 @@ at::Tensor additive_row_bwd(const at::Tensor& grad_loss, const at::Tensor& logit
   a.stats = in.stats.data_ptr();
   a.grad_loss = in.grad_rows.data_ptr();
   a.grad_logits = in.grad_logits.data_ptr();
-  run(stable().add_bwd[k], a, logits.size(0));
+  run_rows(FL_CPU_KERNELS(stable_kernels).add_bwd[k], a, logits.size(0));
   return in.grad_logits;
 }
 
@@ -133,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> multilabel_row_fwd(const at::Tensor& logits, 
   StableArgs a = ml_args(logits, mask, scale, margin);
   a.loss = loss.data_ptr();
   a.stats = stats.data_ptr();
-  run(stable().ml_fwd[kind], a, N);
+  run_rows(FL_CPU_KERNELS(stable_kernels).ml_fwd[kind], a, N);
   return {loss, stats};
 }
 
@@ -152,7 +124,7 @@ at::Tensor multilabel_row_bwd(const at::Tensor& grad_loss, const at::Tensor& log
   a.stats = s.data_ptr();
   a.grad_loss = g.data_ptr();
   a.grad_logits = grad.data_ptr();
-  run(stable().ml_bwd[kind], a, logits.size(0));
+  run_rows(FL_CPU_KERNELS(stable_kernels).ml_bwd[kind], a, logits.size(0));
   return grad;
 }
 

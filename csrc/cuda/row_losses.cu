@@ -15,6 +15,7 @@
 #include "common.cuh"
 #include "fastloss/row_losses.h"
 #include "fastloss/spherical.h"
+#include "launch.cuh"
 
 namespace fastloss::cuda {
 namespace {
@@ -280,33 +281,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
 }
 
 // ------------------------------------------------------------------------------------------------ glue
-
-template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK(false, "fastloss: unsupported dtype ", st);
-  }
-}
-
-struct Launch {
-  dim3 grid, block;
-  cudaStream_t stream;
-};
-
-Launch row_launch(const at::Tensor& logits) {
-  const int64_t N = logits.size(0), C = logits.size(1);
-  const int64_t blocks = std::min<int64_t>(std::max<int64_t>(N, 1), int64_t(1) << 30);
-  return {dim3(static_cast<unsigned>(blocks)), dim3(row_block_threads(C, logits.element_size())),
-          c10::cuda::getCurrentCUDAStream(logits.get_device()).stream()};
-}
-
-int64_t row_stride_of(const at::Tensor& logits) {
-  return logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
-}
 
 template <typename acc_t>
 CeOpts<acc_t> ce_opts(const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& mg,

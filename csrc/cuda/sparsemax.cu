@@ -16,6 +16,7 @@
 #include "../row_checks.h"
 #include "common.cuh"
 #include "fastloss/sparsemax.h"
+#include "launch.cuh"
 
 namespace fastloss::cuda {
 namespace {
@@ -171,31 +172,11 @@ __global__ void __launch_bounds__(kMaxRowThreads)
 // f(kind, scalar_t{}) with kind = std::true_type for entmax-1.5.
 template <typename F>
 void dispatch(at::ScalarType st, bool entmax15, F&& f) {
-  auto go = [&](auto tag) {
+  dispatch_float(st, [&](auto tag) {
     if (entmax15) f(std::true_type{}, tag);
     else f(std::false_type{}, tag);
-  };
-  switch (st) {
-    case at::kFloat: return go(float{});
-    case at::kDouble: return go(double{});
-    case at::kHalf: return go(c10::Half{});
-    case at::kBFloat16: return go(c10::BFloat16{});
-    default: TORCH_CHECK(false, "fastloss: unsupported dtype ", st);
-  }
+  });
 }
-
-struct Launch {
-  dim3 grid, block;
-  cudaStream_t stream;
-};
-
-Launch launch_for(const at::Tensor& x) {
-  const int64_t blocks = std::min<int64_t>(std::max<int64_t>(x.size(0), 1), int64_t(1) << 30);
-  return {dim3(static_cast<unsigned>(blocks)), dim3(row_block_threads(x.size(1), x.element_size())),
-          c10::cuda::getCurrentCUDAStream(x.get_device()).stream()};
-}
-
-int64_t row_stride_of(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
 
 void check_act_input(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (N, C), got ", x.dim(), "-D");
@@ -215,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> sparsemax_loss_fwd(const at::Tensor& logits, 
   auto opts = logits.options().dtype(acc_type_of(logits));
   at::Tensor loss = at::empty({N}, opts), stats = at::empty({N, 2}, opts);
   if (N == 0) return {loss, stats};
-  const Launch L = launch_for(logits);
+  const Launch L = row_launch(logits);
   dispatch(logits.scalar_type(), entmax15, [&](auto kind, auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
@@ -233,7 +214,7 @@ at::Tensor sparsemax_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& log
   auto in = prepare_row_backward(grad_loss, 1, logits, target, stats, 2, "fastloss.sparsemax_loss_bwd");
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return in.grad_logits;
-  const Launch L = launch_for(logits);
+  const Launch L = row_launch(logits);
   dispatch(logits.scalar_type(), entmax15, [&](auto kind, auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
@@ -252,7 +233,7 @@ at::Tensor sparsemax_fwd(const at::Tensor& logits, bool entmax15) {
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor out = at::empty({N, C}, logits.options());
   if (N == 0) return out;
-  const Launch L = launch_for(logits);
+  const Launch L = row_launch(logits);
   dispatch(logits.scalar_type(), entmax15, [&](auto kind, auto tag) {
     using scalar_t = decltype(tag);
     threshold_fwd_kernel<decltype(kind)::value, false, scalar_t><<<L.grid, L.block, 0, L.stream>>>(
@@ -274,7 +255,7 @@ at::Tensor sparsemax_bwd(const at::Tensor& grad, const at::Tensor& probs, bool e
   const int64_t N = p.size(0), C = p.size(1);
   at::Tensor out = at::empty({N, C}, p.options());
   if (N == 0) return out;
-  const Launch L = launch_for(p);
+  const Launch L = row_launch(p);
   dispatch(p.scalar_type(), entmax15, [&](auto kind, auto tag) {
     using scalar_t = decltype(tag);
     act_bwd_kernel<decltype(kind)::value, scalar_t><<<L.grid, L.block, 0, L.stream>>>(

@@ -15,6 +15,7 @@
 #include "../row_checks.h"
 #include "common.cuh"
 #include "fastloss/stable_softmax.h"
+#include "launch.cuh"
 
 namespace fastloss::cuda {
 namespace {
@@ -217,17 +218,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinBlocks<scalar_t>)
 // ------------------------------------------------------------------------------------------------ glue
 
 template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK(false, "fastloss: unsupported dtype ", st);
-  }
-}
-
-template <typename F>
 void dispatch_add_kind(int64_t kind, F&& f) {
   switch (kind) {
     case 0: return f(std::integral_constant<AddKind, AddKind::stablemax>{});
@@ -244,18 +234,6 @@ void dispatch_ml_kind(int64_t kind, F&& f) {
     case 1: return f(std::integral_constant<MlKind, MlKind::dexml>{});
     default: TORCH_CHECK(false, "fastloss: kind must be 0 (zlpr) or 1 (dexml), got ", kind);
   }
-}
-
-struct Launch {
-  dim3 grid, block;
-  cudaStream_t stream;
-};
-
-Launch row_launch(const at::Tensor& logits) {
-  const int64_t N = logits.size(0), C = logits.size(1);
-  const int64_t blocks = std::min<int64_t>(std::max<int64_t>(N, 1), int64_t(1) << 30);
-  return {dim3(static_cast<unsigned>(blocks)), dim3(row_block_threads(C, logits.element_size())),
-          c10::cuda::getCurrentCUDAStream(logits.get_device()).stream()};
 }
 
 int64_t stride_of(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
