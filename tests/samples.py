@@ -74,3 +74,34 @@ def loss_and_grad(fn, sample: RowSample, **kwargs):
     loss = out[0] if isinstance(out, tuple) else out
     (g,) = torch.autograd.grad(loss, x, grad_like(loss), allow_unused=False) if x.numel() else (torch.zeros_like(x),)
     return loss.detach(), g
+
+
+class TinyHead(torch.nn.Module):
+    """A linear head feeding `loss(logits, target)`: the model that compile tests trace end to end."""
+
+    def __init__(self, d, C, loss):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, C)
+        self.loss = loss
+
+    def forward(self, h, t):
+        return self.loss(torch.tanh(self.proj(h)) * 4, t)
+
+
+def check_compile_fullgraph(loss, device):
+    """torch.compile(fullgraph=True) of a TinyHead with `loss` gives the eager loss and parameter gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyHead(16, 53, loss).to(device)
+    h = torch.randn(4, 6, 16, device=device)
+    t = torch.randint(0, 53, (4, 6), device=device)
+    t[0, 0] = -100
+    eager = model(h, t)
+    eager.backward()
+    g_eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(h, t)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
+        torch.testing.assert_close(g, ge)

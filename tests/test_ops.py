@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastloss
-from samples import row_samples
+from samples import check_compile_fullgraph, row_samples
 
 ops = torch.ops.fastloss
 
@@ -73,40 +73,20 @@ def test_gradcheck_float64(device, case):
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-class TinyHead(torch.nn.Module):
-    def __init__(self, d, C, loss):
-        super().__init__()
-        self.proj = torch.nn.Linear(d, C)
-        self.loss = loss
-
-    def forward(self, h, t):
-        return self.loss(torch.tanh(self.proj(h)) * 4, t)
-
-
 COMPILE_LOSSES = {
     "cross_entropy": lambda z, t: fastloss.cross_entropy(z, t, label_smoothing=0.1, lse_square_scale=1e-3,
                                                          softcap=3.0),
     "cross_entropy_lse": lambda z, t: sum(x.sum() for x in fastloss.cross_entropy(z, t, return_lse=True,
                                                                                    reduction="none")),
     "zloss": lambda z, t: fastloss.zloss(z, t, a=1.5),
+    "spherical_softmax_multi_target": lambda z, t: fastloss.spherical_softmax_loss(z, torch.stack([t, t.flip(-1)], -1)),
+    "spherical_mse": lambda z, t: fastloss.spherical_mse_loss(z, t, reduction="sum"),
+    "taylor_softmax_weighted": lambda z, t: fastloss.taylor_softmax_loss(z, t, target_weight=z.new_ones(t.shape)),
 }
 
 
 @pytest.mark.parametrize("name", list(COMPILE_LOSSES))
 def test_compile_fullgraph(device, name):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = TinyHead(16, 53, COMPILE_LOSSES[name]).to(device)
-    h = torch.randn(4, 6, 16, device=device)
-    t = torch.randint(0, 53, (4, 6), device=device)
-    t[0, 0] = -100
-    eager = model(h, t)
-    eager.backward()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(h, t)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
-        torch.testing.assert_close(g, ge)
+    check_compile_fullgraph(COMPILE_LOSSES[name], device)
+
+

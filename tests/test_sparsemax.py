@@ -9,7 +9,7 @@ import torch
 
 import fastloss
 from fastloss import reference
-from samples import TOL, RowSample, grad_like, loss_and_grad, row_samples
+from samples import TOL, RowSample, check_compile_fullgraph, grad_like, loss_and_grad, row_samples
 
 try:  # the peer (scripts/setup_env.sh installs it); only the tests that compare with it need it
     import entmax
@@ -342,16 +342,6 @@ def test_gradcheck_float64(device, name):
     assert torch.autograd.gradcheck(lambda z: fn(z, t), (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-class TinyHead(torch.nn.Module):
-    def __init__(self, d, C, loss):
-        super().__init__()
-        self.proj = torch.nn.Linear(d, C)
-        self.loss = loss
-
-    def forward(self, h, t):
-        return self.loss(torch.tanh(self.proj(h)) * 4, t)
-
-
 COMPILE = {
     "sparsemax_loss": lambda z, t: fastloss.sparsemax_loss(z, t),
     "entmax15_loss": lambda z, t: fastloss.entmax15_loss(z, t, reduction="sum"),
@@ -362,21 +352,7 @@ COMPILE = {
 
 @pytest.mark.parametrize("name", list(COMPILE))
 def test_compile_fullgraph(device, name):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = TinyHead(16, 53, COMPILE[name]).to(device)
-    h = torch.randn(4, 6, 16, device=device)
-    t = torch.randint(0, 53, (4, 6), device=device)
-    t[0, 0] = -100
-    eager = model(h, t)
-    eager.backward()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    out = torch.compile(model, fullgraph=True)(h, t)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
-        torch.testing.assert_close(g, ge)
+    check_compile_fullgraph(COMPILE[name], device)
 
 
 # -------------------------------------------------------------------------------------------------- bad input

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import fastloss
 from fastloss import reference
-from samples import TOL, grad_like, loss_and_grad, row_samples
+from samples import TOL, check_compile_fullgraph, grad_like, loss_and_grad, row_samples
 
 ops = torch.ops.fastloss
 
@@ -419,16 +419,6 @@ def test_gradcheck_float64(device, case):
     assert torch.autograd.gradcheck(lambda x: fn(x, t, **kw), (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
-class TinyHead(torch.nn.Module):
-    def __init__(self, d, C, loss):
-        super().__init__()
-        self.proj = torch.nn.Linear(d, C)
-        self.loss = loss
-
-    def forward(self, h, t):
-        return self.loss(torch.tanh(self.proj(h)) * 4, t)
-
-
 COMPILE = {
     "stablemax": lambda z, t: fastloss.stablemax_cross_entropy(z, t),
     "taylor": lambda z, t: fastloss.taylor_softmax_loss(z, t, order=4, margin=0.3),
@@ -440,21 +430,7 @@ COMPILE = {
 
 @pytest.mark.parametrize("name", list(COMPILE))
 def test_compile_fullgraph(device, name):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = TinyHead(16, 53, COMPILE[name]).to(device)
-    h = torch.randn(4, 6, 16, device=device)
-    t = torch.randint(0, 53, (4, 6), device=device)
-    t[0, 0] = -100
-    eager = model(h, t)
-    eager.backward()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    out = torch.compile(model, fullgraph=True)(h, t)
-    out.backward()
-    torch.testing.assert_close(out, eager)
-    for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
-        torch.testing.assert_close(g, ge)
+    check_compile_fullgraph(COMPILE[name], device)
 
 
 # ------------------------------------------------------------------------------ bad input
