@@ -43,14 +43,15 @@ class _FactoredLoss(torch.autograd.Function):
         da = h_a.shape[1]
         stat = torch.cat([mean, mean.new_zeros(da + 2)])
         row = torch.ops.fastloss.spherical_row_stats(h_a, hq, stat)
-        mu, m2 = row[:, 0], row[:, 1]
-        valid = target != ignore_index
+        bad = (target != ignore_index) & ((target < 0) | (target >= out))  # NaN row, no out-of-bounds read, no sync
+        valid = (target != ignore_index) & ~bad
+        mu, m2 = torch.where(bad.any(-1), torch.nan, row[:, 0]), row[:, 1]
         safe = torch.where(valid, target, torch.zeros_like(target))
         w_t = Vmat[safe].to(torch.float64) @ U + c  # (m, K, d_a): the target rows of W_a
         oc = (w_t * h_a[:, None, :]).sum(-1)
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, oc - mu[:, None], target, target_weight,
                                                             kind, a, b, eps, out, ignore_index)
-        count = valid.any(-1).sum().to(rows.dtype)
+        count = (valid | bad).any(-1).sum().to(rows.dtype)
         ctx.save_for_backward(h_a, hq, coef, w_t, mean, count, valid, target)
         ctx.stash, ctx.in_dtype, ctx.d = stash, hidden.dtype, hidden.shape[1]
         return (rows.sum() / count).to(hidden.dtype)
@@ -198,7 +199,8 @@ class FactoredSphericalLinear(torch.nn.Module):
         if target.device != hidden.device:
             raise ValueError(f"{fn}: target is on {target.device} but hidden is on {hidden.device}")
         t = target.reshape(hidden.shape[0], -1).long()
-        V.check_target_range(fn, t, self.out_features, self.ignore_index)
+        if hidden.device.type == "cpu" or V.get_validation():  # on CUDA a sync: behind the validation switch
+            V.check_target_range(fn, t, self.out_features, self.ignore_index)
         tw = None
         if target_weight is not None:
             if target_weight.shape != target.shape:
@@ -239,12 +241,16 @@ class FactoredSphericalLinear(torch.nn.Module):
 
         mean = self.col_sum / out
         r = P.t() @ B / out - 2 * (P.t() @ (A * (P @ mean)))  # H'B / V - 2 G m
-        # target rows: S_k = sum of gamma_nj h_a[n] over the (n, j) with c_nj = k, per distinct class k
-        cls = target[valid]
-        uniq, inv = torch.unique(cls, return_inverse=True)
-        rows = gam[valid][:, None] * h_a[valid.nonzero()[:, 0]]
-        S = torch.zeros(uniq.shape[0], da, dtype=torch.float64, device=h_a.device).index_put_((inv,), rows,
-                                                                                                accumulate=True)
+        # target rows: S_k = sum of gamma_nj h_a[n] over the (n, j) with c_nj = k, one row per distinct class k.
+        # Distinct classes by sorting into m K segments (unused segments stay zero rows of class 0): no
+        # data-dependent shape, so no host sync.
+        K = target.shape[1]
+        cls, order = torch.sort(torch.where(valid, target, torch.zeros_like(target)).reshape(-1), stable=True)
+        seg = torch.cumsum(torch.cat([cls.new_zeros(1), (cls[1:] != cls[:-1]).long()]), 0)
+        uniq = torch.zeros_like(cls).scatter_(0, seg, cls)
+        rows = (gam.reshape(-1, 1) * h_a.repeat_interleave(K, 0))[order]  # invalid targets carry gamma = 0
+        S = torch.zeros(cls.shape[0], da, dtype=torch.float64, device=h_a.device).index_put_((seg,), rows,
+                                                                                             accumulate=True)
         Z = times_M(self.V[uniq].to(torch.float64) @ self.U + self.c) - lr * r  # those rows of W_a M - lr 1 r'
         # exact rank-m updates of Q = W_a'W_a and w̄ = W_a'1 for W_a <- W_a M - lr 1 r' - lr S
         Mw = times_M(self.col_sum[None])[0]

@@ -85,7 +85,7 @@ class _LinearSpherical(torch.autograd.Function):
         with _no_tf32(hidden.device, allow_tf32):
             wsum_s, bsum_s, gram, u, beta = _shard_stats(weight, bias, acc)
             counts = [Vs]
-            if group is not None:  # shard boundaries: every rank's row count (host ints)
+            if group is not None:  # shard boundaries as host ints: the one host sync of vocab-parallel mode
                 c = torch.zeros(world, dtype=torch.int64, device=hidden.device)
                 c[rank] = Vs
                 torch.distributed.all_reduce(c, group=group)
