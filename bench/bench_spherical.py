@@ -5,6 +5,8 @@ Providers (op ``linear_zloss``):
   fastloss      linear_spherical_loss(h, W, t, bias=b, loss="zloss")           ~ V·d² + N·d², no N x V tensor
   torch         F.linear_cross_entropy(h, W, t, linear_bias=b) (torch's own linear + CE)  ~ N·V·d
   materialised  fastloss.zloss(F.linear(h, W, b), t)  (same loss, logits formed)   ~ N·V·d
+  fastloss_fp32 the Gram form with bf16_split=False (fp32 products; compares the bf16 hi/lo split on CUDA)
+  liger, cce    Liger's fused linear cross-entropy and Cut Cross-Entropy (CUDA), when importable
 
     python bench/bench_spherical.py                      # CPU fp32 N=8192 d=256 V=50000 (issue target shape)
     python bench/bench_spherical.py --sweep --plot       # N and V sweeps, fastloss vs materialised, PNG
@@ -24,10 +26,28 @@ from harness import Case, append_csv, csv_row, format_table, measure, run_info  
 
 import fastloss  # noqa: E402
 
+
+def _liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda h, W, b, t: loss(W, h, t, b)
+
+
+def _cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, W, b, t: linear_cross_entropy(h, W, t, bias=b)
+
+
 PROVIDERS = {
-    "fastloss": lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss"),
-    "torch": lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b),
-    "materialised": lambda h, W, b, t: fastloss.zloss(F.linear(h, W, b), t),
+    "fastloss": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss"),
+    "fastloss_fp32": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss",
+                                                                               bf16_split=False),
+    "torch": lambda: lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b),
+    "materialised": lambda: lambda h, W, b, t: fastloss.zloss(F.linear(h, W, b), t),
+    "liger": _liger,
+    "cce": _cce,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -58,7 +78,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 (cpu default) or bf16 (cuda default)")
     p.add_argument("--shapes", default=None, help="comma list of NxdxV (default: the issue's target shape)")
-    p.add_argument("--providers", default="fastloss,torch,materialised")
+    p.add_argument("--providers", default=None, help="comma list (default: fastloss,torch,materialised; on CUDA "
+                   "also fastloss_fp32, liger, cce)")
     p.add_argument("--sweep", action="store_true", help="N in 1k..64k at V=50k and V in 10k..500k at N=8192 "
                    "(d=256), fastloss only, plus the materialised path where it fits")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "spherical.csv")
@@ -67,7 +88,8 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     default = "32768x2048x131072" if args.device == "cuda" else "8192x256x50000"
     shapes = [tuple(map(int, s.split("x"))) for s in (args.shapes or default).split(",")]
-    providers = args.providers.split(",")
+    gpu = "fastloss,fastloss_fp32,torch,materialised,liger,cce"
+    providers = (args.providers or (gpu if args.device == "cuda" else "fastloss,torch,materialised")).split(",")
     todo = [(n, d, v, prov) for n, d, v in shapes for prov in providers]
     if args.sweep:
         todo = [(n, 256, 50_000, "fastloss") for n in (1024, 4096, 16384, 65536)]
@@ -77,9 +99,21 @@ def main(argv=None):
     info = run_info(args.device)
     append_csv(args.out, [])
     results = []
+    fns = {}
+    for prov in {p for *_, p in todo}:
+        try:
+            fns[prov] = PROVIDERS[prov]()
+        except ImportError as e:  # optional peers
+            print(f"skip {prov}: {e}", flush=True)
     for n, d, v, prov in todo:
+        if prov not in fns:
+            continue
         case = Case("linear_zloss", {"N": n, "d": d, "V": v}, dtype, args.device, "fwdbwd")
-        r = measure(setup_for(PROVIDERS[prov], case), case, min_run_time=0.5, min_samples=3)
+        try:
+            r = measure(setup_for(fns[prov], case), case, min_run_time=0.5, min_samples=3)
+        except torch.OutOfMemoryError:
+            print(f"{prov:13s} N={n:6d} d={d:5d} V={v:7d}: out of memory", flush=True)
+            continue
         append_csv(args.out, [csv_row(case, prov, r, 0.0, info)])
         results.append((case, prov, r))
         print(f"{prov:13s} N={n:6d} d={d:5d} V={v:7d}: {r.median_ms:9.1f} ms  peak {r.peak_mem_mb:8.1f} MB  "

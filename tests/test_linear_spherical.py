@@ -89,6 +89,68 @@ def test_low_precision(device, loss, dtype):
         _close(x, y, 2 * eps)
 
 
+def test_bf16_split_products(device):
+    """The hi/lo split products (bf16 operands, fp32 accumulation) are fp32-accurate: ~2^-16 relative, where one
+    bf16 rounding of the fp32 operand alone would cost ~2^-9."""
+    from fastloss.linear_spherical import _Products, _split
+
+    gen = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
+    x = r(300, 24).to(torch.bfloat16)  # an input operand: exact in bf16
+    y = r(24, 24)
+    hi, lo = _split(y.float())
+    assert (hi.double() + lo.double() - y.float().double()).abs().max() <= 2.0**-16 * y.abs().max()
+    prod = _Products(True, torch.float32)
+    _close(prod.times(x, y.float()), x.double() @ y.float().double(), 2e-5)
+    add = r(24).float()
+    _close(prod.times(x, y.float(), add), x.double() @ y.float().double() + add.double(), 2e-5)
+    big = r(300, 24).float() + 30.0  # a large shared offset: the Gram of fp32 rows, not of bf16-rounded ones
+    _close(prod.gram(big), big.double().t() @ big.double(), 2e-5)
+    w = r(300).float()  # mixed-sign row weights
+    _close(prod.weighted_gram(x, w), (x.double() * w.double()[:, None]).t() @ x.double(), 2e-5)
+    rounded = (x.double() @ y.float().to(torch.bfloat16).double())  # what a hi-only product would give
+    assert (rounded - x.double() @ y.float().double()).abs().max() > 1e-4 * rounded.abs().max()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("case", ["plain", "large_mean", "ill_conditioned"])
+def test_bf16_split_rows_fp32_accurate(device, loss, case):
+    """bf16 inputs through the split products: the per-row losses (fp32, before the output cast) are within 1e-5
+    of the float64 reference on the same bf16 inputs, also for a large shared mean or an ill-conditioned W."""
+    from fastloss.linear_spherical import _LinearSpherical
+    from fastloss.spherical import KINDS
+
+    kw = {"plain": {}, "large_mean": {"mean_shift": 30.0}, "ill_conditioned": {"cond": 1e4}}[case]
+    h, W, bias, t = _problem(device, torch.bfloat16, N=64, d=16, V=301, **kw)
+    o = {"a": 1.0, "b": 0.0, "eps": 1e-4} | OPTS[loss]
+    rows, _ = _LinearSpherical.apply(h, W, bias, t[:, None], None, KINDS[loss], o["a"], o["b"], o["eps"], -100,
+                                     None, False, True)
+    want = reference.linear_spherical_loss(h.double(), W.double(), t, bias=bias.double(), loss=loss,
+                                           reduction="none", **OPTS[loss])
+    assert rows.dtype == torch.float32
+    _close(rows, want, 1e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("split", [True, None])
+def test_bf16_split_end_to_end(device, loss, split):
+    """The public API with bf16 inputs (split forced, or the default: the split on CUDA, fp32 products on CPU):
+    loss and gradients equal the float64 reference on the rounded inputs up to the bf16 output rounding, and the
+    two product precisions agree."""
+    h, W, bias, t = _problem(device, torch.bfloat16, N=32, d=16, V=200)
+    got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, bf16_split=split, **OPTS[loss])
+    want, gw = _run(reference.linear_spherical_loss, h.double(), W.double(), t, bias.double(), loss=loss,
+                    **OPTS[loss])
+    plain, gp = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, bf16_split=False, **OPTS[loss])
+    eps = torch.finfo(torch.bfloat16).eps
+    _close(got, want, 2 * eps)
+    _close(got, plain, 2 * eps)
+    for x, y, z in zip(gg, gw, gp, strict=True):
+        assert x.dtype == torch.bfloat16
+        _close(x, y, 2 * eps)
+        _close(x, z, 2 * eps)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_multi_target(device, loss):
     h, W, bias, t = _problem(device, torch.float64)
@@ -177,6 +239,10 @@ def test_bad_inputs(device):
         f(h, W, t[:3])
     with pytest.raises(ValueError, match="bias"):
         f(h, W, t, bias=bias[:3])
+    with pytest.raises(ValueError, match="bf16_split=True needs bfloat16"):
+        f(h, W, t, bf16_split=True)
+    with pytest.raises(TypeError, match="bf16_split must be"):
+        f(h, W, t, bf16_split="yes")
     t_bad = t.clone()
     t_bad[2] = W.shape[0]
     if device == "cpu":

@@ -12,7 +12,10 @@ tensor exists. The exact gradients, with ``A = ∂L/∂m2``, ``B = ∂L/∂μ`` 
 
 Centring the Gram keeps the Z-loss variance exact when the output embeddings share a large mean direction
 (``q/V − μ²`` would cancel). Statistics and products run in float32 (float64 for float64 inputs), TF32 off
-unless asked for. With a ``process_group`` the weight is sharded by rows (vocab parallel): each rank centres
+unless asked for. bfloat16 inputs on CUDA keep tensor-core speed with fp32 accuracy (``bf16_split``): every product
+takes bf16 operands with fp32 accumulation, and an fp32 operand (the centred weight, the d×d statistics) is split
+into bf16 ``hi + lo`` parts (about 16 mantissa bits), so it costs two bf16 GEMMs instead of one fp32 GEMM.
+With a ``process_group`` the weight is sharded by rows (vocab parallel): each rank centres
 its shard on its own mean, and one all-reduce carries the shard Grams, the shard sums and the target outputs;
 the exact pooled Gram follows from the parallel-variance identity
 ``Q_c = Σ_s Q_s + Σ_s V_s (m_s − m)(m_s − m)ᵀ``. The backward all-reduces the target part of ∇h.
@@ -49,8 +52,65 @@ def _no_tf32(device: torch.device, allow_tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _shard_stats(weight, bias, acc):
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (fp32) as bf16 hi + lo: hi = bf16(x), lo = bf16(x - hi); |x - hi - lo| <= 2^-16 |x| (two roundings)."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """add + a @ b for bf16 a, b with fp32 accumulation and output (bf16 tensor cores on CUDA). The CPU has no
+    such GEMM and emulates it exactly (bf16 products are exact in fp32), so the CPU tests run the same maths."""
+    if a.device.type == "cuda":
+        if add is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(add, a, b, out_dtype=torch.float32)
+    return a.float() @ b.float() if add is None else torch.addmm(add, a.float(), b.float())
+
+
+class _Products:
+    """The matrix products of the Gram form in one of two precisions. ``split``: bf16 inputs stay bf16 and fp32
+    operands are split (`_split`), two bf16 GEMMs per product, fp32 accumulation. Otherwise: operands upcast to
+    the accumulation dtype (fp32; fp64 for fp64 inputs)."""
+
+    def __init__(self, split: bool, acc: torch.dtype):
+        self.split, self.acc = split, acc
+
+    def times(self, x: torch.Tensor, y: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """add + x @ y for an input operand x (N, k) and an accumulation-dtype y (k, n)."""
+        if not self.split:
+            return x.to(self.acc) @ y if add is None else torch.addmm(add, x.to(self.acc), y)
+        hi, lo = _split(y)
+        low = _mm32(x, lo)
+        return _mm32(x, hi, low if add is None else low + add)
+
+    def gram(self, xs: torch.Tensor) -> torch.Tensor:
+        """xsᵀ xs for an accumulation-dtype xs (rows, d): with the split, hiᵀhi + hiᵀlo + (hiᵀlo)ᵀ (the lo·lo
+        term is below the split's own error)."""
+        if not self.split:
+            return xs.t() @ xs
+        hi, lo = _split(xs)
+        cross = _mm32(hi.t(), lo)
+        return _mm32(hi.t(), hi, cross + cross.t())
+
+    def weighted_gram(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """xᵀ diag(w) x for an input operand x (N, d) and accumulation-dtype w (N,), in row chunks."""
+        d = x.shape[1]
+        out = w.new_zeros((d, d))
+        for r0 in range(0, x.shape[0], _CHUNK_ROWS):
+            xc, wc = x[r0:r0 + _CHUNK_ROWS], w[r0:r0 + _CHUNK_ROWS, None]
+            if not self.split:
+                xf = xc.to(self.acc)
+                out.addmm_((xf * wc).t(), xf)
+                continue
+            hi, lo = _split(xc.float() * wc)
+            out = _mm32(lo.t(), xc, _mm32(hi.t(), xc, out))
+        return out
+
+
+def _shard_stats(weight, bias, prod):
     """Sum, centred Gram, centred bias cross term and centred bias square sum of one shard of rows."""
+    acc = prod.acc
     Vs, d = weight.shape
     wsum = weight.new_zeros((d,), dtype=acc)
     ones = weight.new_ones((min(Vs, _CHUNK_ROWS),), dtype=acc)
@@ -65,7 +125,7 @@ def _shard_stats(weight, bias, acc):
     beta = weight.new_zeros((), dtype=acc)
     for r0 in range(0, Vs, _CHUNK_ROWS):
         wc = weight[r0:r0 + _CHUNK_ROWS].to(acc) - m
-        gram.addmm_(wc.t(), wc)
+        gram += prod.gram(wc)
         if bias is not None:
             bc = bias[r0:r0 + _CHUNK_ROWS].to(acc) - bm
             u.addmv_(wc.t(), bc)
@@ -76,14 +136,14 @@ def _shard_stats(weight, bias, acc):
 class _LinearSpherical(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, target_weight, kind, a, b, eps, ignore_index, group,
-                allow_tf32):
+                allow_tf32, split):
         acc = _acc(hidden)
-        hf = hidden.to(acc)
+        prod = _Products(split, acc)
         Vs = weight.shape[0]
         world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
                                                    torch.distributed.get_rank(group))
         with _no_tf32(hidden.device, allow_tf32):
-            wsum_s, bsum_s, gram, u, beta = _shard_stats(weight, bias, acc)
+            wsum_s, bsum_s, gram, u, beta = _shard_stats(weight, bias, prod)
             counts = [Vs]
             if group is not None:  # shard boundaries as host ints: the one host sync of vocab-parallel mode
                 c = torch.zeros(world, dtype=torch.int64, device=hidden.device)
@@ -99,7 +159,7 @@ class _LinearSpherical(torch.autograd.Function):
             dev = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
             d = weight.shape[1]
             if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum) slots | target outputs]
-                slots = hf.new_zeros((world, d + 1))
+                slots = wsum_s.new_zeros((world, d + 1))
                 slots[rank, :d] = wsum_s
                 slots[rank, d] = bsum_s
                 buf = torch.cat([gram.reshape(-1), u, beta.reshape(1), slots.reshape(-1), dev.reshape(-1)])
@@ -112,68 +172,69 @@ class _LinearSpherical(torch.autograd.Function):
                 slots = torch.cat([wsum_s, bsum_s.reshape(1)])[None]
             mean = slots.sum(0) / Vtot  # global (m, bm)
             if world > 1:  # parallel-variance identity: pooled centred statistics from the shards'
-                cnt = torch.tensor(counts, dtype=acc, device=hf.device)
+                cnt = torch.tensor(counts, dtype=acc, device=hidden.device)
                 diff = slots / cnt[:, None] - mean  # per-shard (m_s - m, bm_s - bm)
                 gram = gram + (diff[:, :d] * cnt[:, None]).t() @ diff[:, :d]
                 u = u + (diff[:, :d] * cnt[:, None]).t() @ diff[:, d]
                 beta = beta + (cnt * diff[:, d].square()).sum()
                 # shard-centred target outputs -> globally centred: + (m_s - m) . h + (bm_s - bm) of the owner
-                starts = torch.tensor(offsets, device=hf.device)
+                starts = torch.tensor(offsets, device=hidden.device)
                 owner = torch.searchsorted(starts, target.clamp(min=0), right=True) - 1
-                corr = hf @ diff[:, :d].t() + diff[:, d]  # (N, world)
+                corr = prod.times(hidden, diff[:, :d].t()) + diff[:, d]  # (N, world)
                 dev = torch.where(valid, dev + corr.gather(1, owner.clamp(0, world - 1)), dev)
             m, bm = mean[:d], mean[d]
             stat = torch.cat([m, bm.reshape(1), u, beta.reshape(1)])
-            row = torch.ops.fastloss.spherical_row_stats(hidden, hf @ gram, stat)
+            row = torch.ops.fastloss.spherical_row_stats(hidden, prod.times(hidden, gram), stat)
             bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
             mu, m2 = torch.where(bad, torch.nan, row[:, 0]), row[:, 1]
         oc = mu[:, None] + dev
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, dev, target, target_weight, kind, a, b, eps,
                                                             Vtot, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, target, gram, stat, coef, local, safe)
-        ctx.opts = (group, rank, lo, ignore_index, allow_tf32, Vtot, bias is not None)
+        ctx.opts = (group, rank, lo, ignore_index, allow_tf32, Vtot, bias is not None, split)
         ctx.mark_non_differentiable(coef)
         return rows, coef
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_coef):
         hidden, weight, bias, target, gram, stat, coef, local, safe = ctx.saved_tensors
-        group, rank, lo, ignore_index, allow_tf32, Vtot, has_bias = ctx.opts
+        group, rank, lo, ignore_index, allow_tf32, Vtot, has_bias, split = ctx.opts
         acc = gram.dtype
+        prod = _Products(split, acc)
         d = gram.shape[0]
         m, bm = stat[:d], stat[d]
-        hf = hidden.to(acc)
         g = grad_rows.to(acc)
         ab = coef[:, :2] * g[:, None]
         A, B = ab[:, 0], ab[:, 1]
         gam = torch.where(local, coef[:, 2:] * g[:, None], torch.zeros_like(coef[:, 2:]))
-        K = gam.shape[1]
         grad_h = grad_w = grad_b = None
         with _no_tf32(hidden.device, allow_tf32):
             if ctx.needs_input_grad[0]:  # the dense part once (rank 0), every rank's target rows, summed
-                gh = torch.ops.fastloss.spherical_grad_hidden(hf @ gram, ab, gam, weight, target, stat, lo,
-                                                              ignore_index, group is None or rank == 0)
+                hq = prod.times(hidden, gram)
+                gh = torch.ops.fastloss.spherical_grad_hidden(hq, ab, gam, weight, target, stat, lo, ignore_index,
+                                                              group is None or rank == 0)
                 if group is not None:
                     torch.distributed.all_reduce(gh, group=group)
                 grad_h = gh.to(hidden.dtype)
             if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-                v = hf.t() @ A
-                G = (hf * A[:, None]).t() @ hf
-                row = hf.t() @ B / Vtot - 2 * (G @ m) - 2 * bm * v  # the same for every row of W
+                vb = prod.times(hidden.t(), ab)  # (d, 2): v = HᵀA and HᵀB in one pass over H
+                v = vb[:, 0]
+                G = prod.weighted_gram(hidden, A)
+                row = vb[:, 1] / Vtot - 2 * (G @ m) - 2 * bm * v  # the same for every row of W
                 gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
                 for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
-                    torch.addmm(row, weight[r0:r0 + _CHUNK_ROWS].to(acc), G, alpha=2, out=gw[r0:r0 + _CHUNK_ROWS])
+                    gw[r0:r0 + _CHUNK_ROWS] = prod.times(weight[r0:r0 + _CHUNK_ROWS], 2 * G, row)
                 if has_bias:
                     gw.addr_(bias.to(acc), v, alpha=2)
                 idx = safe.reshape(-1)
-                gw.index_put_((idx,), (gam.reshape(-1, 1) * hf.repeat_interleave(K, 0)), accumulate=True)
+                gw.index_put_((idx,), (gam[..., None] * hidden[:, None, :]).reshape(-1, d), accumulate=True)
                 grad_w = gw.to(weight.dtype)
                 if has_bias and ctx.needs_input_grad[2]:
                     bc = bias.to(acc) - bm
-                    gb = 2 * (weight.to(acc) @ v - (m @ v) + bc * A.sum()) + B.sum() / Vtot
+                    gb = 2 * (prod.times(weight, v[:, None])[:, 0] - (m @ v) + bc * A.sum()) + B.sum() / Vtot
                     gb = gb.index_put((idx,), gam.reshape(-1), accumulate=True)
                     grad_b = gb.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_spherical_loss(
@@ -191,6 +252,7 @@ def linear_spherical_loss(
     reduction: str = "mean",
     process_group=None,
     allow_tf32: bool = False,
+    bf16_split: bool | None = None,
 ):
     """A spherical loss of the logits ``hidden @ weight.T + bias`` computed without forming them.
 
@@ -208,12 +270,17 @@ def linear_spherical_loss(
     unsharded call on every rank, ``hidden`` gets the full gradient on every rank and each rank gets its shard's
     weight gradient. Communication: one all-reduce in the forward (shard Grams, sums and target outputs packed)
     and one of the target part of the hidden gradient (N x d) in the backward.
+
+    ``bf16_split``: ``None`` (default) uses bf16 tensor-core products with hi/lo-split fp32 operands for bfloat16
+    inputs on CUDA and fp32 products otherwise; ``False`` always upcasts to fp32 products; ``True`` forces the
+    split (bfloat16 inputs only; on CPU it is emulated, for testing). Both agree to about 1e-5 relative.
     """
     fn = "fastloss.linear_spherical_loss"
     kind, multi = _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index,
                                      reduction)
     a, b = V.check_zloss_args(fn, a, b)
     eps = V.check_finite(fn, "eps", eps, nonnegative=True)
+    split = _use_split(fn, bf16_split, hidden)
     checkable = process_group is None and not torch.compiler.is_compiling()
     if checkable and (V.get_validation() or hidden.device.type == "cpu"):
         V.check_target_range(fn, target, weight.shape[0], ignore_index)
@@ -228,11 +295,26 @@ def linear_spherical_loss(
                                                target_weight=target_weight, ignore_index=ignore_index,
                                                reduction=reduction)
     rows, _ = _LinearSpherical.apply(h, weight, bias, t, w, kind, a, b, eps, ignore_index, process_group,
-                                     allow_tf32)
+                                     allow_tf32, split)
     out = reduce_rows(rows, (t != ignore_index).any(-1), reduction)
     if reduction == "none":
         out = out.reshape(target.shape[:-1] if multi else target.shape)
     return out.to(hidden.dtype)
+
+
+_HAS_MM_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # bf16 GEMMs with fp32 output (torch >= 2.9)
+
+
+def _use_split(fn: str, bf16_split, hidden: torch.Tensor) -> bool:
+    if bf16_split is None:
+        return hidden.dtype == torch.bfloat16 and hidden.device.type == "cuda" and _HAS_MM_DTYPE
+    if not isinstance(bf16_split, bool):
+        raise TypeError(f"{fn}: bf16_split must be None, True or False, got {bf16_split!r}")
+    if bf16_split and hidden.dtype != torch.bfloat16:
+        raise ValueError(f"{fn}: bf16_split=True needs bfloat16 hidden and weight, got {hidden.dtype}")
+    if bf16_split and hidden.device.type == "cuda" and not _HAS_MM_DTYPE:
+        raise RuntimeError(f"{fn}: bf16_split=True needs torch >= 2.9 (torch.mm with out_dtype)")
+    return bf16_split
 
 
 def _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index, reduction):
