@@ -46,6 +46,10 @@ TORCH_LIBRARY(fastloss, m) {
   // Row statistics [mu, m2] (N, 2) from hidden, hq = hidden @ Q_c and stat = [m (d), bm, u (d), beta]:
   // mu = h . m + bm, m2 = (hq + 2u) . h + beta.
   m.def("spherical_row_stats(Tensor hidden, Tensor hq, Tensor stat) -> Tensor");
+  // v = (x - col_shift) * row_scale in fp32 (each optional; x (R, d) float, col_shift (d,), row_scale (R,)
+  // float32), returned as bfloat16 (hi, lo) with hi = bf16(v), lo = bf16(v - hi): the operand split of the
+  // Gram form's bf16 tensor-core products.
+  m.def("spherical_split_bf16(Tensor x, Tensor? col_shift, Tensor? row_scale) -> (Tensor, Tensor)");
   // Hidden gradient (N, d): [2A (hq + u) + B m if with_dense] + sum_j gamma_j w_{c_j} over local targets,
   // with ab (N, 2) = [A, B] and gamma (N, K) already scaled by the upstream gradient.
   m.def(

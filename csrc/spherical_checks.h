@@ -164,6 +164,35 @@ inline GramRowInputs prepare_row_stats(const at::Tensor& hidden, const at::Tenso
   return in;
 }
 
+struct SplitInputs {
+  at::Tensor x, shift, scale, hi, lo;
+  int64_t R, d;
+};
+
+inline SplitInputs prepare_split_bf16(const at::Tensor& x, const std::optional<at::Tensor>& col_shift,
+                                      const std::optional<at::Tensor>& row_scale) {
+  constexpr const char* op = "fastloss.spherical_split_bf16";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got ", x.dim(), "-D");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", st);
+  SplitInputs in;
+  in.R = x.size(0), in.d = x.size(1);
+  in.x = x.contiguous();
+  auto vec = [&](const std::optional<at::Tensor>& t, int64_t n, const char* name) {
+    if (!t.has_value() || !t->defined()) return at::Tensor();
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": ", name, " must have shape (", n, ",)");
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32");
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+    return t->contiguous();
+  };
+  in.shift = vec(col_shift, in.d, "col_shift");
+  in.scale = vec(row_scale, in.R, "row_scale");
+  in.hi = at::empty({in.R, in.d}, x.options().dtype(at::kBFloat16));
+  in.lo = at::empty({in.R, in.d}, x.options().dtype(at::kBFloat16));
+  return in;
+}
+
 inline GramRowInputs prepare_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
                                          const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
                                          int64_t offset) {

@@ -51,5 +51,12 @@ if [ -f "$REPO/bench/bench_sparsemax.py" ]; then  # sparsemax family: rows appen
   step bench_sparsemax "$LOGS/bench_sparsemax.log" 300 $PY "$REPO/bench/bench_sparsemax.py" --preset quick \
     --device cuda --out "$OUT/row_losses_cuda.csv"
 fi
+# Nsight Compute on the kernels furthest from their targets (speed of light, warp stalls, instruction mix),
+# appended to bench_quick.log; skipped where ncu is missing or the counters are not permitted.
+if command -v ncu >/dev/null 2>&1; then
+  step ncu "$OUT/bench_quick.log" 240 ncu --kernel-name regex:"ce_fwd|spherical_fwd|row_fwd" --launch-count 3 \
+    --section SpeedOfLight --section WarpStateStats --section InstructionStats --section Occupancy \
+    --section LaunchStats --section ComputeWorkloadAnalysis $PY "$REPO/scripts/ncu_case.py"
+fi
 echo "=== summary"
 cat "$OUT/summary.txt"

@@ -89,27 +89,59 @@ def test_low_precision(device, loss, dtype):
         _close(x, y, 2 * eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_split_bf16_op(device, dtype):
+    """spherical_split_bf16 gives exactly torch's round-to-nearest-even bf16 of v = (x - shift) * scale and of the
+    residual, for every x dtype, with and without shift / scale, including ties, NaN, ±inf and subnormals."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(37, 19, generator=gen) * 3).to(dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 1.00390625, 1.01171875])
+    x[0, :8] = special.to(dtype)
+    shift = torch.randn(19, generator=gen)
+    scale = torch.rand(37, generator=gen) + 0.5
+    x, shift, scale = x.to(device), shift.to(device), scale.to(device)
+    for sh, sc in ((None, None), (shift, None), (None, scale), (shift, scale)):
+        v = x.float()
+        v = v - sh if sh is not None else v
+        v = v * sc[:, None] if sc is not None else v
+        hi, lo = torch.ops.fastloss.spherical_split_bf16(x, sh, sc)
+        assert hi.dtype == lo.dtype == torch.bfloat16 and hi.shape == x.shape
+        want_hi = v.to(torch.bfloat16)
+        want_lo = (v - want_hi.float()).to(torch.bfloat16)
+        torch.testing.assert_close(hi, want_hi, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(lo, want_lo, rtol=0, atol=0, equal_nan=True)
+        finite = torch.isfinite(v)
+        err = (hi.double() + lo.double() - v.double())[finite].abs()
+        assert (err <= 2.0**-16 * v.double()[finite].abs() + 1e-39).all()  # + the bf16 subnormal step
+    torch.library.opcheck(torch.ops.fastloss.spherical_split_bf16.default, (x[1:], shift, scale[1:]))  # no NaN
+    with pytest.raises(RuntimeError, match="col_shift must have shape"):
+        torch.ops.fastloss.spherical_split_bf16(x, shift[:3], None)
+
+
 def test_bf16_split_products(device):
     """The hi/lo split products (bf16 operands, fp32 accumulation) are fp32-accurate: ~2^-16 relative, where one
     bf16 rounding of the fp32 operand alone would cost ~2^-9."""
-    from fastloss.linear_spherical import _Products, _split
+    from fastloss.linear_spherical import _Products
 
     gen = torch.Generator().manual_seed(7)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
     x = r(300, 24).to(torch.bfloat16)  # an input operand: exact in bf16
-    y = r(24, 24)
-    hi, lo = _split(y.float())
-    assert (hi.double() + lo.double() - y.float().double()).abs().max() <= 2.0**-16 * y.abs().max()
+    y = r(24, 24).float()
     prod = _Products(True, torch.float32)
-    _close(prod.times(x, y.float()), x.double() @ y.float().double(), 2e-5)
+    _close(prod.times(x, y), x.double() @ y.double(), 2e-5)
     add = r(24).float()
-    _close(prod.times(x, y.float(), add), x.double() @ y.float().double() + add.double(), 2e-5)
-    big = r(300, 24).float() + 30.0  # a large shared offset: the Gram of fp32 rows, not of bf16-rounded ones
-    _close(prod.gram(big), big.double().t() @ big.double(), 2e-5)
+    _close(prod.times(x, y, add), x.double() @ y.double() + add.double(), 2e-5)
+    out = torch.empty(300, 24, device=device)
+    assert prod.times(x, y, add, out=out).data_ptr() == out.data_ptr()
+    _close(out, x.double() @ y.double() + add.double(), 2e-5)
+    _close(prod.col_sums(x), x.double().sum(0), 1e-6)
+    big = (r(300, 24) + 30.0).to(torch.bfloat16)  # a large shared offset, centred on its fp32 mean
+    m = big.float().mean(0)
+    _close(prod.centred_gram(big, m), (big.double() - m.double()).t() @ (big.double() - m.double()), 2e-5)
     w = r(300).float()  # mixed-sign row weights
     _close(prod.weighted_gram(x, w), (x.double() * w.double()[:, None]).t() @ x.double(), 2e-5)
-    rounded = (x.double() @ y.float().to(torch.bfloat16).double())  # what a hi-only product would give
-    assert (rounded - x.double() @ y.float().double()).abs().max() > 1e-4 * rounded.abs().max()
+    rounded = x.double() @ y.to(torch.bfloat16).double()  # what a hi-only product would give
+    assert (rounded - x.double() @ y.double()).abs().max() > 1e-4 * rounded.abs().max()
 
 
 @pytest.mark.parametrize("loss", LOSSES)

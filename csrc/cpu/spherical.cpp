@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../spherical_checks.h"
+#include "fastloss/bf16_split.h"
 
 namespace fastloss::cpu {
 namespace {
@@ -81,6 +82,30 @@ at::Tensor spherical_row_stats(const at::Tensor& hidden, const at::Tensor& hq, c
   return in.out;
 }
 
+std::tuple<at::Tensor, at::Tensor> spherical_split_bf16(const at::Tensor& x,
+                                                       const std::optional<at::Tensor>& col_shift,
+                                                       const std::optional<at::Tensor>& row_scale) {
+  auto in = prepare_split_bf16(x, col_shift, row_scale);
+  const int64_t d = in.d;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "spherical_split_bf16", [&] {
+    const scalar_t* xp = in.x.data_ptr<scalar_t>();
+    const float* shift = in.shift.defined() ? in.shift.data_ptr<float>() : nullptr;
+    const float* scale = in.scale.defined() ? in.scale.data_ptr<float>() : nullptr;
+    auto* hi = reinterpret_cast<uint16_t*>(in.hi.data_ptr<at::BFloat16>());
+    auto* lo = reinterpret_cast<uint16_t*>(in.lo.data_ptr<at::BFloat16>());
+    at::parallel_for(0, in.R, grain_rows(d), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float s = scale ? scale[r] : 1.0f;
+        for (int64_t j = 0; j < d; ++j) {
+          const float v = (static_cast<float>(xp[r * d + j]) - (shift ? shift[j] : 0.0f)) * s;
+          split_bf16(v, hi[r * d + j], lo[r * d + j]);
+        }
+      }
+    });
+  });
+  return {in.hi, in.lo};
+}
+
 at::Tensor spherical_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
                                  const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
                                  int64_t offset, int64_t ignore_index, bool with_dense) {
@@ -120,4 +145,5 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("spherical_gather_dot", &fastloss::cpu::spherical_gather_dot);
   m.impl("spherical_row_stats", &fastloss::cpu::spherical_row_stats);
   m.impl("spherical_grad_hidden", &fastloss::cpu::spherical_grad_hidden);
+  m.impl("spherical_split_bf16", &fastloss::cpu::spherical_split_bf16);
 }

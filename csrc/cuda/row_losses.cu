@@ -108,8 +108,10 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
               if (k0 + j == y_eff) target_fix(z[j]);
           }
           ts.st.template push_n<kFastExp<scalar_t>>(z);
+          if (o.with_smoothing) {  // one uniform branch per pack: predicated-off work would still issue
 #pragma unroll
-          for (int j = 0; j < V; ++j) smooth(k0 + j, z[j]);
+            for (int j = 0; j < V; ++j) ts.sum_wz += o.weight_of(k0 + j) * z[j];
+          }
         });
     ts = block_merge(ts, smem, [](CeThreadState<acc_t>& a, const CeThreadState<acc_t>& b) {
       a.st.merge(b.st);

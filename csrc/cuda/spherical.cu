@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../spherical_checks.h"
+#include "fastloss/bf16_split.h"
 #include "common.cuh"
 
 namespace fastloss::cuda {
@@ -125,6 +126,39 @@ at::Tensor spherical_row_stats(const at::Tensor& hidden, const at::Tensor& hq, c
   return in.out;
 }
 
+// Blocks stride over rows, threads over a row's columns (coalesced); memory-bound: 2-4 bytes in, 4 out.
+template <typename scalar_t>
+__global__ void split_bf16_kernel(const scalar_t* __restrict__ x, const float* __restrict__ shift,
+                                  const float* __restrict__ scale, int64_t R, int64_t d, uint16_t* __restrict__ hi,
+                                  uint16_t* __restrict__ lo) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const float s = scale ? scale[r] : 1.0f;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const int64_t k = r * d + j;
+      split_bf16((static_cast<float>(x[k]) - (shift ? shift[j] : 0.0f)) * s, hi[k], lo[k]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> spherical_split_bf16(const at::Tensor& x,
+                                                       const std::optional<at::Tensor>& col_shift,
+                                                       const std::optional<at::Tensor>& row_scale) {
+  c10::cuda::CUDAGuard guard(x.device());
+  auto in = prepare_split_bf16(x, col_shift, row_scale);
+  if (in.R == 0 || in.d == 0) return {in.hi, in.lo};
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(in.R, int64_t(1) << 16));
+  const int threads = in.d >= 256 ? 256 : (in.d >= 64 ? 64 : 32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "spherical_split_bf16", [&] {
+    split_bf16_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        in.x.data_ptr<scalar_t>(), in.shift.defined() ? in.shift.data_ptr<float>() : nullptr,
+        in.scale.defined() ? in.scale.data_ptr<float>() : nullptr, in.R, in.d,
+        reinterpret_cast<uint16_t*>(in.hi.data_ptr<at::BFloat16>()),
+        reinterpret_cast<uint16_t*>(in.lo.data_ptr<at::BFloat16>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {in.hi, in.lo};
+}
+
 // One warp per row: each lane owns the elements i = lane + 32 k, first the dense part, then the targets'
 // weight rows in target order (a fixed order: reproducible).
 template <typename scalar_t, typename acc_t>
@@ -175,4 +209,5 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("spherical_gather_dot", &fastloss::cuda::spherical_gather_dot);
   m.impl("spherical_row_stats", &fastloss::cuda::spherical_row_stats);
   m.impl("spherical_grad_hidden", &fastloss::cuda::spherical_grad_hidden);
+  m.impl("spherical_split_bf16", &fastloss::cuda::spherical_split_bf16);
 }

@@ -47,6 +47,10 @@ if _ops.AVAILABLE:
     def _(hidden, hq, stat):
         return hq.new_empty((hidden.shape[0], 2))
 
+    @torch.library.register_fake("fastloss::spherical_split_bf16")
+    def _(x, col_shift, row_scale):
+        return x.new_empty(x.shape, dtype=torch.bfloat16), x.new_empty(x.shape, dtype=torch.bfloat16)
+
     @torch.library.register_fake("fastloss::spherical_grad_hidden")
     def _(hq, ab, gamma, weight, target, stat, offset, ignore_index, with_dense):
         return hq.new_empty(hq.shape)

@@ -52,20 +52,22 @@ def _no_tf32(device: torch.device, allow_tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (fp32) as bf16 hi + lo: hi = bf16(x), lo = bf16(x - hi); |x - hi - lo| <= 2^-16 |x| (two roundings)."""
-    hi = x.to(torch.bfloat16)
-    return hi, (x - hi.float()).to(torch.bfloat16)
+def _split(x: torch.Tensor, col_shift: torch.Tensor | None = None, row_scale: torch.Tensor | None = None):
+    """v = (x - col_shift) * row_scale in fp32 as bf16 (hi, lo): hi = bf16(v), lo = bf16(v - hi), so that
+    |v - hi - lo| <= 2^-16 |v|. One fused pass (spherical_split_bf16): reads x once, writes the two halves."""
+    return torch.ops.fastloss.spherical_split_bf16(x, col_shift, row_scale)
 
 
-def _mm32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """add + a @ b for bf16 a, b with fp32 accumulation and output (bf16 tensor cores on CUDA). The CPU has no
-    such GEMM and emulates it exactly (bf16 products are exact in fp32), so the CPU tests run the same maths."""
+def _mm32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """add + a @ b for bf16 a, b with fp32 accumulation and output (bf16 tensor cores on CUDA); ``add`` may be a
+    row vector (broadcast) or ``out`` itself (accumulate in place). The CPU has no such GEMM and emulates it
+    exactly (bf16 products are exact in fp32), so the CPU tests run the same maths."""
     if a.device.type == "cuda":
         if add is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return torch.addmm(add, a, b, out_dtype=torch.float32)
-    return a.float() @ b.float() if add is None else torch.addmm(add, a.float(), b.float())
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return torch.addmm(add, a, b, out_dtype=torch.float32, out=out)
+    a, b = a.float(), b.float()
+    return torch.mm(a, b, out=out) if add is None else torch.addmm(add, a, b, out=out)
 
 
 class _Products:
@@ -76,20 +78,28 @@ class _Products:
     def __init__(self, split: bool, acc: torch.dtype):
         self.split, self.acc = split, acc
 
-    def times(self, x: torch.Tensor, y: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """add + x @ y for an input operand x (N, k) and an accumulation-dtype y (k, n)."""
+    def times(self, x: torch.Tensor, y: torch.Tensor, add: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """add + x @ y for an input operand x (n, k) and an accumulation-dtype y (k, p), into ``out`` if given."""
         if not self.split:
-            return x.to(self.acc) @ y if add is None else torch.addmm(add, x.to(self.acc), y)
+            x = x.to(self.acc)
+            return torch.mm(x, y, out=out) if add is None else torch.addmm(add, x, y, out=out)
         hi, lo = _split(y)
-        low = _mm32(x, lo)
-        return _mm32(x, hi, low if add is None else low + add)
+        out = _mm32(x, lo, add, out=out)
+        return _mm32(x, hi, out, out=out)
 
-    def gram(self, xs: torch.Tensor) -> torch.Tensor:
-        """xsᵀ xs for an accumulation-dtype xs (rows, d): with the split, hiᵀhi + hiᵀlo + (hiᵀlo)ᵀ (the lo·lo
-        term is below the split's own error)."""
+    def col_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_rows x for an input operand x (n, d), as a GEMV (a dim-0 reduction is several times slower)."""
+        ones = x.new_ones((x.shape[0], 1), dtype=x.dtype if self.split else self.acc)
+        return (_mm32(x.t(), ones) if self.split else x.to(self.acc).t() @ ones)[:, 0]
+
+    def centred_gram(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """(x - shift)ᵀ (x - shift) for an input operand x (n, d): with the split, the centred rows are split in one
+        pass and the Gram is hiᵀhi + hiᵀlo + (hiᵀlo)ᵀ (the lo·lo term is below the split's own error)."""
         if not self.split:
-            return xs.t() @ xs
-        hi, lo = _split(xs)
+            xc = x.to(self.acc) - shift
+            return xc.t() @ xc
+        hi, lo = _split(x, shift.float())
         cross = _mm32(hi.t(), lo)
         return _mm32(hi.t(), hi, cross + cross.t())
 
@@ -98,13 +108,13 @@ class _Products:
         d = x.shape[1]
         out = w.new_zeros((d, d))
         for r0 in range(0, x.shape[0], _CHUNK_ROWS):
-            xc, wc = x[r0:r0 + _CHUNK_ROWS], w[r0:r0 + _CHUNK_ROWS, None]
+            xc, wc = x[r0:r0 + _CHUNK_ROWS], w[r0:r0 + _CHUNK_ROWS]
             if not self.split:
                 xf = xc.to(self.acc)
-                out.addmm_((xf * wc).t(), xf)
+                out.addmm_((xf * wc[:, None]).t(), xf)
                 continue
-            hi, lo = _split(xc.float() * wc)
-            out = _mm32(lo.t(), xc, _mm32(hi.t(), xc, out))
+            hi, lo = _split(xc, None, wc.float())
+            out = _mm32(lo.t(), xc, _mm32(hi.t(), xc, out, out=out), out=out)
         return out
 
 
@@ -113,10 +123,8 @@ def _shard_stats(weight, bias, prod):
     acc = prod.acc
     Vs, d = weight.shape
     wsum = weight.new_zeros((d,), dtype=acc)
-    ones = weight.new_ones((min(Vs, _CHUNK_ROWS),), dtype=acc)
-    for r0 in range(0, Vs, _CHUNK_ROWS):  # column sums as GEMVs (a dim-0 reduction is several times slower)
-        w = weight[r0:r0 + _CHUNK_ROWS].to(acc)
-        wsum.addmv_(w.t(), ones[:w.shape[0]])
+    for r0 in range(0, Vs, _CHUNK_ROWS):
+        wsum += prod.col_sums(weight[r0:r0 + _CHUNK_ROWS])
     m = wsum / Vs
     bsum = bias.sum(dtype=acc) if bias is not None else wsum.new_zeros(())
     bm = bsum / Vs
@@ -124,11 +132,11 @@ def _shard_stats(weight, bias, prod):
     u = weight.new_zeros((d,), dtype=acc)
     beta = weight.new_zeros((), dtype=acc)
     for r0 in range(0, Vs, _CHUNK_ROWS):
-        wc = weight[r0:r0 + _CHUNK_ROWS].to(acc) - m
-        gram += prod.gram(wc)
-        if bias is not None:
+        w = weight[r0:r0 + _CHUNK_ROWS]
+        gram += prod.centred_gram(w, m)
+        if bias is not None:  # u = W_cᵀ b_c = Wᵀ b_c - m Σ b_c (Σ b_c ≈ 0: no cancellation)
             bc = bias[r0:r0 + _CHUNK_ROWS].to(acc) - bm
-            u.addmv_(wc.t(), bc)
+            u += prod.times(w.t(), bc[:, None])[:, 0] - m * bc.sum()
             beta = beta + bc.square().sum()
     return wsum, bsum, gram, u, beta
 
@@ -184,20 +192,21 @@ class _LinearSpherical(torch.autograd.Function):
                 dev = torch.where(valid, dev + corr.gather(1, owner.clamp(0, world - 1)), dev)
             m, bm = mean[:d], mean[d]
             stat = torch.cat([m, bm.reshape(1), u, beta.reshape(1)])
-            row = torch.ops.fastloss.spherical_row_stats(hidden, prod.times(hidden, gram), stat)
+            hq = prod.times(hidden, gram)  # kept for the backward (N x d, the size of hidden's own gradient)
+            row = torch.ops.fastloss.spherical_row_stats(hidden, hq, stat)
             bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
             mu, m2 = torch.where(bad, torch.nan, row[:, 0]), row[:, 1]
         oc = mu[:, None] + dev
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, dev, target, target_weight, kind, a, b, eps,
                                                             Vtot, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, target, gram, stat, coef, local, safe)
+        ctx.save_for_backward(hidden, weight, bias, target, hq, gram, stat, coef, local, safe)
         ctx.opts = (group, rank, lo, ignore_index, allow_tf32, Vtot, bias is not None, split)
         ctx.mark_non_differentiable(coef)
         return rows, coef
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_coef):
-        hidden, weight, bias, target, gram, stat, coef, local, safe = ctx.saved_tensors
+        hidden, weight, bias, target, hq, gram, stat, coef, local, safe = ctx.saved_tensors
         group, rank, lo, ignore_index, allow_tf32, Vtot, has_bias, split = ctx.opts
         acc = gram.dtype
         prod = _Products(split, acc)
@@ -210,7 +219,6 @@ class _LinearSpherical(torch.autograd.Function):
         grad_h = grad_w = grad_b = None
         with _no_tf32(hidden.device, allow_tf32):
             if ctx.needs_input_grad[0]:  # the dense part once (rank 0), every rank's target rows, summed
-                hq = prod.times(hidden, gram)
                 gh = torch.ops.fastloss.spherical_grad_hidden(hq, ab, gam, weight, target, stat, lo, ignore_index,
                                                               group is None or rank == 0)
                 if group is not None:
@@ -223,7 +231,7 @@ class _LinearSpherical(torch.autograd.Function):
                 row = vb[:, 1] / Vtot - 2 * (G @ m) - 2 * bm * v  # the same for every row of W
                 gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
                 for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
-                    gw[r0:r0 + _CHUNK_ROWS] = prod.times(weight[r0:r0 + _CHUNK_ROWS], 2 * G, row)
+                    prod.times(weight[r0:r0 + _CHUNK_ROWS], 2 * G, row, out=gw[r0:r0 + _CHUNK_ROWS])
                 if has_bias:
                     gw.addr_(bias.to(acc), v, alpha=2)
                 idx = safe.reshape(-1)

@@ -28,33 +28,37 @@ struct LseState {
     }
   }
 
-  // Add N elements at once: one maximum per group, so the rescale (and its exp) happens once per group
-  // instead of per element, and the common case is one exp per element. kFast: see fl_exp_if_fast.
+  // Add N elements at once: one maximum per group, so the common case is one exp per element plus one rescale
+  // exp per group. Branch-free on purpose: the threads of a GPU warp meet new maxima at different groups, and a
+  // branch per case would make the warp run both paths' exps. kFast: see fl_exp_if_fast.
   template <bool kFast, int N>
   FL_HD FL_INLINE void push_n(const T (&z)[N]) {
     T mx = z[0];
 #pragma unroll
     for (int j = 1; j < N; ++j) mx = z[j] > mx ? z[j] : mx;
-    if (mx > m) {
-      // New maximum M: r' = (1 + r) e^{m - M} + sum_{z != M} e^{z - M} + (ties - 1), summed so that a tiny
-      // rest is never added to 1 first.
-      T acc = (T(1) + r) * fl_exp_if_fast<kFast>(m - mx), ties = T(0);
+    const T M = mx > m ? mx : m;
+    if (M == neg_inf<T>()) {  // everything so far is -inf: only a NaN can change the state
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const bool top = z[j] == mx;
-        acc += top ? T(0) : fl_exp_if_fast<kFast>(z[j] - mx);
-        ties += top ? T(1) : T(0);
-      }
-      r = acc + (ties - T(1));
-      m = mx;
-    } else if (m != neg_inf<T>()) {
-#pragma unroll
-      for (int j = 0; j < N; ++j) r += fl_exp_if_fast<kFast>(z[j] - m);  // a tie adds exactly 1; NaN poisons r
-    } else {
-#pragma unroll
-      for (int j = 0; j < N; ++j)  // everything so far is -inf: only a NaN can change the state
+      for (int j = 0; j < N; ++j)
         if (z[j] != z[j]) r = z[j];
+      return;
     }
+    // Lanes equal to M (the new maximum, or ties with the old one) count exactly 1 each; the others' masses are
+    // summed apart, so a tiny rest is never added to 1 first. NaN lanes are never equal to M and poison `other`.
+    T other = T(0), ties = T(0);
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const T e = fl_exp_if_fast<kFast>(z[j] - M);
+      if (z[j] == M) {
+        ties += T(1);
+      } else {
+        other += e;
+      }
+    }
+    // New maximum: r' = (1 + r) e^{m - M} + sum_{z != M} e^{z - M} + (ties - 1); the empty state gives 0 * 0.
+    const T grown = (T(1) + r) * fl_exp_if_fast<kFast>(m - M) + other + (ties - T(1));
+    r = mx > m ? grown : r + (other + ties);
+    m = M;
   }
 
   // Associative merge (warp shuffles, block reductions, cross-thread partials).
