@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
           acc_t z[V];  // constant indices only, so z stays in registers
 #pragma unroll
           for (int j = 0; j < V; ++j) z[j] = o.pm.template value<kSoftcap>(static_cast<acc_t>(p.v[j]));
-          if (y_eff >= k0 && y_eff < k0 + V) {  // rare: this pack holds the target
+          if (static_cast<uint64_t>(y_eff - k0) < uint64_t(V)) {  // rare: this pack holds the target
 #pragma unroll
             for (int j = 0; j < V; ++j)
               if (k0 + j == y_eff) target_fix(z[j]);
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     map_row(x, out, C, dx, [&](int64_t k0, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
 #pragma unroll
       for (int j = 0; j < V; ++j) res.v[j] = other(k0 + j, in.v[j]);
-      if (y_eff >= k0 && y_eff < k0 + V) {  // rare: this pack holds the target
+      if (static_cast<uint64_t>(y_eff - k0) < uint64_t(V)) {  // rare: this pack holds the target
 #pragma unroll
         for (int j = 0; j < V; ++j)
           if (k0 + j == y_eff) res.v[j] = target(in.v[j]);

@@ -65,6 +65,8 @@ def _mm32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, out
     if a.device.type == "cuda":
         if add is None:
             return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        if add.dim() == 1:  # a row broadcast over the output rows
+            add = add.expand(a.shape[0], b.shape[1])
         return torch.addmm(add, a, b, out_dtype=torch.float32, out=out)
     a, b = a.float(), b.float()
     return torch.mm(a, b, out=out) if add is None else torch.addmm(add, a, b, out=out)
@@ -310,7 +312,10 @@ def linear_spherical_loss(
     return out.to(hidden.dtype)
 
 
-_HAS_MM_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # bf16 GEMMs with fp32 output (torch >= 2.9)
+# bf16 GEMMs with fp32 output and in-place fp32 accumulation: aten::mm.dtype and aten::addmm.dtype with an fp32
+# `self` (torch >= 2.10 on CUDA; 2.9 wanted `self` in the matrices' dtype).
+_HAS_MM_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and torch.torch_version.TorchVersion(
+    torch.__version__) >= (2, 10)
 
 
 def _use_split(fn: str, bf16_split, hidden: torch.Tensor) -> bool:
@@ -321,7 +326,7 @@ def _use_split(fn: str, bf16_split, hidden: torch.Tensor) -> bool:
     if bf16_split and hidden.dtype != torch.bfloat16:
         raise ValueError(f"{fn}: bf16_split=True needs bfloat16 hidden and weight, got {hidden.dtype}")
     if bf16_split and hidden.device.type == "cuda" and not _HAS_MM_DTYPE:
-        raise RuntimeError(f"{fn}: bf16_split=True needs torch >= 2.9 (torch.mm with out_dtype)")
+        raise RuntimeError(f"{fn}: bf16_split=True needs torch >= 2.10 (torch.mm / addmm with out_dtype)")
     return bf16_split
 
 

@@ -72,13 +72,41 @@ FL_HD FL_INLINE float fl_exp<float>(float x) {
 #endif
 }
 // exp where a few ulp do not matter (logits read from fp16/bf16): one multiply and the hardware ex2 on the
-// device (CUDA's __expf, ~2 ulp near 0); the accurate fl_exp everywhere else.
+// device (~2 ulp near 0), flushing results below FLT_MIN to 0 as the host polynomial does (__expf would take
+// the non-flushing ex2 and a range fix-up per call unless the whole build used -ftz=true); the accurate fl_exp
+// everywhere else.
 template <bool kFast, typename T>
 FL_HD FL_INLINE T fl_exp_if_fast(T x) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (kFast && std::is_same_v<T, float>) return __expf(x);
+  if constexpr (kFast && std::is_same_v<T, float>) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+    return y;
+  }
 #endif
   return fl_exp(x);
+}
+
+// exp(z - M) for a lane z below a maximum M. Fast: one FFMA into the hardware ex2 (M * log2(e) is shared by all
+// lanes); its absolute error ~|M| * 2^-24 in the exponent is far below the rounding of the 2-byte logits it
+// serves. Otherwise the exact difference into fl_exp.
+template <bool kFast, typename T>
+FL_HD FL_INLINE T fl_exp_diff_if_fast(T z, T M) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kFast && std::is_same_v<T, float>) {
+    constexpr float kLog2e = 1.44269504088896341f;
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fmaf(z, kLog2e, -M * kLog2e)));
+    return y;
+  }
+#endif
+  return fl_exp(z - M);
+}
+
+// max(a, b) ignoring a NaN operand (IEEE maxNum): one FMNMX on the device.
+template <typename T>
+FL_HD FL_INLINE T fl_fmax(T a, T b) {
+  return std::fmax(a, b);
 }
 
 template <typename T>

@@ -33,9 +33,9 @@ struct LseState {
   // branch per case would make the warp run both paths' exps. kFast: see fl_exp_if_fast.
   template <bool kFast, int N>
   FL_HD FL_INLINE void push_n(const T (&z)[N]) {
-    T mx = z[0];
+    T mx = z[0];  // NaN lanes are skipped here (a pack of NaN only gives NaN) and poison `other` below
 #pragma unroll
-    for (int j = 1; j < N; ++j) mx = z[j] > mx ? z[j] : mx;
+    for (int j = 1; j < N; ++j) mx = fl_fmax(mx, z[j]);
     const T M = mx > m ? mx : m;
     if (M == neg_inf<T>()) {  // everything so far is -inf: only a NaN can change the state
 #pragma unroll
@@ -48,7 +48,7 @@ struct LseState {
     T other = T(0), ties = T(0);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const T e = fl_exp_if_fast<kFast>(z[j] - M);
+      const T e = fl_exp_diff_if_fast<kFast>(z[j], M);  // unused for the lanes equal to M
       if (z[j] == M) {
         ties += T(1);
       } else {
