@@ -3,7 +3,8 @@ materialised paths, forward + backward, with peak memory.
 
 Providers (op ``linear_zloss``):
   fastloss      linear_spherical_loss(h, W, t, bias=b, loss="zloss")           ~ V·d² + N·d², no N x V tensor
-  torch         F.linear_cross_entropy(h, W, t, linear_bias=b) (torch's own linear + CE)  ~ N·V·d
+  torch         F.linear_cross_entropy(h, W, t, linear_bias=b) (torch's own linear + CE; on a torch without it,
+                F.cross_entropy(F.linear(h, W, b), t), which it is defined as)              ~ N·V·d
   materialised  fastloss.zloss(F.linear(h, W, b), t)  (same loss, logits formed)   ~ N·V·d
   fastloss_fp32 the Gram form with bf16_split=False (fp32 products; compares the bf16 hi/lo split on CUDA)
   liger, cce    Liger's fused linear cross-entropy and Cut Cross-Entropy (CUDA), when importable
@@ -27,6 +28,13 @@ from harness import Case, append_csv, csv_row, format_table, measure, run_info  
 import fastloss  # noqa: E402
 
 
+def _torch_linear_ce():
+    """torch's F.linear_cross_entropy where this torch has it (2.12+), else the same two ops it stands for."""
+    if hasattr(F, "linear_cross_entropy"):
+        return lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b)
+    return lambda h, W, b, t: F.cross_entropy(F.linear(h, W, b), t)
+
+
 def _liger():
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -44,7 +52,7 @@ PROVIDERS = {
     "fastloss": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss"),
     "fastloss_fp32": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss",
                                                                                bf16_split=False),
-    "torch": lambda: lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b),
+    "torch": lambda: _torch_linear_ce(),
     "materialised": lambda: lambda h, W, b, t: fastloss.zloss(F.linear(h, W, b), t),
     "liger": _liger,
     "cce": _cce,
