@@ -542,3 +542,88 @@ def test_random_configurations(device):
         # sums of up to ~1e4 in magnitude: absolute tolerance relative to the largest entry (summation order)
         for g, w in zip((res[0][0], *res[0][1]), (res[1][0], *res[1][1]), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11 * (1 + float(w.abs().max())), msg=msg)
+
+
+# ------------------------------------------------------------------------------------------- one-pass records
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4], VARIANTS[6], VARIANTS[10], VARIANTS[13]],
+                         ids=lambda v: v[0])
+@pytest.mark.parametrize("shape", [(257, 5, None), (130, 33, 64), (61, 8, 7)], ids=lambda s: "N{}_d{}_b{}".format(*s))
+def test_larger_rows_match_reference(device, variant, shape):
+    """Rows long enough for every thread to hold several 16-byte packs (CUDA), unaligned row starts (M odd),
+    column passes over more rows than one slice sweep: float64 vs the reference."""
+    _, opts = variant
+    N, d, block = shape
+    leaves, kw = make_inputs(N, d, dict(opts, extra_keys=0 if opts.get("symmetric") else 3), device, seed=1)
+    got = run(fastloss.contrastive_loss, leaves, kw, block_rows=block)
+    want = run(reference.contrastive_loss, leaves, kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+
+
+def test_nan_feature_propagates(device):
+    """A NaN in a key reaches the loss (the one-pass max/sum state keeps NaN instead of dropping it)."""
+    q = torch.randn(5, 4, device=device)
+    k = torch.randn(5, 4, device=device)
+    k[2, 1] = float("nan")
+    for kw in ({}, {"symmetric": True}, {"hard_negative_beta": 0.5}, {"loss": "sigmoid"}):
+        loss = fastloss.contrastive_loss(q, k, logit_scale=2.0, reduction="none", **kw)
+        assert loss.isnan().all(), kw
+    assert fastloss.supcon_loss(torch.cat([q, k]), torch.arange(10, device=device) % 3, temperature=0.5).isnan()
+
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and fastloss._ops.has_kernel("contrastive_fwd", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_cuda_bad_positive_poisons_only_its_row(dtype, loss):
+    """CUDA checks no index on the host (no sync): an out-of-range positive gives its row a NaN loss, NaN dq row
+    and NaN dscale, while dk and every other row stay finite and equal to the result without that row."""
+    gen = torch.Generator().manual_seed(13)
+    N, M, d = 9, 14, 6
+    q = torch.randn(N, d, generator=gen).to("cuda", dtype).requires_grad_()
+    k = torch.randn(M, d, generator=gen).to("cuda", dtype).requires_grad_()
+    s = (torch.rand(N, generator=gen) + 1).cuda().requires_grad_()
+    pos = torch.randint(0, M, (N,), generator=gen).cuda()
+    pos[4] = M + 3
+    kw = {"loss": loss, "logit_bias": -1.0 if loss == "sigmoid" else None}
+    out = fastloss.contrastive_loss(q, k, positive=pos, logit_scale=s, reduction="none", block_rows=4, **kw)
+    gq, gk, gs = torch.autograd.grad(out.sum(), (q, k, s))
+    assert out[4].isnan() and not out[torch.arange(N) != 4].isnan().any()
+    assert gq[4].isnan().all() and gs[4].isnan()
+    keep = torch.arange(N, device="cuda") != 4
+    assert torch.isfinite(gq[keep]).all() and torch.isfinite(gk).all() and torch.isfinite(gs[keep]).all()
+    # the other rows' gradients are those of the problem without row 4
+    q2, s2 = q.detach()[keep].requires_grad_(), s.detach()[keep].requires_grad_()
+    k2 = k.detach().clone().requires_grad_()
+    out2 = fastloss.contrastive_loss(q2, k2, positive=pos[keep], logit_scale=s2, reduction="none", block_rows=4,
+                                     **kw)
+    g2 = torch.autograd.grad(out2.sum(), (q2, k2, s2))
+    torch.testing.assert_close(out[keep], out2)
+    torch.testing.assert_close(gq[keep], g2[0])
+    torch.testing.assert_close(gk, g2[1])
+    torch.testing.assert_close(gs[keep], g2[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_mixed_backward_matches_upcast(dtype):
+    """The fp16/bf16 backward (G written once in the operand dtype, dk accumulated in place in fp32 over many
+    row blocks) against the same maths on fp32 copies of the rounded features."""
+    gen = torch.Generator().manual_seed(14)
+    N, d = 300, 40
+    q = F.normalize(torch.randn(N, d, generator=gen), dim=1).to("cuda", dtype).requires_grad_()
+    k = F.normalize(torch.randn(N, d, generator=gen), dim=1).to("cuda", dtype).requires_grad_()
+    out = fastloss.clip_loss(q, k, 20.0, block_rows=37)
+    gq, gk = torch.autograd.grad(out, (q, k))
+    q32, k32 = (x.detach().float().requires_grad_() for x in (q, k))
+    want = reference.clip_loss(q32.double(), k32.double(), 20.0)
+    wq, wk = torch.autograd.grad(want, (q32, k32))
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    for g, w in ((gq, wq), (gk, wk)):
+        err = (g.double() - w.double()).abs().max()
+        assert err <= 2e-2 * w.abs().max(), (err, w.abs().max())

@@ -1,8 +1,10 @@
 // CPU epilogues of the contrastive engine (csrc/contrastive_engine.h): at::parallel_for over the rows of a tile,
-// over column chunks for the column statistics. Inner loops are branch-free over a row so the compiler
-// vectorises them (exp is fastloss's polynomial); the one or two special lanes of a row (its positive, itself)
-// are masked in the forward and patched after the generic loop in the backward. `omp simd` (compiled with
-// -fopenmp-simd, no OpenMP runtime) lets the row reductions vectorise in a fixed, build-determined order.
+// over column chunks for the column statistics. The forward reads each tile element once per record view
+// (row, and column when symmetric) and never writes the tile: W interleaved one-pass accumulators per row
+// (lse_fold of fastloss/contrastive.h, the same maths as each CUDA thread), merged in lane order. Masked lanes
+// (the positive, the excluded self) enter as -inf, which the fold ignores, so the loops stay branch-free and
+// vectorise (exp is fastloss's polynomial); `omp simd` (compiled with -fopenmp-simd, no OpenMP runtime) keeps
+// the reduction order fixed by the build. The backward patches its one or two special lanes after the loop.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,138 +15,116 @@
 namespace fastloss::contrastive {
 namespace {
 
-template <typename T>
-FL_INLINE T safe_max(T m) {
-  return m == neg_inf<T>() ? T(0) : m;  // an all -inf lane set must not produce -inf - -inf
-}
+constexpr int kLanes = 16;  // interleaved accumulators per row (two AVX2 float vectors)
 
-template <typename T>
-void softmax_row(const TileArgs<T>& a, T* s, int64_t i) {
+// Position of index k in the chunk [j0, j0 + n) as a small int, -1 when outside.
+FL_INLINE int lane_in(int64_t k, int64_t j0, int64_t n) { return k >= j0 && k < j0 + n ? int(k - j0) : -1; }
+
+// Softmax (InfoNCE, DCL, HCL, smoothing) and SupCon rows: one pass over the raw dot products of row i.
+template <typename T, bool kSupConRow, bool kHcl>
+void softmax_row(const TileArgs<T>& a, const T* x, int64_t i) {
+  constexpr int W = kLanes;
   const int64_t M = a.M;
   const T t = a.scale[i], b = a.bias_value(), alpha = a.p.a(), beta = a.p.beta;
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < M; ++j) {
-    s[j] = t * s[j] + b;
-    sum += s[j];
+  const int64_t p = a.positive_of(i), self = a.self_lane(i, p);
+  const int64_t li = kSupConRow ? a.labels_q[i] : 0;
+  const int64_t* lk = a.labels_k;
+  T m[W], dA[W], dB[W], sum[W], pos[W], cnt[W];
+  for (int w = 0; w < W; ++w) {
+    m[w] = neg_inf<T>();
+    dA[w] = dB[w] = sum[w] = pos[w] = cnt[w] = T(0);
   }
-  T* st = a.row_stats + i * kStats;
-  if (a.kind == kSupCon) {
-    const int64_t li = a.labels_q[i];
-    if (a.exclude_self && i < M) s[i] = neg_inf<T>();
-    T pos = 0, cnt = 0, m = neg_inf<T>();
-#pragma omp simd reduction(+ : pos, cnt) reduction(max : m)
-    for (int64_t j = 0; j < M; ++j) {
-      const bool eq = a.labels_k[j] == li && !(a.exclude_self && j == i);
-      pos += eq ? s[j] : T(0);
-      cnt += eq ? T(1) : T(0);
-      m = s[j] > m ? s[j] : m;
+  // Lane w of the accumulators takes element j = j0 + w; the special lanes are compared as small ints within
+  // the chunk (int64 compares keep GCC from vectorising). SupCon: self is out, equal labels are positives (and
+  // stay in the log-sum-exp); softmax: self is out, the positive is out of the negatives but in the smoothing
+  // sum.
+  auto chunk = [&](int64_t j0, int n) __attribute__((always_inline)) {
+    const int ws = lane_in(self, j0, n), wp = lane_in(p, j0, n);
+    const T* xc = x + j0;
+#pragma omp simd
+    for (int w = 0; w < n; ++w) {
+      const T s = t * xc[w] + b;
+      const bool out = w == ws;
+      if constexpr (kSupConRow) {
+        const bool eq = lk[j0 + w] == li && !out;
+        lse_fold<false>(m[w], dA[w], dB[w], out ? neg_inf<T>() : s, T(1), T(1), T(1), T(0));
+        pos[w] += eq ? s : T(0);
+        cnt[w] += eq ? T(1) : T(0);
+      } else {
+        lse_fold<kHcl>(m[w], dA[w], dB[w], out || w == wp ? neg_inf<T>() : s, T(1), T(1), alpha, beta);
+        sum[w] += out ? T(0) : s;
+      }
     }
-    const T ms = safe_max(m);
-    T d = 0;
-#pragma omp simd reduction(+ : d)
-    for (int64_t j = 0; j < M; ++j) d += fl_exp(s[j] - ms);
-    st[kAm] = m;
-    st[kAd] = m == neg_inf<T>() ? T(0) : d;
-    st[kBm] = neg_inf<T>();
-    st[kBd] = 0;
-    st[kPos] = pos;
-    st[kSum] = 0;
-    st[kCount] = cnt;
-    a.row_loss[i] = finalize_supcon(st);
-    return;
-  }
-  const int64_t p = a.positive[i];
-  const T sp = s[p];
-  const bool self = a.exclude_self && i < M && i != p;
-  if (self) sum -= s[i];
-  s[p] = neg_inf<T>();
-  if (self) s[i] = neg_inf<T>();
-  T m = neg_inf<T>();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < M; ++j) m = s[j] > m ? s[j] : m;
-  const T am = alpha * safe_max(m), bm = beta * safe_max(m);
-  T dA = 0, dB = 0;
-#pragma omp simd reduction(+ : dA)
-  for (int64_t j = 0; j < M; ++j) dA += fl_exp(alpha * s[j] - am);
-  if (a.p.hcl()) {
-#pragma omp simd reduction(+ : dB)
-    for (int64_t j = 0; j < M; ++j) dB += fl_exp(beta * s[j] - bm);
-  }
-  const bool empty = m == neg_inf<T>();
-  st[kAm] = empty ? neg_inf<T>() : am;
-  st[kAd] = empty ? T(0) : dA;
-  st[kBm] = empty || !a.p.hcl() ? neg_inf<T>() : bm;
-  st[kBd] = empty ? T(0) : dB;
-  st[kPos] = sp;
-  st[kSum] = sum;
-  st[kCount] = T(M - 1 - (self ? 1 : 0));
-  a.row_loss[i] = finalize_softmax(st, a.p);
+  };
+  const int64_t body = M / W * W;
+  for (int64_t j0 = 0; j0 < body; j0 += W) chunk(j0, W);
+  if (body < M) chunk(body, int(M - body));
+  Acc<T> acc = Acc<T>::empty();
+  for (int w = 0; w < W; ++w) acc.merge(Acc<T>{m[w], dA[w], dB[w], pos[w], sum[w], cnt[w], T(0)}, alpha, beta, kHcl);
+  if (!kSupConRow) acc.pos = t * x[p] + b;
+  a.row_loss[i] = finish_row(a.kind, acc, T(M - 1 - (self >= 0 ? 1 : 0)), a.row_stats + i * kStats, a.p);
 }
 
+// SigLIP row: softplus terms (libm, scalar as before) and, in the same pass, the negatives' log-sum-exp for
+// return_stats.
 template <typename T>
-void sigmoid_row(const TileArgs<T>& a, T* s, int64_t i) {
+void sigmoid_row(const TileArgs<T>& a, const T* x, int64_t i) {
   const T t = a.scale[i], b = a.bias_value();
-  const int64_t p = a.positive[i];
-  T loss = 0;
+  const int64_t p = a.positive_of(i), self = a.self_lane(i, p);
+  Acc<T> acc = Acc<T>::empty();
   for (int64_t j = 0; j < a.M; ++j) {
-    const T x = t * s[j] + b;
-    loss += softplus(j == p ? -x : x);
+    if (j == self) continue;
+    const T s = t * x[j] + b;
+    if (j == p) {
+      acc.pos = s;
+      acc.loss += softplus(-s);
+    } else {
+      acc.loss += softplus(s);
+      acc.push(s, T(1), T(0), false);
+    }
   }
-  T* st = a.row_stats + i * kStats;
-  for (int k = 0; k < kStats; ++k) st[k] = 0;
-  st[kPos] = t * s[p] + b;
-  a.row_loss[i] = loss;
+  a.row_loss[i] = finish_row(a.kind, acc, T(a.M - 1 - (self >= 0 ? 1 : 0)), a.row_stats + i * kStats, a.p);
 }
 
-// Folds this tile's rows into the running column statistics (symmetric softmax; the row pass has already
-// turned the tile into logits with the diagonal masked to -inf).
-template <typename T>
+// Folds this tile's rows into the running column accumulators (symmetric softmax: positive = the diagonal,
+// which goes to kPos; every row's logit goes to kSum). col_stats hold accumulators until finish_columns.
+template <typename T, bool kHcl>
 void column_pass(const TileArgs<T>& a) {
   constexpr int64_t W = 256;
   const int64_t M = a.M, R = a.rows;
-  const T alpha = a.p.a(), beta = a.p.beta;
-  const bool hcl = a.p.hcl(), smooth = a.p.eps > T(0);
+  const T alpha = a.p.a(), beta = a.p.beta, b = a.bias_value();
   at::parallel_for(0, (M + W - 1) / W, 1, [&](int64_t c_lo, int64_t c_hi) {
-    T bmax[W], am[W], bm[W], dA[W], dB[W], sum[W];
+    T m[W], dA[W], dB[W], pos[W], sum[W];
     for (int64_t c = c_lo; c < c_hi; ++c) {
       const int64_t j0 = c * W, w = std::min(W, M - j0);
       for (int64_t j = 0; j < w; ++j) {
-        bmax[j] = neg_inf<T>();
-        dA[j] = dB[j] = sum[j] = 0;
+        const T* st = a.col_stats + (j0 + j) * kStats;
+        m[j] = st[kM];
+        dA[j] = st[kAd];
+        dB[j] = st[kBd];
+        pos[j] = st[kPos];
+        sum[j] = st[kSum];
       }
       for (int64_t r = 0; r < R; ++r) {
-        const T* s = a.tile + r * M + j0;
-        for (int64_t j = 0; j < w; ++j) bmax[j] = s[j] > bmax[j] ? s[j] : bmax[j];
-      }
-      for (int64_t j = 0; j < w; ++j) {
-        T* st = a.col_stats + (j0 + j) * kStats;
-        const T nm = bmax[j] == neg_inf<T>() ? st[kAm] : std::max(st[kAm], alpha * bmax[j]);
-        if (nm != st[kAm]) {  // rescale the running sums to the new maximum
-          st[kAd] = st[kAm] == neg_inf<T>() ? T(0) : st[kAd] * std::exp(st[kAm] - nm);
-          if (hcl) {
-            const T nb = beta / alpha * nm;
-            st[kBd] = st[kBm] == neg_inf<T>() ? T(0) : st[kBd] * std::exp(st[kBm] - nb);
-            st[kBm] = nb;
-          }
-          st[kAm] = nm;
+        const T* x = a.tile + r * M + j0;
+        const T t = a.scale[a.row0 + r];
+        const int diag = lane_in(a.row0 + r, j0, w);  // lane of this row's diagonal element, -1: none
+#pragma omp simd
+        for (int j = 0; j < int(w); ++j) {
+          const T s = t * x[j] + b;
+          const bool dg = j == diag;
+          lse_fold<kHcl>(m[j], dA[j], dB[j], dg ? neg_inf<T>() : s, T(1), T(1), alpha, beta);
+          pos[j] += dg ? s : T(0);
+          sum[j] += s;
         }
-        am[j] = safe_max(st[kAm]);
-        bm[j] = safe_max(st[kBm]);
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        const T* s = a.tile + r * M + j0;
-        for (int64_t j = 0; j < w; ++j) dA[j] += fl_exp(alpha * s[j] - am[j]);
-        if (hcl)
-          for (int64_t j = 0; j < w; ++j) dB[j] += fl_exp(beta * s[j] - bm[j]);
-        if (smooth)
-          for (int64_t j = 0; j < w; ++j) sum[j] += s[j] == neg_inf<T>() ? T(0) : s[j];
       }
       for (int64_t j = 0; j < w; ++j) {
         T* st = a.col_stats + (j0 + j) * kStats;
-        st[kAd] += dA[j];
-        st[kBd] += dB[j];
-        st[kSum] += sum[j];
+        st[kM] = m[j];
+        st[kAd] = dA[j];
+        st[kBd] = dB[j];
+        st[kPos] = pos[j];
+        st[kSum] = sum[j];
       }
     }
   });
@@ -167,7 +147,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
     for (int64_t j = 0; j < M; ++j) {
       const T s = t * x[j] + b, e = fl_exp(-std::abs(s));  // branch-free sigmoid, so the loop vectorises
       const T g = rc[cGA] * (s >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e));
-      const bool skip = j == lane[0];
+      const bool skip = j == lane[0] || j == lane[1];
       dt += skip ? T(0) : g * x[j];
       db += skip ? T(0) : g;
       x[j] = t * g;
@@ -236,20 +216,23 @@ struct CpuBackend {
   static void fwd_tile(const TileArgs<T>& a) {
     at::parallel_for(0, a.rows, row_grain(a.M), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
-        T* s = a.tile + r * a.M;
+        const T* s = a.tile + r * a.M;
         if (a.kind == kSigmoid)
           sigmoid_row(a, s, a.row0 + r);
+        else if (a.kind == kSupCon)
+          softmax_row<T, true, false>(a, s, a.row0 + r);
+        else if (a.p.hcl())
+          softmax_row<T, false, true>(a, s, a.row0 + r);
         else
-          softmax_row(a, s, a.row0 + r);
+          softmax_row<T, false, false>(a, s, a.row0 + r);
       }
     });
-    if (a.symmetric) column_pass(a);
+    if (a.symmetric) a.p.hcl() ? column_pass<T, true>(a) : column_pass<T, false>(a);
   }
 
   template <typename T>
   static void finish_columns(const TileArgs<T>& a) {
-    for (int64_t j = 0; j < a.M; ++j)
-      a.row_loss[j] = finalize_column(a.col_stats + j * kStats, a.row_stats[j * kStats + kPos], T(a.N), a.p);
+    for (int64_t j = 0; j < a.M; ++j) a.row_loss[j] = finalize_column(a.col_stats + j * kStats, T(a.N), a.p);
   }
 
   template <typename T>
@@ -262,8 +245,11 @@ struct CpuBackend {
     }
   }
 
+  static void finish_backward(const Inputs&, at::Tensor&) {}  // positives were checked up front
+
   template <typename T>
   static void bwd_tile(const TileArgs<T>& a) {
+    TORCH_CHECK(a.grad_kind == kGradInPlace, "contrastive_bwd: the CPU writes the gradient tile in place");
     at::parallel_for(0, a.rows, row_grain(a.M), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) bwd_row(a, a.tile + r * a.M, a.row0 + r);
     });

@@ -22,7 +22,7 @@ from . import _validation as V
 SOFTMAX, SIGMOID, SUPCON = 0, 1, 2
 _LOSSES = {"softmax": SOFTMAX, "sigmoid": SIGMOID}
 # Columns of the statistics records (fastloss/contrastive.h).
-_AM, _POS, _COUNT, _LSE = 0, 4, 6, 7
+_MAX, _POS, _COUNT, _LSE = 0, 3, 5, 6
 
 
 class ContrastiveStats(NamedTuple):
@@ -113,11 +113,9 @@ def _check_positive_range(fn: str, positive: torch.Tensor, M: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fused parts
-def _stats_from_records(st: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    lse = st[:, _LSE]
-    # top-1: the positive beats the largest negative (the record keeps (1 + beta) * max over negatives).
-    correct = st[:, _POS] > st[:, _AM] / (1.0 + beta)
-    return lse, correct
+def _stats_from_records(st: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # log-normaliser over the candidates; top-1: the positive beats the largest negative (the record's max).
+    return st[:, _LSE], st[:, _POS] > st[:, _MAX]
 
 
 def fused_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, exclude_self, decoupled, beta, eps,
@@ -130,11 +128,11 @@ def fused_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, e
     counted = row_st[:, _COUNT] > 0 if kind == SUPCON else None
     stats = None
     if want_stats:
-        lse, correct = _stats_from_records(row_st.detach(), beta)
+        lse, correct = _stats_from_records(row_st.detach())
         stats = ContrastiveStats(lse, correct)
         if symmetric:
             stats = stats._replace(**dict(zip(("col_lse", "col_correct"),
-                                              _stats_from_records(col_st.detach(), beta), strict=True)))
+                                              _stats_from_records(col_st.detach()), strict=True)))
     return Parts(row_loss, col_loss if symmetric else None, counted, stats)
 
 
