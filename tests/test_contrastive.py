@@ -545,6 +545,44 @@ def test_random_configurations(device):
 
 
 # ------------------------------------------------------------------------------------------- one-pass records
+@pytest.mark.parametrize("shape", [(1, 1, 3, None), (7, 12, 5, 3), (40, 61, 9, 16), (33, 33, 4, None)],
+                         ids=lambda s: "N{}_M{}_d{}_b{}".format(*s))
+@pytest.mark.parametrize("with_positive", [False, True])
+def test_sigmoid_return_stats(device, shape, with_positive):
+    """SigLIP return_stats: LSE over every candidate and top-1 (positive above every negative) from the same
+    single pass, vs the float64 reference and the closed forms on the materialised logits."""
+    N, M, d, block = shape
+    gen = torch.Generator().manual_seed(N * M + d)
+    q = torch.randn(N, d, generator=gen, dtype=torch.float64).to(device)
+    k = torch.randn(M, d, generator=gen, dtype=torch.float64).to(device)
+    k[: min(N, M)] += 1.5 * q[: min(N, M)]  # mostly correct diagonal, so both outcomes of top-1 occur
+    pos = (torch.randint(0, M, (N,), generator=gen) if with_positive else torch.arange(N)).to(device)
+    kw = {"positive": pos, "logit_scale": 4.0, "logit_bias": -2.0, "loss": "sigmoid", "reduction": "none"}
+    loss, st = fastloss.contrastive_loss(q, k, return_stats=True, block_rows=block, **kw)
+    ref_loss, ref = reference.contrastive_loss(q, k, return_stats=True, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    S = 4.0 * q @ k.T - 2.0
+    torch.testing.assert_close(st.lse, S.logsumexp(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ref.lse, S.logsumexp(1), rtol=1e-12, atol=1e-12)
+    s_p = S.gather(1, pos[:, None]).squeeze(1)
+    neg = S.masked_fill(F.one_hot(pos, M).bool(), float("-inf")).amax(1)
+    assert torch.equal(st.correct, s_p > neg) and torch.equal(ref.correct, st.correct)
+    assert st.col_lse is None and not st.lse.requires_grad
+    if N > 2:
+        assert 0 < int(st.correct.sum()) < N or with_positive
+
+
+def test_sigmoid_return_stats_float32(device):
+    gen = torch.Generator().manual_seed(8)
+    q = F.normalize(torch.randn(70, 24, generator=gen), dim=1).to(device)
+    k = F.normalize(torch.randn(70, 24, generator=gen), dim=1).to(device)
+    _, st = fastloss.contrastive_loss(
+        q, k, logit_scale=10.0, logit_bias=-10.0, loss="sigmoid", return_stats=True, block_rows=16)
+    _, ref = reference.contrastive_loss(q.double(), k.double(), logit_scale=10.0, logit_bias=-10.0, loss="sigmoid",
+                                        return_stats=True)
+    torch.testing.assert_close(st.lse.double(), ref.lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4], VARIANTS[6], VARIANTS[10], VARIANTS[13]],
                          ids=lambda v: v[0])
 @pytest.mark.parametrize("shape", [(257, 5, None), (130, 33, 64), (61, 8, 7)], ids=lambda s: "N{}_d{}_b{}".format(*s))

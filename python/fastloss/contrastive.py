@@ -183,8 +183,8 @@ def run(fn: str, parts_fn, query, key, *, positive=None, labels=None, logit_scal
         raise ValueError(f"{fn}: symmetric=True needs as many queries as keys, got N={N} and M={M}")
     if symmetric and positive is not None:
         raise ValueError(f"{fn}: symmetric=True uses the diagonal positives; leave positive=None")
-    if return_stats and kind != SOFTMAX:
-        raise ValueError(f"{fn}: return_stats is available for the softmax loss")
+    if return_stats and kind == SUPCON:
+        raise ValueError(f"{fn}: return_stats is available for the softmax and sigmoid losses")
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     if kind == SUPCON:
@@ -239,8 +239,10 @@ def contrastive_loss(query, key, *, positive=None, logit_scale, logit_bias=None,
       and ``-1`` elsewhere; the mean divides by N, as open_clip's SigLipLoss.
 
     ``reduction`` none / sum / mean over rows (symmetric: of the two directions' average). ``return_stats=True``
-    returns ``(loss, ContrastiveStats)`` with each row's log-normaliser and top-1 hit (detached).
-    ``block_rows`` sets the tile height (memory ``block_rows x M`` floats; default ~16 MiB on CPU).
+    returns ``(loss, ContrastiveStats)`` with each row's log-normaliser over its candidates and top-1 hit
+    (the positive beats every negative), detached; for ``loss="sigmoid"`` the same softmax metrics of the
+    same logits, from the same single pass. ``block_rows`` sets the tile height (memory ``block_rows x M``
+    floats; default 2^22 elements, 16 MiB fp32, on CPU and 2^27, 512 MiB, on CUDA).
     fp16/bf16 features are multiplied in fp32 (fp64 for fp64); no TF32 unless enabled in torch globally.
     """
     fn = "fastloss.contrastive_loss"
