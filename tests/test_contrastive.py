@@ -583,6 +583,36 @@ def test_sigmoid_return_stats_float32(device):
     torch.testing.assert_close(st.lse.double(), ref.lse, rtol=1e-5, atol=1e-5)
 
 
+def test_supcon_base_temperature(device):
+    """base_temperature scales the loss by temperature / base_temperature (Khosla et al.'s reference code):
+    fused vs reference (loss and gradients, tensor temperature included) and vs the closed form."""
+    gen = torch.Generator().manual_seed(21)
+    f = F.normalize(torch.randn(12, 6, generator=gen, dtype=torch.float64), dim=1).to(device).requires_grad_()
+    labels = torch.tensor([0, 1, 0, 2, 1, 3, 0, 2, 1, 4, 4, 0], device=device)
+    t = torch.tensor(0.1, dtype=torch.float64, device=device, requires_grad=True)
+    res = []
+    for mod in (fastloss, reference):
+        out = mod.supcon_loss(f, labels, temperature=t, base_temperature=0.07, block_rows=5)
+        res.append((out.detach(), torch.autograd.grad(out, (f, t))))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-10, atol=1e-12)
+    for g, w in zip(res[0][1], res[1][1], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+    # closed form: -(T / T_b) * mean over anchors with positives of the mean log-probability of the positives
+    with torch.no_grad():
+        S = f @ f.T / 0.1
+        S.fill_diagonal_(float("-inf"))
+        logp = S.log_softmax(1)
+        P = (labels[:, None] == labels[None, :]) & ~torch.eye(12, dtype=torch.bool, device=device)
+        per = -(0.1 / 0.07) * logp.masked_fill(~P, 0).sum(1) / P.sum(1).clamp(min=1)
+        want = per[P.any(1)].mean()
+    torch.testing.assert_close(res[0][0], want)
+    plain = fastloss.supcon_loss(f, labels, temperature=0.1, reduction="none")
+    torch.testing.assert_close(fastloss.supcon_loss(f, labels, temperature=0.1, base_temperature=0.1,
+                                                    reduction="none"), plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="base_temperature must be > 0"):
+        fastloss.supcon_loss(f, labels, temperature=0.1, base_temperature=0.0)
+
+
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4], VARIANTS[6], VARIANTS[10], VARIANTS[13]],
                          ids=lambda v: v[0])
 @pytest.mark.parametrize("shape", [(257, 5, None), (130, 33, 64), (61, 8, 7)], ids=lambda s: "N{}_d{}_b{}".format(*s))

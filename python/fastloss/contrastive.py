@@ -281,15 +281,22 @@ def nt_xent_loss(z1, z2, *, temperature, reduction="mean", block_rows=None, _par
                reduction=reduction, exclude_self=True, block_rows=block_rows)
 
 
-def supcon_loss(features, labels, *, temperature, reduction="mean", block_rows=None, _parts=None):
+def supcon_loss(features, labels, *, temperature, base_temperature=None, reduction="mean", block_rows=None,
+                _parts=None):
     """SupCon L_out (Khosla et al. 2020): ``L_i = lse_{j != i}(s_ij) - mean_{p in P(i)} s_ip`` with
     ``P(i)`` = other rows with the same label and ``s = <f_i, f_j> / temperature``. Anchors without positives
-    give 0 and are left out of the mean (NaN when no anchor has a positive). Stack several views as rows."""
+    give 0 and are left out of the mean (NaN when no anchor has a positive). Stack several views as rows.
+    ``base_temperature`` (default: ``temperature``, i.e. no change) scales the loss by
+    ``temperature / base_temperature``, as the authors' reference implementation does (e.g. 0.07)."""
     fn = "fastloss.supcon_loss"
     _check_features(fn, "features", features)
-    return run(fn, _fused_or_reference(features, _parts), features, features, labels=labels,
-               logit_scale=_inverse(fn, temperature), reduction=reduction, exclude_self=True, supcon=True,
-               block_rows=block_rows)
+    base = None if base_temperature is None else V.check_finite(fn, "base_temperature", base_temperature,
+                                                                 positive=True)
+    out = run(fn, _fused_or_reference(features, _parts), features, features, labels=labels,
+              logit_scale=_inverse(fn, temperature), reduction=reduction, exclude_self=True, supcon=True,
+              block_rows=block_rows)
+    # a tensor temperature keeps its gradient through the factor, as in the reference implementation
+    return out if base is None else (out * (temperature / base)).to(out.dtype)
 
 
 def _inverse(fn, temperature):

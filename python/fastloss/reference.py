@@ -387,11 +387,12 @@ def nt_xent_loss(z1, z2, *, temperature, reduction="mean", block_rows=None):
     return C.nt_xent_loss(z1, z2, temperature=temperature, reduction=reduction, _parts=contrastive_parts)
 
 
-def supcon_loss(features, labels, *, temperature, reduction="mean", block_rows=None):
+def supcon_loss(features, labels, *, temperature, base_temperature=None, reduction="mean", block_rows=None):
     """Reference of :func:`fastloss.supcon_loss`."""
     from . import contrastive as C
 
-    return C.supcon_loss(features, labels, temperature=temperature, reduction=reduction, _parts=contrastive_parts)
+    return C.supcon_loss(features, labels, temperature=temperature, base_temperature=base_temperature,
+                         reduction=reduction, _parts=contrastive_parts)
 # ---------------------------------------------------------------------------------------------- stable softmax
 # Additive normalisers p_k = phi(z_k) / sum_j phi(z_j) (StableMax, Taylor, softplus), comp-sum / GCE and the
 # multi-label losses (ZLPR, decoupled softmax). -inf logits are masked classes (phi = 0) for every kind.
