@@ -26,7 +26,7 @@ namespace {
 
 constexpr int kMaxThreads = cuda::kMaxRowThreads;  // row kernels: 64..512 threads (cuda::row_block_threads)
 constexpr int kColX = 32, kColY = 8;               // column kernel: 32 columns x 8 row slices per block
-constexpr int kColUnroll = 4;                      // rows in flight per thread in the column kernel
+constexpr int kColUnroll = 8;                      // rows in flight per thread in the column kernel
 
 template <typename T>
 struct Pair {
