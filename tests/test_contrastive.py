@@ -660,9 +660,9 @@ def test_cuda_bad_positive_poisons_only_its_row(dtype, loss):
     kw = {"loss": loss, "logit_bias": -1.0 if loss == "sigmoid" else None}
     out = fastloss.contrastive_loss(q, k, positive=pos, logit_scale=s, reduction="none", block_rows=4, **kw)
     gq, gk, gs = torch.autograd.grad(out.sum(), (q, k, s))
-    assert out[4].isnan() and not out[torch.arange(N) != 4].isnan().any()
-    assert gq[4].isnan().all() and gs[4].isnan()
     keep = torch.arange(N, device="cuda") != 4
+    assert out[4].isnan() and not out[keep].isnan().any()
+    assert gq[4].isnan().all() and gs[4].isnan()
     assert torch.isfinite(gq[keep]).all() and torch.isfinite(gk).all() and torch.isfinite(gs[keep]).all()
     # the other rows' gradients are those of the problem without row 4
     q2, s2 = q.detach()[keep].requires_grad_(), s.detach()[keep].requires_grad_()
@@ -691,7 +691,7 @@ def test_cuda_mixed_backward_matches_upcast(dtype):
     q32, k32 = (x.detach().float().requires_grad_() for x in (q, k))
     want = reference.clip_loss(q32.double(), k32.double(), 20.0)
     wq, wk = torch.autograd.grad(want, (q32, k32))
-    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)  # the loss comes back in `dtype`
     for g, w in ((gq, wq), (gk, wk)):
         err = (g.double() - w.double()).abs().max()
         assert err <= 2e-2 * w.abs().max(), (err, w.abs().max())

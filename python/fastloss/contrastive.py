@@ -5,8 +5,11 @@
     loss = fastloss.contrastive_loss(q, k, logit_scale=s, hard_negative_beta=0.5, decoupled=True)
 
 The fused path runs the engine of ``csrc/contrastive_engine.h``: one GEMM per block of query rows, an epilogue
-that folds the block into per-row (and per-column) log-sum-exp statistics, and a backward that recomputes each
-block. Memory is one block of rows plus O((N + M) d). Features are used as given (normalise them yourself, as
+that folds the block into per-row (and per-column) log-sum-exp statistics in one read of the block, and a
+backward that recomputes each block. Memory is one block of ``block_rows x M`` accumulation-type floats plus
+O((N + M) d): by default 2^22 elements (16 MiB fp32) on CPU and 2^27 (512 MiB fp32, 2048 rows at M = 65536,
+plus a 256 MiB fp16/bf16 copy of the gradient block in the mixed-precision backward) on CUDA; O(M) for a
+fixed row count, never N x M. Features are used as given (normalise them yourself, as
 open_clip does). Every function has a materialised twin of the same name in :mod:`fastloss.reference`.
 """
 
