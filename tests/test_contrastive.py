@@ -423,6 +423,7 @@ COMPILE_LOSSES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 @pytest.mark.parametrize("name", list(COMPILE_LOSSES))
 def test_compile_fullgraph(device, name):
     torch._dynamo.reset()
@@ -433,8 +434,11 @@ def test_compile_fullgraph(device, name):
     eager.backward()
     g_eager = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    out = torch.compile(model, fullgraph=True)(a, b)
-    out.backward()
+    # Inductor's on-disk caches key the graph, not the custom ops' fake kernels: a cached graph from an older
+    # build (other record shape) would be replayed, so this test compiles afresh.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out = torch.compile(model, fullgraph=True)(a, b)
+        out.backward()
     torch.testing.assert_close(out, eager)
     for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
         torch.testing.assert_close(g, ge)
