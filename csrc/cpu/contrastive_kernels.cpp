@@ -175,10 +175,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
       const T s = t * x[j] + b;
       T g = rc[cGA] * fl_exp(alpha * s - rc[cALse]) + rc[cGAll];
       if (a.p.hcl()) g -= rc[cGB] * fl_exp(beta * s - rc[cBLse]);
-      if (a.symmetric) {
-        g += cA[cGA * M + j] * fl_exp(alpha * s - cA[cALse * M + j]) + cA[cGAll * M + j];
-        if (a.p.hcl()) g -= cA[cGB * M + j] * fl_exp(beta * s - cA[cBLse * M + j]);
-      }
+      if (a.symmetric) g += column_lane_grad(s, false, cA, M, j, a.p);  // the positive is patched below
       const bool skip = j == lane[0] || j == lane[1];
       dt += skip ? T(0) : g * x[j];
       db += skip ? T(0) : g;
@@ -190,11 +187,7 @@ void bwd_row(const TileArgs<T>& a, T* x, int64_t i) {
     if (j < 0) continue;
     const T s = t * xl[l] + b;
     T g = lane_grad(a.kind, s, l == 0, l == 1, rc, a.p);
-    if (a.symmetric) {
-      T cc[kCoefs];
-      load_coef(a.col_coef, M, j, cc);
-      g += lane_grad(a.kind, s, j == i, false, cc, a.p);
-    }
+    if (a.symmetric) g += column_lane_grad(s, j == i, a.col_coef, M, j, a.p);
     dt += g * xl[l];
     db += g;
     x[j] = t * g;

@@ -176,11 +176,7 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
     const bool is_self = j == self;
     const bool is_pos = a.kind == kSupCon ? (a.labels_k[j] == li && !is_self) : j == p;
     T g = lane_grad(a.kind, s, is_pos, is_self, rc, a.p);
-    if (a.symmetric) {
-      T cc[kCoefs];
-      load_coef(a.col_coef, M, j, cc);
-      g += lane_grad(kSoftmax, s, j == i, false, cc, a.p);
-    }
+    if (a.symmetric) g += column_lane_grad(s, j == i, a.col_coef, M, j, a.p);  // L2 reads: only what it needs
     q.v[0] += g * raw;
     q.v[1] += g;
     return t * g;

@@ -233,6 +233,19 @@ FL_HD FL_INLINE T lane_grad(int kind, T s, bool is_pos, bool is_self, const T* c
   return is_pos ? c[cGPos] : neg_grad(s, c, p);
 }
 
+// The column view's dL/ds of lane j (symmetric softmax), reading from the (kCoefs, n) table only the
+// coefficients this lane needs: a backward that streams them per element moves 8 bytes per lane in plain CLIP
+// instead of all 6 coefficients. Equal to lane_grad(kSoftmax, s, is_pos, false, column j's coefficients, p)
+// (without smoothing gall is 0).
+template <typename T>
+FL_HD FL_INLINE T column_lane_grad(T s, bool is_pos, const T* soa, int64_t n, int64_t j, const Params<T>& p) {
+  if (is_pos) return soa[cGPos * n + j];
+  T g = soa[cGA * n + j] * fl_exp(p.a() * s - soa[cALse * n + j]);
+  if (p.eps > T(0)) g += soa[cGAll * n + j];
+  if (p.hcl()) g -= soa[cGB * n + j] * fl_exp(p.beta * s - soa[cBLse * n + j]);
+  return g;
+}
+
 // Everything an epilogue needs about one block of rows: raw dot products tile[r * M + j] = <q_{row0+r}, k_j>
 // (read-only in the forward), the global per-row scales, and the statistics / outputs of the whole problem.
 template <typename T>
