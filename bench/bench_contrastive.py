@@ -105,6 +105,18 @@ def flops(case: Case) -> float:
     return g * {"fwd": 1, "bwd": 2, "fwdbwd": 3}[case.mode]
 
 
+BF16_PEAK = 989e12  # dense bf16 tensor-core peak of the H200 (issue 6 target: >= 60% on fwd+bwd)
+
+
+def peak_share(case: Case, ms: float) -> str:
+    """Share of the H200 bf16 peak as issue 6 counts it: 2 N M d FLOPs per GEMM-equivalent, 4 for fwd+bwd
+    (1 forward, 3 backward including the recomputed tile); only for bf16 on CUDA."""
+    if not case.device.startswith("cuda") or case.dtype != torch.bfloat16:
+        return "-"
+    g = 2.0 * case.shape["N"] ** 2 * case.shape["d"] * {"fwd": 1, "bwd": 3, "fwdbwd": 4}[case.mode]
+    return f"{100 * g / (ms * 1e-3) / BF16_PEAK:.0f}%"
+
+
 def timing(args):
     shapes, modes, providers = PRESETS[args.preset]
     shapes = args.shapes or shapes
@@ -130,13 +142,14 @@ def timing(args):
                         rows.append(csv_row(case, name, r, 0.0, info))
                         base = r.median_ms if name == "torch" else base
                         table.append([op, mode, dtype, case.shape_str, name, f"{r.median_ms:.1f}",
-                                      f"{flops(case) / r.median_ms / 1e9:.2f}", f"{r.extra_mem_mb:.1f}"])
+                                      f"{flops(case) / r.median_ms / 1e9:.2f}", f"{r.extra_mem_mb:.1f}",
+                                      peak_share(case, r.median_ms)])
                         print(" ".join(table[-1]), flush=True)
                     for row in table[-sum(op in f for f in fns.values()):]:
                         row.append(f"{float(row[5]) / base:.2f}x" if base else "-")
     append_csv(args.out, rows)
     print(format_table(("op", "mode", "dtype", "shape", "provider", "median ms", "TFLOP/s", "extra MB",
-                        "time vs torch"), table, "lllllrrrr"))
+                        "bf16 peak (4 GEMM-eq)", "time vs torch"), table, "lllllrrrrr"))
 
 
 def one_call_memory(fn, n, d, device, dtype) -> tuple[float, float]:

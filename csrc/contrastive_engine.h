@@ -1,8 +1,10 @@
 // Host-side tile loop of the contrastive ops, shared by the CPU and CUDA glue. Each block of query rows gets its
 // raw dot products from one GEMM (at::mm: BLAS on CPU, cuBLAS on CUDA; fp32 stays fp32 unless the user enables
-// TF32 globally), then a device epilogue (Backend) folds the block into the row and column statistics
-// (forward) or turns it into the gradient coefficients G in place (backward), from which two more GEMMs give
-// dq and dk. Memory: one (rows x M) tile plus O((N + M) d); the N x M matrix never exists.
+// TF32 globally), then a device epilogue (Backend) folds the block into the row and column statistics in one
+// read of the tile (forward), or turns it into the gradient coefficients t_i G_ij (backward), from which two
+// more GEMMs give dq and dk. fp16 / bf16 features on CUDA: the epilogue writes G once in the operands' dtype and
+// dk accumulates in place in fp32 (addmm with an fp32 output). Memory: one (rows x M) tile (plus its fp16 / bf16
+// copy of G in that backward) and O((N + M) d); the N x M matrix never exists.
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -26,6 +28,13 @@
 #define FL_HAS_MM_DTYPE 1
 #else
 #define FL_HAS_MM_DTYPE 0
+#endif
+// aten::addmm.dtype_out with an fp32 `self` beside fp16/bf16 matrices (in-place fp32 accumulation) needs
+// torch 2.10 (torch 2.9 wanted `self` in the matrices' dtype).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+#define FL_HAS_ADDMM_DTYPE 1
+#else
+#define FL_HAS_ADDMM_DTYPE 0
 #endif
 
 namespace fastloss::contrastive {
@@ -122,8 +131,9 @@ TileArgs<T> base_args(const Inputs& in, const Options& o) {
 }
 
 // Backend: static void check_positive(const Inputs&), fwd_tile<T>(TileArgs), finish_columns<T>(TileArgs),
-// coefs<T>(kind, stats, grad, n, params, out, like), bwd_tile<T>(TileArgs); kTileElems (tile budget in
-// elements); kMixedGemm (fp16/bf16 GEMMs with fp32 output: CUDA tensor cores; the CPU upcasts instead).
+// coefs<T>(kind, stats, grad, n, params, out, like), bwd_tile<T>(TileArgs), finish_backward(Inputs, dq);
+// kTileElems (tile budget in elements); kMixedGemm (fp16/bf16 GEMMs with fp32 output: CUDA tensor cores; the
+// CPU upcasts instead).
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
@@ -136,10 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor row_loss = at::empty({in.N}, opts), row_stats = at::empty({in.N, kStats}, opts);
   at::Tensor col_loss = at::empty({o.symmetric ? in.M : 0}, opts);
   at::Tensor col_stats = at::zeros({o.symmetric ? in.M : 0, kStats}, opts);
-  if (o.symmetric) {
-    col_stats.select(1, kAm).fill_(-std::numeric_limits<double>::infinity());
-    col_stats.select(1, kBm).fill_(-std::numeric_limits<double>::infinity());
-  }
+  if (o.symmetric) col_stats.select(1, kM).fill_(-std::numeric_limits<double>::infinity());  // empty accumulators
   at::Tensor tile = at::empty({in.rows, in.M}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.scale.scalar_type(), "contrastive_fwd", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
@@ -185,6 +192,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dq = at::empty({in.N, in.d}, opts), dk = at::zeros({in.M, in.d}, opts);
   at::Tensor dscale = at::empty({in.N}, opts), dbias_rows = at::empty({in.N}, opts);
   at::Tensor tile = at::empty({in.rows, in.M}, opts);
+  // Mixed GEMMs: the epilogue writes t_i G_ij once, in the operands' dtype, into this buffer (reused by every
+  // block); fp32 / fp64 overwrite the tile in place.
+  at::Tensor gbuf = in.mixed ? at::empty({in.rows, in.M}, in.q.options()) : at::Tensor();
+#if !FL_HAS_ADDMM_DTYPE
+  at::Tensor dk_blk = in.mixed ? at::empty({in.M, in.d}, opts) : at::Tensor();  // torch 2.9: no fp32 `self`
+#endif
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_bwd", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
     Backend::template coefs<scalar_t>(a.kind, rs.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), in.N, a.p,
@@ -200,27 +213,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     a.row_coef = row_coef.data_ptr<scalar_t>();
     a.dscale = dscale.data_ptr<scalar_t>();
     a.dbias_rows = dbias_rows.data_ptr<scalar_t>();
+    a.grad_kind = !in.mixed ? kGradInPlace : (in.q.scalar_type() == at::kHalf ? kGradHalf : kGradBFloat16);
     for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
       const int64_t rb = std::min(in.rows, in.N - r0);
       at::Tensor t = tile.narrow(0, 0, rb);
       in.gemm(t, in.q.narrow(0, r0, rb), in.k.t());
       a.tile = t.data_ptr<scalar_t>();
+      a.grad_out = in.mixed ? gbuf.data_ptr() : static_cast<void*>(a.tile);
       a.rows = rb;
       a.row0 = r0;
-      Backend::template bwd_tile<scalar_t>(a);  // tile := t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
-      at::Tensor dq_blk = dq.narrow(0, r0, rb);
-      if (in.mixed) {  // the coefficients go to the operands' dtype after every term is summed in fp32
-        at::Tensor g = t.to(in.q.scalar_type());
+      Backend::template bwd_tile<scalar_t>(a);  // t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
+      at::Tensor dq_blk = dq.narrow(0, r0, rb), q_blk = in.q.narrow(0, r0, rb);
+      if (in.mixed) {  // fp16/bf16 operands, fp32 accumulation and output
+        at::Tensor g = gbuf.narrow(0, 0, rb);
         in.gemm(dq_blk, g, in.k);
-        at::Tensor dk_blk = at::empty({in.M, in.d}, opts);
-        in.gemm(dk_blk, g.t(), in.q.narrow(0, r0, rb));
+#if FL_HAS_ADDMM_DTYPE
+        at::addmm_out(dk, dk, g.t(), q_blk, at::kFloat, 1, 1);
+#else
+        in.gemm(dk_blk, g.t(), q_blk);
         dk.add_(dk_blk);
+#endif
       } else {
         at::mm_out(dq_blk, t, in.k);
-        dk.addmm_(t.t(), in.q.narrow(0, r0, rb));
+        dk.addmm_(t.t(), q_blk);
       }
     }
   });
+  Backend::finish_backward(in, dq);
   at::Tensor dbias = dbias_rows.sum();
   return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dscale, dbias};
 }

@@ -61,7 +61,7 @@ TORCH_LIBRARY(fastloss, m) {
   // row given by `positive`, optional HCL beta, decoupled, label smoothing, symmetric adds the column
   // direction), 1 sigmoid (SigLIP, positive pairs (i, positive[i]), the rest negatives), 2 SupCon (positives =
   // equal labels_q / labels_k). exclude_self drops lane j == i. block_rows 0 picks the tile height.
-  // Returns row_loss (N,), col_loss (M,) or (0,), and row / col statistics (N | M, 8) for the backward
+  // Returns row_loss (N,), col_loss (M,) or (0,), and row / col statistics (N | M, 7) for the backward
   // (fastloss/contrastive.h names the columns), all in the accumulation type.
   m.def(
       "contrastive_fwd(Tensor query, Tensor key, Tensor scale, Tensor? bias, Tensor? positive, Tensor? labels_q, "

@@ -56,7 +56,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         s = torch.tensor(3.0, device=dev, requires_grad=True)
         b = torch.tensor(-1.0, device=dev, requires_grad=True)
         opts = [{}, {"hard_negative_beta": 0.5, "label_smoothing": 0.1}, {"decoupled": True, "logit_bias": b},
-                {"loss": "sigmoid", "logit_bias": b}]
+                {"loss": "sigmoid", "logit_bias": b, "return_stats": True}]
         if N == M:
             opts.append({"symmetric": True, "hard_negative_beta": 0.3, "return_stats": True})
         for kw in opts:

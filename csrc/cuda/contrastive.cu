@@ -1,13 +1,22 @@
 // CUDA epilogues of the contrastive engine (csrc/contrastive_engine.h); the GEMMs are cuBLAS through at::mm.
-// One block per tile row for the row statistics and the backward coefficients, one thread per column for the
-// column statistics (coalesced down the tile). Reductions merge in a fixed order (no atomics): deterministic.
-// Same maths as the CPU epilogues (fastloss/contrastive.h). A positive index outside [0, M) never indexes
-// memory: its row gets NaN loss and NaN gradient, without a host sync.
+// Forward: one block per tile row reads the row once (16-byte loads) and keeps a one-pass accumulator per
+// thread (fastloss/contrastive.h: online max with rescale, the same maths as the CPU lanes), merged across the
+// block in a fixed order; symmetric losses add one column pass, 32 columns x 8 row slices per block (coalesced
+// down the tile), whose partial column states merge in slice order into the running column records. So the
+// tile is read once per direction and never written. Backward: one block per tile row reads the fp32 tile once
+// and writes t_i G_ij once, in the GEMM operand dtype (fp16 / bf16 buffer, or in place for fp32 / fp64).
+// Reductions merge in a fixed order (no atomics): deterministic. A positive index outside [0, M) never indexes
+// memory and poisons only its own row: NaN loss, NaN dq row and dscale, a zero row of G (dk and the other rows
+// stay finite), without a host sync.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "../contrastive_engine.h"
 #include "common.cuh"
@@ -15,37 +24,29 @@
 namespace fastloss::contrastive {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kMaxThreads = cuda::kMaxRowThreads;  // row kernels: 64..512 threads (cuda::row_block_threads)
+constexpr int kColX = 32, kColY = 8;               // column kernel: 32 columns x 8 row slices per block
+constexpr int kColUnroll = 8;                      // rows in flight per thread in the column kernel
 
 template <typename T>
-struct Quad {
-  T v[4];
+struct Pair {
+  T v[2];
 };
 
-template <typename T>
-__device__ __forceinline__ Quad<T> block_sum(Quad<T> q, Quad<T>* smem) {
-  return cuda::block_merge(q, smem, [](Quad<T>& a, const Quad<T>& b) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) a.v[k] += b.v[k];
-  });
-}
+// V outputs of one 16-byte input pack, stored with one aligned vector store.
+template <typename O, int V>
+struct alignas(sizeof(O) * V) OutPack {
+  O v[V];
+};
 
-template <typename T>
-__device__ __forceinline__ T block_max(T m, T* smem) {
-  return cuda::block_merge(m, smem, [](T& a, const T& b) { a = b > a ? b : a; });
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) row_fwd_kernel(TileArgs<T> a) {
-  __shared__ Quad<T> sq[kThreads / cuda::kWarp];
-  __shared__ T sm[kThreads / cuda::kWarp];
+template <typename T, int K>
+__global__ void __launch_bounds__(kMaxThreads) row_fwd_kernel(TileArgs<T> a) {
+  __shared__ Acc<T> smem[kMaxThreads / cuda::kWarp];
   const int64_t r = blockIdx.x, i = a.row0 + r, M = a.M;
-  T* s = a.tile + r * M;
-  const T t = a.scale[i], b = a.bias_value(), alpha = a.p.a(), beta = a.p.beta;
+  const T* x = a.tile + r * M;
   T* st = a.row_stats + i * kStats;
-  const int64_t p = a.kind == kSupCon ? 0 : a.positive[i];
-  const bool bad = a.kind != kSupCon && (p < 0 || p >= M);
-  if (bad) {  // uniform per block
+  const int64_t p = a.positive_of(i);
+  if (a.bad_positive(p)) {  // uniform per block, before any barrier
     if (threadIdx.x == 0) {
       const T nan = std::numeric_limits<T>::quiet_NaN();
       for (int k = 0; k < kStats; ++k) st[k] = nan;
@@ -53,130 +54,89 @@ __global__ void __launch_bounds__(kThreads) row_fwd_kernel(TileArgs<T> a) {
     }
     return;
   }
-  if (a.kind == kSigmoid) {
-    Quad<T> q{};
-    for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-      const T x = t * s[j] + b;
-      q.v[0] += softplus(j == p ? -x : x);
-      if (j == p) q.v[1] = x;
-    }
-    q = block_sum(q, sq);
-    if (threadIdx.x == 0) {
-      for (int k = 0; k < kStats; ++k) st[k] = T(0);
-      st[kPos] = q.v[1];
-      a.row_loss[i] = q.v[0];
-    }
-    return;
-  }
-  // 1) logits in place and their sum
-  Quad<T> q{};
-  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-    const T x = t * s[j] + b;
-    s[j] = x;
-    q.v[0] += x;
-  }
-  q = block_sum(q, sq);  // ends with __syncthreads: every logit is written
-  const T sum = q.v[0];
-  const bool self = a.exclude_self && i < M && (a.kind == kSupCon || i != p);
-  T sp = T(0), self_val = T(0);
-  if (a.kind == kSoftmax) sp = s[p];
-  if (self) self_val = s[i];
-  __syncthreads();  // everyone has read s[p] and s[i] before they are masked
-  if (threadIdx.x == 0) {
-    if (a.kind == kSoftmax) s[p] = neg_inf<T>();
-    if (self) s[i] = neg_inf<T>();
-  }
-  __syncthreads();
-  // 2) maximum over the remaining lanes
-  T m = neg_inf<T>();
-  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) m = s[j] > m ? s[j] : m;
-  m = block_max(m, sm);
-  const T ms = m == neg_inf<T>() ? T(0) : m;
-  // 3) sums of exponentials (SupCon: also the positives' sum and count)
-  Quad<T> e{};
-  if (a.kind == kSupCon) {
-    const int64_t li = a.labels_q[i];
-    for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-      e.v[0] += fl_exp(s[j] - ms);
-      if (a.labels_k[j] == li && !(self && j == i)) {
-        e.v[2] += s[j];
-        e.v[3] += T(1);
+  const T t = a.scale[i], b = a.bias_value(), alpha = a.p.a(), beta = a.p.beta;
+  const bool hcl = a.p.hcl();
+  const int64_t self = a.self_lane(i, p);
+  const int64_t li = K == kSupCon ? a.labels_q[i] : 0;
+  Acc<T> acc = Acc<T>::empty();
+  auto lane = [&](int64_t j, T raw) {
+    if (j == self) return;
+    const T s = t * raw + b;
+    if constexpr (K == kSupCon) {
+      acc.push(s, T(1), T(0), false);
+      if (a.labels_k[j] == li) {
+        acc.pos += s;
+        acc.cnt += T(1);
       }
+    } else if constexpr (K == kSigmoid) {
+      if (j == p) {
+        acc.pos = s;
+        acc.loss += softplus(-s);
+      } else {
+        acc.loss += softplus(s);
+        acc.push(s, T(1), T(0), false);
+      }
+    } else {
+      acc.sum += s;
+      if (j == p)
+        acc.pos = s;
+      else
+        acc.push(s, alpha, beta, hcl);
     }
-  } else {
-    for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-      e.v[0] += fl_exp(alpha * s[j] - alpha * ms);
-      if (a.p.hcl()) e.v[1] += fl_exp(beta * s[j] - beta * ms);
-    }
-  }
-  e = block_sum(e, sq);
-  if (threadIdx.x != 0) return;
-  const bool empty = m == neg_inf<T>();
-  if (a.kind == kSupCon) {
-    st[kAm] = m;
-    st[kAd] = empty ? T(0) : e.v[0];
-    st[kBm] = neg_inf<T>();
-    st[kBd] = T(0);
-    st[kPos] = e.v[2];
-    st[kSum] = T(0);
-    st[kCount] = e.v[3];
-    a.row_loss[i] = finalize_supcon(st);
-    return;
-  }
-  st[kAm] = empty ? neg_inf<T>() : alpha * ms;
-  st[kAd] = empty ? T(0) : e.v[0];
-  st[kBm] = empty || !a.p.hcl() ? neg_inf<T>() : beta * ms;
-  st[kBd] = empty ? T(0) : e.v[1];
-  st[kPos] = sp;
-  st[kSum] = sum - (self ? self_val : T(0));
-  st[kCount] = T(M - 1 - (self ? 1 : 0));
-  a.row_loss[i] = finalize_softmax(st, a.p);
+  };
+  cuda::for_each_in_row<T>(x, M, lane, [&](int64_t k0, const cuda::Pack<T>& pk) {
+#pragma unroll
+    for (int v = 0; v < cuda::Pack<T>::N; ++v) lane(k0 + v, pk.v[v]);
+  });
+  acc = cuda::block_merge(acc, smem, [=](Acc<T>& u, const Acc<T>& w) { u.merge(w, alpha, beta, hcl); });
+  if (threadIdx.x == 0) a.row_loss[i] = finish_row(K, acc, T(M - 1 - (self >= 0 ? 1 : 0)), st, a.p);
 }
 
-// Symmetric softmax: folds the tile's rows (logits, diagonal already masked) into each column's record.
+// Symmetric softmax: folds the tile's rows into each column's running record (positive = the diagonal).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) column_kernel(TileArgs<T> a) {
-  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= a.M) return;
-  const int64_t M = a.M;
-  const T alpha = a.p.a(), beta = a.p.beta;
-  T bmax = neg_inf<T>();
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const T x = a.tile[r * M + j];
-    bmax = x > bmax ? x : bmax;
-  }
-  T* st = a.col_stats + j * kStats;
-  T Am = st[kAm], Ad = st[kAd], Bm = st[kBm], Bd = st[kBd];
-  const T nm = bmax == neg_inf<T>() ? Am : (alpha * bmax > Am ? alpha * bmax : Am);
-  if (nm != Am) {
-    Ad = Am == neg_inf<T>() ? T(0) : Ad * ::exp(Am - nm);
-    if (a.p.hcl()) {
-      const T nb = beta / alpha * nm;
-      Bd = Bm == neg_inf<T>() ? T(0) : Bd * ::exp(Bm - nb);
-      Bm = nb;
+__global__ void __launch_bounds__(kColX * kColY) column_kernel(TileArgs<T> a) {
+  __shared__ Acc<T> part[kColY][kColX];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t j = int64_t(blockIdx.x) * kColX + tx, M = a.M, R = a.rows;
+  const T alpha = a.p.a(), beta = a.p.beta, b = a.bias_value();
+  const bool hcl = a.p.hcl();
+  Acc<T> acc = Acc<T>::empty();
+  if (j < M) {
+    for (int64_t r0 = ty; r0 < R; r0 += int64_t(kColUnroll) * kColY) {
+      T raw[kColUnroll];
+#pragma unroll
+      for (int u = 0; u < kColUnroll; ++u) {  // loads first: several rows in flight per thread
+        const int64_t r = r0 + int64_t(u) * kColY;
+        raw[u] = r < R ? a.tile[r * M + j] : T(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kColUnroll; ++u) {
+        const int64_t r = r0 + int64_t(u) * kColY;
+        if (r >= R) break;
+        const T s = a.scale[a.row0 + r] * raw[u] + b;
+        acc.sum += s;
+        if (a.row0 + r == j)
+          acc.pos = s;
+        else
+          acc.push(s, alpha, beta, hcl);
+      }
     }
-    Am = nm;
   }
-  const T am = Am == neg_inf<T>() ? T(0) : Am, bm = Bm == neg_inf<T>() ? T(0) : Bm;
-  T sum = T(0);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const T x = a.tile[r * M + j];
-    Ad += fl_exp(alpha * x - am);
-    if (a.p.hcl()) Bd += fl_exp(beta * x - bm);
-    sum += x == neg_inf<T>() ? T(0) : x;
+  part[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < M) {
+    T* st = a.col_stats + j * kStats;
+    Acc<T> run = Acc<T>::from_record(st);
+    for (int y = 0; y < kColY; ++y) run.merge(part[y][tx], alpha, beta, hcl);
+    run.to_record(st, T(0));  // kCount is set by finalize_column
   }
-  st[kAm] = Am;
-  st[kAd] = Ad;
-  st[kBm] = Bm;
-  st[kBd] = Bd;
-  st[kSum] += sum;
 }
 
 template <typename T>
 __global__ void finish_columns_kernel(TileArgs<T> a) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= a.M) return;
-  a.row_loss[j] = finalize_column(a.col_stats + j * kStats, a.row_stats[j * kStats + kPos], T(a.N), a.p);
+  a.row_loss[j] = finalize_column(a.col_stats + j * kStats, T(a.N), a.p);
 }
 
 template <typename T>
@@ -189,60 +149,102 @@ __global__ void coef_kernel(int kind, const T* stats, const T* grad, int64_t n, 
   for (int k = 0; k < kCoefs; ++k) out[k * n + i] = c[k];
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) row_bwd_kernel(TileArgs<T> a) {
-  __shared__ Quad<T> sq[kThreads / cuda::kWarp];
+// Reads row r of the fp32 / fp64 tile once and writes t_i G_ij once, as O (T in place, or fp16 / bf16).
+template <typename T, typename O>
+__global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
+  __shared__ Pair<T> sq[kMaxThreads / cuda::kWarp];
   const int64_t r = blockIdx.x, i = a.row0 + r, M = a.M;
-  T* x = a.tile + r * M;
+  const T* x = a.tile + r * M;
+  O* out = static_cast<O*>(a.grad_out) + r * M;
+  const int64_t p = a.positive_of(i);
+  if (a.bad_positive(p)) {  // uniform per block: no G from this row, NaN where its loss enters directly
+    for (int64_t j = threadIdx.x; j < M; j += blockDim.x) out[j] = O(T(0));
+    if (threadIdx.x == 0) {
+      a.dscale[i] = std::numeric_limits<T>::quiet_NaN();
+      a.dbias_rows[i] = std::numeric_limits<T>::quiet_NaN();
+    }
+    return;
+  }
   const T t = a.scale[i], b = a.bias_value();
+  const int64_t self = a.self_lane(i, p);
+  const int64_t li = a.kind == kSupCon ? a.labels_q[i] : 0;
   T rc[kCoefs];
   load_coef(a.row_coef, a.N, i, rc);
-  const int64_t p = a.kind == kSupCon ? -1 : a.positive[i];
-  const int64_t li = a.kind == kSupCon ? a.labels_q[i] : 0;
-  Quad<T> q{};
-  for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
-    const T raw = x[j], s = t * raw + b;
-    const bool self = a.exclude_self && j == i && (a.kind == kSupCon || j != p);
-    const bool pos = a.kind == kSupCon ? (a.labels_k[j] == li && !self) : j == p;
-    T g = lane_grad(a.kind, s, pos, self, rc, a.p);
-    if (a.symmetric) {
-      T cc[kCoefs];
-      load_coef(a.col_coef, M, j, cc);
-      g += lane_grad(a.kind, s, j == i, false, cc, a.p);
-    }
+  Pair<T> q{};
+  auto grad = [&](int64_t j, T raw) -> T {  // t_i G_ij; accumulates dscale and dbias
+    const T s = t * raw + b;
+    const bool is_self = j == self;
+    const bool is_pos = a.kind == kSupCon ? (a.labels_k[j] == li && !is_self) : j == p;
+    T g = lane_grad(a.kind, s, is_pos, is_self, rc, a.p);
+    if (a.symmetric) g += column_lane_grad(s, j == i, a.col_coef, M, j, a.p);  // L2 reads: only what it needs
     q.v[0] += g * raw;
     q.v[1] += g;
-    x[j] = t * g;
-  }
-  q = block_sum(q, sq);
+    return t * g;
+  };
+  constexpr int V = cuda::Pack<T>::N;
+  using OP = OutPack<O, V>;
+  cuda::for_each_in_row<T>(
+      x, M, [&](int64_t j, T raw) { out[j] = O(grad(j, raw)); },
+      [&](int64_t k0, const cuda::Pack<T>& pk) {
+        OP o;
+#pragma unroll
+        for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v]));
+        if (reinterpret_cast<uintptr_t>(out + k0) % alignof(OP) == 0) {
+          *reinterpret_cast<OP*>(out + k0) = o;  // in place: this thread already loaded the pack
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) out[k0 + v] = o.v[v];
+        }
+      });
+  q = cuda::block_merge(q, sq, [](Pair<T>& u, const Pair<T>& w) {
+    u.v[0] += w.v[0];
+    u.v[1] += w.v[1];
+  });
   if (threadIdx.x == 0) {
     a.dscale[i] = q.v[0];
     a.dbias_rows[i] = q.v[1];
   }
 }
 
+// dq rows of out-of-range positives: NaN (their G rows were zeroed, so the GEMM left them finite).
+template <typename T>
+__global__ void nan_bad_rows_kernel(T* dq, const int64_t* positive, int64_t M, int64_t d) {
+  const int64_t i = blockIdx.x, p = positive[i];
+  if (p >= 0 && p < M) return;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dq[i * d + c] = std::numeric_limits<T>::quiet_NaN();
+}
+
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
+unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+constexpr int kThreads = 256;  // element-wise kernels
 
 struct CudaBackend {
-  static constexpr int64_t kTileElems = int64_t(1) << 25;
+  // 2^27 elements: >= 2048 rows per block at M = 65536, so the dq GEMM (rows x M @ M x d) fills the SMs.
+  // fp32 tile 512 MiB (+ 256 MiB fp16 / bf16 G in the backward); O(M) for a fixed row count, never N x M.
+  static constexpr int64_t kTileElems = int64_t(1) << 27;
   static constexpr bool kMixedGemm = true;  // fp16/bf16 features: tensor-core GEMMs, fp32 accumulate and output
 
   static void check_positive(const Inputs&) {}  // no host sync: a bad index makes its row NaN
 
   template <typename T>
   static void fwd_tile(const TileArgs<T>& a) {
-    row_fwd_kernel<T><<<unsigned(a.rows), kThreads, 0, stream()>>>(a);
+    const int threads = cuda::row_block_threads(a.M, int(sizeof(T)));
+    if (a.kind == kSupCon)
+      row_fwd_kernel<T, kSupCon><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+    else if (a.kind == kSigmoid)
+      row_fwd_kernel<T, kSigmoid><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+    else
+      row_fwd_kernel<T, kSoftmax><<<unsigned(a.rows), threads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (a.symmetric) {
-      column_kernel<T><<<blocks_for(a.M), kThreads, 0, stream()>>>(a);
+      column_kernel<T><<<blocks_for(a.M, kColX), dim3(kColX, kColY), 0, stream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
 
   template <typename T>
   static void finish_columns(const TileArgs<T>& a) {
-    finish_columns_kernel<T><<<blocks_for(a.M), kThreads, 0, stream()>>>(a);
+    finish_columns_kernel<T><<<blocks_for(a.M, kThreads), kThreads, 0, stream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -250,13 +252,32 @@ struct CudaBackend {
   static void coefs(int kind, const T* stats, const T* grad, int64_t n, const Params<T>& p, T* out,
                     const at::Tensor&) {
     if (n == 0) return;
-    coef_kernel<T><<<blocks_for(n), kThreads, 0, stream()>>>(kind, stats, grad, n, p, out);
+    coef_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, stream()>>>(kind, stats, grad, n, p, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename T>
   static void bwd_tile(const TileArgs<T>& a) {
-    row_bwd_kernel<T><<<unsigned(a.rows), kThreads, 0, stream()>>>(a);
+    const int threads = cuda::row_block_threads(a.M, int(sizeof(T)));
+    if (a.grad_kind == kGradInPlace) {
+      row_bwd_kernel<T, T><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+    } else if constexpr (std::is_same_v<T, float>) {
+      if (a.grad_kind == kGradHalf)
+        row_bwd_kernel<float, c10::Half><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+      else
+        row_bwd_kernel<float, c10::BFloat16><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+    } else {
+      TORCH_CHECK(false, "contrastive_bwd: fp16 / bf16 gradient tiles need fp32 accumulation");
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static void finish_backward(const Inputs& in, at::Tensor& dq) {
+    if (!in.positive.defined() || in.N == 0) return;
+    AT_DISPATCH_FLOATING_TYPES(dq.scalar_type(), "contrastive_bwd_nan_rows", [&] {
+      nan_bad_rows_kernel<scalar_t><<<unsigned(in.N), 128, 0, stream()>>>(
+          dq.data_ptr<scalar_t>(), in.positive.data_ptr<int64_t>(), in.M, in.d);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -61,7 +61,7 @@ if _ops.AVAILABLE:
           label_smoothing, block_rows):
         n, m, acc = query.shape[0], key.shape[0] if symmetric else 0, _acc(query)
         return (query.new_empty((n,), dtype=acc), query.new_empty((m,), dtype=acc),
-                query.new_empty((n, 8), dtype=acc), query.new_empty((m, 8), dtype=acc))
+                query.new_empty((n, 7), dtype=acc), query.new_empty((m, 7), dtype=acc))
 
     @torch.library.register_fake("fastloss::contrastive_bwd")
     def _(grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats, kind,

@@ -5,8 +5,11 @@
     loss = fastloss.contrastive_loss(q, k, logit_scale=s, hard_negative_beta=0.5, decoupled=True)
 
 The fused path runs the engine of ``csrc/contrastive_engine.h``: one GEMM per block of query rows, an epilogue
-that folds the block into per-row (and per-column) log-sum-exp statistics, and a backward that recomputes each
-block. Memory is one block of rows plus O((N + M) d). Features are used as given (normalise them yourself, as
+that folds the block into per-row (and per-column) log-sum-exp statistics in one read of the block, and a
+backward that recomputes each block. Memory is one block of ``block_rows x M`` accumulation-type floats plus
+O((N + M) d): by default 2^22 elements (16 MiB fp32) on CPU and 2^27 (512 MiB fp32, 2048 rows at M = 65536,
+plus a 256 MiB fp16/bf16 copy of the gradient block in the mixed-precision backward) on CUDA; O(M) for a
+fixed row count, never N x M. Features are used as given (normalise them yourself, as
 open_clip does). Every function has a materialised twin of the same name in :mod:`fastloss.reference`.
 """
 
@@ -22,7 +25,7 @@ from . import _validation as V
 SOFTMAX, SIGMOID, SUPCON = 0, 1, 2
 _LOSSES = {"softmax": SOFTMAX, "sigmoid": SIGMOID}
 # Columns of the statistics records (fastloss/contrastive.h).
-_AM, _POS, _COUNT, _LSE = 0, 4, 6, 7
+_MAX, _POS, _COUNT, _LSE = 0, 3, 5, 6
 
 
 class ContrastiveStats(NamedTuple):
@@ -113,11 +116,9 @@ def _check_positive_range(fn: str, positive: torch.Tensor, M: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fused parts
-def _stats_from_records(st: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    lse = st[:, _LSE]
-    # top-1: the positive beats the largest negative (the record keeps (1 + beta) * max over negatives).
-    correct = st[:, _POS] > st[:, _AM] / (1.0 + beta)
-    return lse, correct
+def _stats_from_records(st: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # log-normaliser over the candidates; top-1: the positive beats the largest negative (the record's max).
+    return st[:, _LSE], st[:, _POS] > st[:, _MAX]
 
 
 def fused_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, exclude_self, decoupled, beta, eps,
@@ -130,11 +131,11 @@ def fused_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, e
     counted = row_st[:, _COUNT] > 0 if kind == SUPCON else None
     stats = None
     if want_stats:
-        lse, correct = _stats_from_records(row_st.detach(), beta)
+        lse, correct = _stats_from_records(row_st.detach())
         stats = ContrastiveStats(lse, correct)
         if symmetric:
             stats = stats._replace(**dict(zip(("col_lse", "col_correct"),
-                                              _stats_from_records(col_st.detach(), beta), strict=True)))
+                                              _stats_from_records(col_st.detach()), strict=True)))
     return Parts(row_loss, col_loss if symmetric else None, counted, stats)
 
 
@@ -185,8 +186,8 @@ def run(fn: str, parts_fn, query, key, *, positive=None, labels=None, logit_scal
         raise ValueError(f"{fn}: symmetric=True needs as many queries as keys, got N={N} and M={M}")
     if symmetric and positive is not None:
         raise ValueError(f"{fn}: symmetric=True uses the diagonal positives; leave positive=None")
-    if return_stats and kind != SOFTMAX:
-        raise ValueError(f"{fn}: return_stats is available for the softmax loss")
+    if return_stats and kind == SUPCON:
+        raise ValueError(f"{fn}: return_stats is available for the softmax and sigmoid losses")
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     if kind == SUPCON:
@@ -241,8 +242,10 @@ def contrastive_loss(query, key, *, positive=None, logit_scale, logit_bias=None,
       and ``-1`` elsewhere; the mean divides by N, as open_clip's SigLipLoss.
 
     ``reduction`` none / sum / mean over rows (symmetric: of the two directions' average). ``return_stats=True``
-    returns ``(loss, ContrastiveStats)`` with each row's log-normaliser and top-1 hit (detached).
-    ``block_rows`` sets the tile height (memory ``block_rows x M`` floats; default ~16 MiB on CPU).
+    returns ``(loss, ContrastiveStats)`` with each row's log-normaliser over its candidates and top-1 hit
+    (the positive beats every negative), detached; for ``loss="sigmoid"`` the same softmax metrics of the
+    same logits, from the same single pass. ``block_rows`` sets the tile height (memory ``block_rows x M``
+    floats; default 2^22 elements, 16 MiB fp32, on CPU and 2^27, 512 MiB, on CUDA).
     fp16/bf16 features are multiplied in fp32 (fp64 for fp64); no TF32 unless enabled in torch globally.
     """
     fn = "fastloss.contrastive_loss"
@@ -281,15 +284,22 @@ def nt_xent_loss(z1, z2, *, temperature, reduction="mean", block_rows=None, _par
                reduction=reduction, exclude_self=True, block_rows=block_rows)
 
 
-def supcon_loss(features, labels, *, temperature, reduction="mean", block_rows=None, _parts=None):
+def supcon_loss(features, labels, *, temperature, base_temperature=None, reduction="mean", block_rows=None,
+                _parts=None):
     """SupCon L_out (Khosla et al. 2020): ``L_i = lse_{j != i}(s_ij) - mean_{p in P(i)} s_ip`` with
     ``P(i)`` = other rows with the same label and ``s = <f_i, f_j> / temperature``. Anchors without positives
-    give 0 and are left out of the mean (NaN when no anchor has a positive). Stack several views as rows."""
+    give 0 and are left out of the mean (NaN when no anchor has a positive). Stack several views as rows.
+    ``base_temperature`` (default: ``temperature``, i.e. no change) scales the loss by
+    ``temperature / base_temperature``, as the authors' reference implementation does (e.g. 0.07)."""
     fn = "fastloss.supcon_loss"
     _check_features(fn, "features", features)
-    return run(fn, _fused_or_reference(features, _parts), features, features, labels=labels,
-               logit_scale=_inverse(fn, temperature), reduction=reduction, exclude_self=True, supcon=True,
-               block_rows=block_rows)
+    base = None if base_temperature is None else V.check_finite(fn, "base_temperature", base_temperature,
+                                                                 positive=True)
+    out = run(fn, _fused_or_reference(features, _parts), features, features, labels=labels,
+              logit_scale=_inverse(fn, temperature), reduction=reduction, exclude_self=True, supcon=True,
+              block_rows=block_rows)
+    # a tensor temperature keeps its gradient through the factor, as in the reference implementation
+    return out if base is None else (out * (temperature / base)).to(out.dtype)
 
 
 def _inverse(fn, temperature):

@@ -325,9 +325,15 @@ def contrastive_parts(query, key, scale, bias, positive, labels, *, kind, symmet
     if exclude_self:
         cand[idx[idx < M], idx[idx < M]] = False
     if kind == C.SIGMOID:
-        z = 2.0 * torch.nn.functional.one_hot(positive, M).to(acc) - 1.0
+        pos_mask = torch.nn.functional.one_hot(positive, M).bool()
+        z = 2.0 * pos_mask.to(acc) - 1.0
         loss = -torch.nn.functional.logsigmoid(z * S).sum(1)  # exact; F.softplus turns linear above 20
-        return C.Parts(loss, None, None, None)
+        stats = None
+        if want_stats:  # softmax-style metrics of the same logits: LSE over the candidates, positive vs negatives
+            neg_max = torch.where(cand & ~pos_mask, S, float("-inf")).amax(1)
+            s_p = S.gather(1, positive[:, None]).squeeze(1)
+            stats = C.ContrastiveStats(_masked_lse(S, cand).detach(), (s_p > neg_max).detach())
+        return C.Parts(loss, None, None, stats)
     if kind == C.SUPCON:
         P = (labels[:, None] == labels[None, :]) & cand
         cnt = P.sum(1)
@@ -381,11 +387,12 @@ def nt_xent_loss(z1, z2, *, temperature, reduction="mean", block_rows=None):
     return C.nt_xent_loss(z1, z2, temperature=temperature, reduction=reduction, _parts=contrastive_parts)
 
 
-def supcon_loss(features, labels, *, temperature, reduction="mean", block_rows=None):
+def supcon_loss(features, labels, *, temperature, base_temperature=None, reduction="mean", block_rows=None):
     """Reference of :func:`fastloss.supcon_loss`."""
     from . import contrastive as C
 
-    return C.supcon_loss(features, labels, temperature=temperature, reduction=reduction, _parts=contrastive_parts)
+    return C.supcon_loss(features, labels, temperature=temperature, base_temperature=base_temperature,
+                         reduction=reduction, _parts=contrastive_parts)
 # ---------------------------------------------------------------------------------------------- stable softmax
 # Additive normalisers p_k = phi(z_k) / sum_j phi(z_j) (StableMax, Taylor, softplus), comp-sum / GCE and the
 # multi-label losses (ZLPR, decoupled softmax). -inf logits are masked classes (phi = 0) for every kind.

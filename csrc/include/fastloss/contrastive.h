@@ -3,27 +3,32 @@
 //
 // Logits s_ij = t_i * <q_i, k_j> + b for query rows i and key rows j; the engine never holds more than one
 // block of rows of S. Per row (and, for symmetric losses, per column) it keeps a small statistics record:
-//   kAm, kAd   log-sum-exp state (max, sum of exp(x - max)) over the NEGATIVES of x = a*s, a = 1 + beta
-//   kBm, kBd   the same over x = beta*s (HCL only)
-//   kPos       the positive logit s_p (softmax), or the sum of positive logits (SupCon)
+//   kM         max logit over the record's log-sum-exp lanes: the NEGATIVES (softmax, sigmoid) or every
+//              candidate (SupCon); -inf when there is none
+//   kAd, kBd   sum of exp(a (s - kM)), a = 1 + beta, and of exp(beta (s - kM)) (HCL only) over those lanes
+//   kPos       the positive logit s_p (softmax, sigmoid), or the sum of positive logits (SupCon)
 //   kSum       sum of the candidates' logits (label smoothing)
-//   kCount     number of negatives (softmax) or of positives (SupCon)
-//   kLse       the row's full log-normaliser, written by finalisation (return_stats)
-// Both states are plain (max, sum) pairs merged associatively, so blocks of keys (or ranks) can be folded in
-// any fixed order. The positive is kept out of the negatives' sum: the loss is then softplus(n - s_p), which
-// stays exact when the positive dominates (no Softmax Collapse without the rest-mass bookkeeping).
+//   kCount     number of negatives (softmax, sigmoid) or of positives (SupCon)
+//   kLse       the row's full log-normaliser over its candidates, written by finalisation (return_stats)
+// Records are built in ONE pass over the raw dot products (Acc below: online max with a rescale when it
+// grows) and merge associatively, so threads, blocks of keys or ranks fold in any fixed order. The positive is
+// kept out of the negatives' sum: the loss is then softplus(n - s_p), which stays exact when the positive
+// dominates (no Softmax Collapse without the rest-mass bookkeeping).
 #pragma once
 #include "fastloss/macros.h"
 
 namespace fastloss::contrastive {
 
 enum Kind : int { kSoftmax = 0, kSigmoid = 1, kSupCon = 2 };
-enum Stat : int { kAm = 0, kAd = 1, kBm = 2, kBd = 3, kPos = 4, kSum = 5, kCount = 6, kLse = 7, kStats = 8 };
+enum Stat : int { kM = 0, kAd = 1, kBd = 2, kPos = 3, kSum = 4, kCount = 5, kLse = 6, kStats = 7 };
 // Backward coefficients per row / column, stored structure-of-arrays (kCoefs, n) so that a loop over columns
 // reads each coefficient contiguously; derived once from the statistics and the upstream gradient:
 // the gradient of a negative lane is gA*exp(a*s - Alse) - gB*exp(beta*s - Blse) + gall, a positive lane gets
 // gpos (softmax: instead; SupCon: in addition), a sigmoid lane gA*sigmoid(s) (positive: -gA*sigmoid(-s)).
 enum Coef : int { cGA = 0, cALse = 1, cGB = 2, cBLse = 3, cGPos = 4, cGAll = 5, kCoefs = 6 };
+// Where the backward epilogue writes t_i * G_ij: over the fp32 / fp64 tile, or into a separate fp16 / bf16
+// buffer that is the operand of the dq and dk GEMMs (CUDA tensor cores).
+enum GradOut : int { kGradInPlace = 0, kGradHalf = 1, kGradBFloat16 = 2 };
 
 template <typename T>
 struct Params {
@@ -39,9 +44,10 @@ FL_HD FL_INLINE T pos_inf() {
   return std::numeric_limits<T>::infinity();
 }
 
+// m + log(d); -inf for no mass (d = 0), NaN stays NaN.
 template <typename T>
 FL_HD FL_INLINE T lse_of(T m, T d) {
-  return d > T(0) ? m + std::log(d) : neg_inf<T>();
+  return d == T(0) ? neg_inf<T>() : m + std::log(d);
 }
 
 // log(1 + e^x) without overflow and exact for very negative x.
@@ -57,25 +63,70 @@ FL_HD FL_INLINE T sigmoid(T x) {
   return e / (T(1) + e);
 }
 
-// Merge a (max, sum) pair into another (associative; -inf maxima carry no mass).
-template <typename T>
-FL_HD FL_INLINE void merge_lse(T& m, T& d, T om, T od) {
-  if (om == neg_inf<T>() || !(od > T(0))) return;
-  if (om > m) {
-    d = d * (m == neg_inf<T>() ? T(0) : std::exp(m - om)) + od;
-    m = om;
-  } else {
-    d += od * std::exp(om - m);
+// Folds a part (om, oA, oB) -- a max and the sums exp(a (s - om)), exp(beta (s - om)) over its lanes -- into
+// (m, dA, dB); one lane s is the part (s, 1, 1). Branch-free (selects only, so CPU loops vectorise), one exp
+// per sum: the smaller max is rescaled to the larger. A -inf part (a masked lane, an empty state) changes
+// nothing; NaN poisons the sums. Associative: any fixed merge order is deterministic. kHcl: also the B sum.
+template <bool kHcl, typename T>
+FL_HD FL_INLINE void lse_fold(T& m, T& dA, T& dB, T om, T oA, T oB, T a, T beta) {
+  const bool up = !(om <= m);  // true for a NaN part, which then reaches the sums
+  const T hi = up ? om : m, lo = up ? m : om;
+  const T gap = hi == neg_inf<T>() ? neg_inf<T>() : lo - hi;  // both empty: no -inf - -inf; exp(-inf) = 0
+  const T eA = fl_exp(a * gap);
+  dA = up ? dA * eA + oA : dA + oA * eA;
+  if constexpr (kHcl) {
+    const T eB = fl_exp(beta * gap);
+    dB = up ? dB * eB + oB : dB + oB * eB;
   }
+  m = hi;
 }
+
+template <typename T>
+FL_HD FL_INLINE void lse_fold(T& m, T& dA, T& dB, T om, T oA, T oB, T a, T beta, bool hcl) {
+  if (hcl)
+    lse_fold<true>(m, dA, dB, om, oA, oB, a, beta);
+  else
+    lse_fold<false>(m, dA, dB, om, oA, oB, a, beta);
+}
+
+// One-pass accumulator of a record (one thread's share of a row, a column, or a merged block).
+template <typename T>
+struct Acc {
+  T m, dA, dB;  // log-sum-exp state, as kM / kAd / kBd
+  T pos;        // positive logit (softmax, sigmoid; one lane writes it, merging adds zeros) / SupCon sum
+  T sum;        // sum of the candidates' logits (label smoothing; symmetric columns)
+  T cnt;        // SupCon: positives seen
+  T loss;       // sigmoid: sum of the softplus terms
+
+  FL_HD FL_INLINE static Acc empty() { return {neg_inf<T>(), T(0), T(0), T(0), T(0), T(0), T(0)}; }
+  FL_HD FL_INLINE static Acc from_record(const T* st) {
+    return {st[kM], st[kAd], st[kBd], st[kPos], st[kSum], T(0), T(0)};
+  }
+  FL_HD FL_INLINE void push(T s, T a, T beta, bool hcl) { lse_fold(m, dA, dB, s, T(1), T(1), a, beta, hcl); }
+  FL_HD FL_INLINE void merge(const Acc& o, T a, T beta, bool hcl) {
+    lse_fold(m, dA, dB, o.m, o.dA, o.dB, a, beta, hcl);
+    pos += o.pos;
+    sum += o.sum;
+    cnt += o.cnt;
+    loss += o.loss;
+  }
+  FL_HD FL_INLINE void to_record(T* st, T count) const {
+    st[kM] = m;
+    st[kAd] = dA;
+    st[kBd] = dB;
+    st[kPos] = pos;
+    st[kSum] = sum;
+    st[kCount] = count;
+  }
+};
 
 // log-mass n of the negatives: LSE_A, or with HCL (Nn sum e^{a s} / sum e^{beta s}) in log space.
 template <typename T>
 FL_HD FL_INLINE T neg_log_mass(const T* st, const Params<T>& p) {
-  const T A = lse_of(st[kAm], st[kAd]);
+  const T A = lse_of(p.a() * st[kM], st[kAd]);
   if (!p.hcl()) return A;
   if (!(st[kCount] > T(0))) return neg_inf<T>();
-  return A - lse_of(st[kBm], st[kBd]) + std::log(st[kCount]);
+  return A - lse_of(p.beta * st[kM], st[kBd]) + std::log(st[kCount]);
 }
 
 // Row loss of a softmax record; also writes its full log-normaliser into st[kLse].
@@ -99,9 +150,30 @@ FL_HD FL_INLINE T finalize_softmax(T* st, const Params<T>& p) {
 // SupCon L_out: LSE over every other row minus the mean positive logit; anchors without positives give 0.
 template <typename T>
 FL_HD FL_INLINE T finalize_supcon(T* st) {
-  const T l = lse_of(st[kAm], st[kAd]);
+  const T l = lse_of(st[kM], st[kAd]);
   st[kLse] = l;
   return st[kCount] > T(0) ? l - st[kPos] / st[kCount] : T(0);
+}
+
+// Writes a row's record from its merged accumulator and returns the row loss. negatives: the number of
+// negative lanes (softmax, sigmoid). The sigmoid record's kLse is log(e^{s_p} + sum_neg e^s) (return_stats).
+template <typename T>
+FL_HD FL_INLINE T finish_row(int kind, const Acc<T>& acc, T negatives, T* st, const Params<T>& p) {
+  acc.to_record(st, kind == kSupCon ? acc.cnt : negatives);
+  if (kind == kSupCon) return finalize_supcon(st);
+  if (kind == kSigmoid) {
+    finalize_softmax(st, Params<T>{T(0), T(0), false});
+    return acc.loss;
+  }
+  return finalize_softmax(st, p);
+}
+
+// Column record after the last row block (symmetric softmax): the column pass has put the diagonal logit in
+// kPos and every row's logit in kSum.
+template <typename T>
+FL_HD FL_INLINE T finalize_column(T* st, T rows, const Params<T>& p) {
+  st[kCount] = rows - T(1);
+  return finalize_softmax(st, p);
 }
 
 // Backward coefficients from a finalised record and the upstream gradient g of its loss.
@@ -127,10 +199,10 @@ FL_HD FL_INLINE void make_coef(int kind, const T* st, T g, const Params<T>& p, T
   const T K = st[kCount] + T(1);                       // candidates in the smoothing mean
   if (n != neg_inf<T>()) {
     c[cGA] = g * cn * p.a();
-    c[cALse] = lse_of(st[kAm], st[kAd]);
+    c[cALse] = lse_of(p.a() * st[kM], st[kAd]);
     if (p.hcl()) {
       c[cGB] = g * cn * p.beta;
-      c[cBLse] = lse_of(st[kBm], st[kBd]);
+      c[cBLse] = lse_of(p.beta * st[kM], st[kBd]);
     }
   }
   const T dpos = p.decoupled ? T(-1) : -sigmoid(n - sp);  // d(lse - s_p)/ds_p
@@ -161,17 +233,21 @@ FL_HD FL_INLINE T lane_grad(int kind, T s, bool is_pos, bool is_self, const T* c
   return is_pos ? c[cGPos] : neg_grad(s, c, p);
 }
 
-// Column record after the last row block: its positive is the diagonal lane, whose logit the row pass kept.
+// The column view's dL/ds of lane j (symmetric softmax), reading from the (kCoefs, n) table only the
+// coefficients this lane needs: a backward that streams them per element moves 8 bytes per lane in plain CLIP
+// instead of all 6 coefficients. Equal to lane_grad(kSoftmax, s, is_pos, false, column j's coefficients, p)
+// (without smoothing gall is 0).
 template <typename T>
-FL_HD FL_INLINE T finalize_column(T* st, T diag_logit, T rows, const Params<T>& p) {
-  st[kPos] = diag_logit;
-  st[kSum] += diag_logit;  // the column sums skip the diagonal, which the row pass masked
-  st[kCount] = rows - T(1);
-  return finalize_softmax(st, p);
+FL_HD FL_INLINE T column_lane_grad(T s, bool is_pos, const T* soa, int64_t n, int64_t j, const Params<T>& p) {
+  if (is_pos) return soa[cGPos * n + j];
+  T g = soa[cGA * n + j] * fl_exp(p.a() * s - soa[cALse * n + j]);
+  if (p.eps > T(0)) g += soa[cGAll * n + j];
+  if (p.hcl()) g -= soa[cGB * n + j] * fl_exp(p.beta * s - soa[cBLse * n + j]);
+  return g;
 }
 
 // Everything an epilogue needs about one block of rows: raw dot products tile[r * M + j] = <q_{row0+r}, k_j>
-// (overwritten in place), the global per-row scales, and the statistics / outputs of the whole problem.
+// (read-only in the forward), the global per-row scales, and the statistics / outputs of the whole problem.
 template <typename T>
 struct TileArgs {
   T* tile;
@@ -182,16 +258,25 @@ struct TileArgs {
   const int64_t* labels_q;   // (N,) SupCon labels of the rows
   const int64_t* labels_k;   // (M,) SupCon labels of the keys
   T* row_stats;              // (N, kStats)
-  T* col_stats;              // (M, kStats), symmetric only
+  T* col_stats;              // (M, kStats), symmetric only: running column accumulators, then records
   T* row_loss;               // (N,)
   const T* row_coef;         // (kCoefs, N), backward
   const T* col_coef;         // (kCoefs, M), backward, symmetric only
   T* dscale;                 // (N,) backward: sum_j G_ij <q_i, k_j>
   T* dbias_rows;             // (N,) backward: sum_j G_ij
+  void* grad_out;            // backward: (rows, M) t_i * G_ij, in T over the tile or fp16 / bf16 (GradOut)
+  int grad_kind;             // GradOut
   Params<T> p;
   int kind;
   bool symmetric, exclude_self;
   FL_HD FL_INLINE T bias_value() const { return bias ? *bias : T(0); }
+  // The row's positive key (softmax, sigmoid; -1 for SupCon) and whether it is out of [0, M).
+  FL_HD FL_INLINE int64_t positive_of(int64_t i) const { return kind == kSupCon ? -1 : positive[i]; }
+  FL_HD FL_INLINE bool bad_positive(int64_t p) const { return kind != kSupCon && (p < 0 || p >= M); }
+  // The lane excluded as "self" for row i (-1: none): j == i when exclude_self, unless it is the positive.
+  FL_HD FL_INLINE int64_t self_lane(int64_t i, int64_t p) const {
+    return exclude_self && i < M && (kind == kSupCon || i != p) ? i : -1;
+  }
 };
 
 }  // namespace fastloss::contrastive
