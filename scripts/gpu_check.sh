@@ -3,6 +3,8 @@
 # CUDA tests, compute-sanitizer memcheck on a small run of every CUDA op, the bandwidth roofline check and the
 # quick CUDA benchmark. Logs go to $OUT (default /tmp/fastloss_gpu; at most 8 files, the device tool's limit),
 # the rest to /tmp/fastloss_logs. Steps run on even if one fails; summary.txt lists each step's exit status.
+# Steps run in priority order (build, CUDA tests, sanitizer, bandwidth, benchmarks, ncu): a run cut short by the
+# device tool's 600 s limit still returns everything written so far.
 #   usage: bash scripts/gpu_check.sh            (from the repository root)
 set -u
 OUT=${OUT:-/tmp/fastloss_gpu}
@@ -17,8 +19,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 LOGS=/tmp/fastloss_logs
 mkdir -p "$LOGS"
-step() {  # step NAME LOGFILE TIMEOUT_S CMD...
+step() {  # step NAME LOGFILE TIMEOUT_S CMD...   (GPU_SKIP="name ..." skips steps, e.g. on a second call)
   local name=$1 log=$2 limit=$3; shift 3
+  case " ${GPU_SKIP:-} " in *" $name "*) echo "$name: skipped" >> "$OUT/summary.txt"; return;; esac
   echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
   timeout "$limit" "$@" >> "$log" 2>&1
   local rc=$?
@@ -45,18 +48,18 @@ step bench_contrastive "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_contras
 # tables land in bench_quick.log (the $OUT file budget is spent), CSVs in $LOGS.
 step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \
   --out "$LOGS/spherical_cuda.csv"
-step bench_factored "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_factored.py" --device cuda \
-  --out "$LOGS/factored_cuda.csv"
-if [ -f "$REPO/bench/bench_sparsemax.py" ]; then  # sparsemax family: rows appended to the same CSV
-  step bench_sparsemax "$LOGS/bench_sparsemax.log" 300 $PY "$REPO/bench/bench_sparsemax.py" --preset quick \
-    --device cuda --out "$OUT/row_losses_cuda.csv"
-fi
 # Nsight Compute on the kernels furthest from their targets (speed of light, warp stalls, instruction mix),
 # appended to bench_quick.log; skipped where ncu is missing or the counters are not permitted.
 if command -v ncu >/dev/null 2>&1; then
   step ncu "$OUT/bench_quick.log" 240 ncu --kernel-name regex:"ce_fwd|spherical_fwd|row_fwd" --launch-count 3 \
     --section SpeedOfLight --section WarpStateStats --section InstructionStats --section Occupancy \
     --section LaunchStats --section ComputeWorkloadAnalysis $PY "$REPO/scripts/ncu_case.py"
+fi
+step bench_factored "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_factored.py" --device cuda \
+  --out "$LOGS/factored_cuda.csv"
+if [ -f "$REPO/bench/bench_sparsemax.py" ]; then  # sparsemax family: rows appended to the same CSV
+  step bench_sparsemax "$LOGS/bench_sparsemax.log" 300 $PY "$REPO/bench/bench_sparsemax.py" --preset quick \
+    --device cuda --out "$OUT/row_losses_cuda.csv"
 fi
 echo "=== summary"
 cat "$OUT/summary.txt"
