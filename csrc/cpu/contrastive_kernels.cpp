@@ -80,14 +80,7 @@ void sigmoid_row(const TileArgs<T>& a, const T* x, int64_t i) {
   Acc<T> acc = Acc<T>::empty();
   for (int64_t j = 0; j < a.M; ++j) {
     if (j == self) continue;
-    const T s = t * x[j] + b;
-    if (j == p) {
-      acc.pos = s;
-      acc.loss += softplus(-s);
-    } else {
-      acc.loss += softplus(s);
-      acc.push(s, T(1), T(0), false);
-    }
+    acc.push_sigmoid(t * x[j] + b, j == p);
   }
   a.row_loss[i] = finish_row(a.kind, acc, T(a.M - 1 - (self >= 0 ? 1 : 0)), a.row_stats + i * kStats, a.p);
 }

@@ -69,13 +69,7 @@ __global__ void __launch_bounds__(kMaxThreads) row_fwd_kernel(TileArgs<T> a) {
         acc.cnt += T(1);
       }
     } else if constexpr (K == kSigmoid) {
-      if (j == p) {
-        acc.pos = s;
-        acc.loss += softplus(-s);
-      } else {
-        acc.loss += softplus(s);
-        acc.push(s, T(1), T(0), false);
-      }
+      acc.push_sigmoid(s, j == p);
     } else {
       acc.sum += s;
       if (j == p)

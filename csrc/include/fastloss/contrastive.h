@@ -103,6 +103,16 @@ struct Acc {
     return {st[kM], st[kAd], st[kBd], st[kPos], st[kSum], T(0), T(0)};
   }
   FL_HD FL_INLINE void push(T s, T a, T beta, bool hcl) { lse_fold(m, dA, dB, s, T(1), T(1), a, beta, hcl); }
+  // SigLIP lane: its softplus term, and for a negative also the log-sum-exp (return_stats).
+  FL_HD FL_INLINE void push_sigmoid(T s, bool positive) {
+    if (positive) {
+      pos = s;
+      loss += softplus(-s);
+    } else {
+      loss += softplus(s);
+      push(s, T(1), T(0), false);
+    }
+  }
   FL_HD FL_INLINE void merge(const Acc& o, T a, T beta, bool hcl) {
     lse_fold(m, dA, dB, o.m, o.dA, o.dB, a, beta, hcl);
     pos += o.pos;
