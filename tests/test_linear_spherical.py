@@ -344,6 +344,19 @@ for loss in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]:
     torch.testing.assert_close(hl.grad, hr.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(Wl.grad, Wr.grad[lo:hi], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(bl.grad, br.grad[lo:hi], rtol=1e-10, atol=1e-12)
+# bf16 through the hi/lo split products (emulated on CPU): sharded == unsharded, to the bf16 output rounding
+hb, Wb, bb = (x.to(torch.bfloat16) for x in (h, W - 2.0, b))
+for loss in ["zloss", "mse"]:
+    hl, Wl, bl = hb.clone().requires_grad_(), Wb[lo:hi].clone().requires_grad_(), bb[lo:hi].clone().requires_grad_()
+    out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl, loss=loss, process_group=dist.group.WORLD,
+                                         bf16_split=True)
+    out.backward()
+    hr, Wr, br = hb.clone().requires_grad_(), Wb.clone().requires_grad_(), bb.clone().requires_grad_()
+    ref = fastloss.linear_spherical_loss(hr, Wr, t, bias=br, loss=loss, bf16_split=True)
+    ref.backward()
+    for got, want in ((out, ref), (hl.grad, hr.grad), (Wl.grad, Wr.grad[lo:hi]), (bl.grad, br.grad[lo:hi])):
+        scale = want.double().abs().max().item()  # error relative to the tensor's size (bf16: 2 eps)
+        torch.testing.assert_close(got.double(), want.double(), rtol=2 * 2.0**-8, atol=2 * 2.0**-8 * scale)
 dist.destroy_process_group()
 print("ok", rank)
 """
@@ -351,7 +364,8 @@ print("ok", rank)
 
 def test_vocab_parallel_gloo(tmp_path):
     """Two processes (gloo, CPU), weight rows sharded: the loss equals the unsharded call on every rank, hidden
-    gets the full gradient and each rank its shard's weight and bias gradients."""
+    gets the full gradient and each rank its shard's weight and bias gradients (float64 exactly; bf16 through the
+    split products to the output rounding)."""
     import subprocess
 
     script = tmp_path / "worker.py"
