@@ -8,7 +8,8 @@
 Providers: ``fastloss``; ``torch`` = the loss as open_clip writes it on one device (``s * x @ y.T``, then
 ``(CE(L) + CE(L.T)) / 2``, or ``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference``
 (``fastloss.reference``, materialised too); ``open_clip`` (its ClipLoss / SigLipLoss, when its loss module
-loads); ``inf_cl`` (Inf-CL's tiled Triton loss, CUDA, clip_loss only, when installed). Inputs:
+loads); ``inf_cl`` (Inf-CL's tiled Triton loss, CUDA, clip_loss only, when installed); ``siglip_kernel``
+(the siglip-kernel package's fused Triton SigLIP loss, CUDA, siglip_loss only, when installed). Inputs:
 L2-normalised ``randn(N, d)`` features, scale 14.3 (and bias -10 for SigLIP) requiring grad.
 Rows go to a CSV in bench/harness.py's columns; ``--memory`` records one fwd+bwd per N (no timing: the
 materialised loss needs many seconds per call at large N on a small CPU) and plots extra peak memory vs N.
@@ -67,6 +68,13 @@ def _inf_cl():
     return {"clip_loss": clip}
 
 
+def _siglip_kernel():
+    # siglip-kernel (PyPI, Triton, CUDA only): its API takes the temperature's log; auto backend
+    from siglip_kernel import fused_siglip_loss
+
+    return {"siglip_loss": lambda x, y, s, b: fused_siglip_loss(x, y, torch.log(s), b)}
+
+
 PROVIDERS = {
     "fastloss": lambda: {"clip_loss": lambda x, y, s, b: fastloss.clip_loss(x, y, s),
                          "siglip_loss": fastloss.siglip_loss},
@@ -75,11 +83,13 @@ PROVIDERS = {
                           "siglip_loss": fastloss.reference.siglip_loss},
     "open_clip": _open_clip,
     "inf_cl": _inf_cl,
+    "siglip_kernel": _siglip_kernel,
 }
 PRESETS = {  # (N, d) shapes, modes, providers
     "quick": (((2048, 256),), ("fwdbwd",), ("fastloss", "torch")),
     "target": (((8192, 512),), ("fwdbwd",), ("fastloss", "torch")),
-    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "torch", "open_clip", "inf_cl")),
+    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "torch", "open_clip", "inf_cl",
+                                                                  "siglip_kernel")),
 }
 
 

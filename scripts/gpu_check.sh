@@ -5,7 +5,8 @@
 # the rest to /tmp/fastloss_logs. Steps run on even if one fails; summary.txt lists each step's exit status.
 # Steps run in priority order (build, CUDA tests, sanitizer, bandwidth, benchmarks, ncu): a run cut short by the
 # device tool's 600 s limit still returns everything written so far.
-#   usage: bash scripts/gpu_check.sh            (from the repository root)
+#   usage: bash scripts/gpu_check.sh            (from the repository root; peers and expecttest come from
+#          .whl/, filled by scripts/fetch_gpu_wheels.sh on a machine with network)
 set -u
 OUT=${OUT:-/tmp/fastloss_gpu}
 mkdir -p "$OUT"
