@@ -5,6 +5,9 @@
 // more GEMMs give dq and dk. fp16 / bf16 features on CUDA: the epilogue writes G once in the operands' dtype and
 // dk accumulates in place in fp32 (addmm with an fp32 output). Memory: one (rows x M) tile (plus its fp16 / bf16
 // copy of G in that backward) and O((N + M) d); the N x M matrix never exists.
+// forward_grad: a row-wise loss (not symmetric) has every row's record complete once its block is done, so the
+// forward can produce the gradient of sum_i L_i from the same tile: 3 GEMMs per block instead of the 4 of a
+// forward plus a recomputing backward (autograd then scales it by the upstream scalar).
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -131,9 +134,78 @@ TileArgs<T> base_args(const Inputs& in, const Options& o) {
 }
 
 // Backend: static void check_positive(const Inputs&), fwd_tile<T>(TileArgs), finish_columns<T>(TileArgs),
-// coefs<T>(kind, stats, grad, n, params, out, like), bwd_tile<T>(TileArgs), finish_backward(Inputs, dq);
-// kTileElems (tile budget in elements); kMixedGemm (fp16/bf16 GEMMs with fp32 output: CUDA tensor cores; the
-// CPU upcasts instead).
+// coefs<T>(kind, stats, grad, n, params, out, ld) (out[k * ld + i], i < n), bwd_tile<T>(TileArgs),
+// fwd_grad_tile<T>(TileArgs) (fwd_tile, then the coefficients of the block's rows for a unit upstream gradient,
+// then bwd_tile), finish_backward(Inputs, dq); kTileElems (tile budget in elements); kMixedGemm (fp16/bf16
+// GEMMs with fp32 output: CUDA tensor cores; the CPU upcasts instead).
+
+// Visits the blocks of query rows: the raw dot products of rows [r0, r0 + rb) into `tile`, then step(a).
+template <typename T, typename Step>
+void for_each_block(const Inputs& in, at::Tensor& tile, TileArgs<T>& a, Step&& step) {
+  for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
+    const int64_t rb = std::min(in.rows, in.N - r0);
+    at::Tensor t = tile.narrow(0, 0, rb);
+    in.gemm(t, in.q.narrow(0, r0, rb), in.k.t());
+    a.tile = t.data_ptr<T>();
+    a.rows = rb;
+    a.row0 = r0;
+    step(a);
+  }
+}
+
+// Gradient outputs and the per-block buffers of a pass that turns tiles into t_i G_ij (backward, forward_grad).
+struct GradWork {
+  at::Tensor dq, dk, dscale, dbias_rows, tile;
+  at::Tensor gbuf;  // mixed GEMMs: t_i G_ij in the operands' dtype (fp32 / fp64 overwrite the tile in place)
+#if !FL_HAS_ADDMM_DTYPE
+  at::Tensor dk_blk;  // torch 2.9: no fp32 `self` beside fp16 / bf16 matrices
+#endif
+
+  explicit GradWork(const Inputs& in) {
+    const auto opts = in.scale.options();
+    dq = at::empty({in.N, in.d}, opts);
+    dk = at::zeros({in.M, in.d}, opts);
+    dscale = at::empty({in.N}, opts);
+    dbias_rows = at::empty({in.N}, opts);
+    tile = at::empty({in.rows, in.M}, opts);
+    if (in.mixed) gbuf = at::empty({in.rows, in.M}, in.q.options());
+#if !FL_HAS_ADDMM_DTYPE
+    if (in.mixed) dk_blk = at::empty({in.M, in.d}, opts);
+#endif
+  }
+
+  template <typename T>
+  void bind(const Inputs& in, TileArgs<T>& a) {
+    a.dscale = dscale.data_ptr<T>();
+    a.dbias_rows = dbias_rows.data_ptr<T>();
+    a.grad_kind = !in.mixed ? kGradInPlace : (in.q.scalar_type() == at::kHalf ? kGradHalf : kGradBFloat16);
+  }
+
+  template <typename T>
+  void point_grad_out(const Inputs& in, TileArgs<T>& a) {
+    a.grad_out = in.mixed ? gbuf.data_ptr() : static_cast<void*>(a.tile);
+  }
+
+  // After the epilogue wrote t_i G_ij of the block: its dq rows = G K, and dk += Gᵀ Q_block.
+  void gemms(const Inputs& in, int64_t r0, int64_t rb) {
+    at::Tensor dq_blk = dq.narrow(0, r0, rb), q_blk = in.q.narrow(0, r0, rb);
+    if (in.mixed) {  // fp16/bf16 operands, fp32 accumulation and output
+      at::Tensor g = gbuf.narrow(0, 0, rb);
+      in.gemm(dq_blk, g, in.k);
+#if FL_HAS_ADDMM_DTYPE
+      at::addmm_out(dk, dk, g.t(), q_blk, at::kFloat, 1, 1);
+#else
+      in.gemm(dk_blk, g.t(), q_blk);
+      dk.add_(dk_blk);
+#endif
+    } else {
+      at::Tensor t = tile.narrow(0, 0, rb);
+      at::mm_out(dq_blk, t, in.k);
+      dk.addmm_(t.t(), q_blk);
+    }
+  }
+};
+
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
@@ -153,21 +225,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     a.row_stats = row_stats.data_ptr<scalar_t>();
     a.row_loss = row_loss.data_ptr<scalar_t>();
     a.col_stats = o.symmetric ? col_stats.data_ptr<scalar_t>() : nullptr;
-    for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
-      const int64_t rb = std::min(in.rows, in.N - r0);
-      at::Tensor t = tile.narrow(0, 0, rb);
-      in.gemm(t, in.q.narrow(0, r0, rb), in.k.t());
-      a.tile = t.data_ptr<scalar_t>();
-      a.rows = rb;
-      a.row0 = r0;
-      Backend::template fwd_tile<scalar_t>(a);
-    }
+    for_each_block(in, tile, a, [](const TileArgs<scalar_t>& b) { Backend::template fwd_tile<scalar_t>(b); });
     if (o.symmetric) {
       a.row_loss = col_loss.data_ptr<scalar_t>();  // finish_columns writes the column losses here
       Backend::template finish_columns<scalar_t>(a);
     }
   });
   return {row_loss, col_loss, row_stats, col_stats};
+}
+
+// The forward of a row-wise loss together with the gradient of total = sum_i L_i (grad_query, grad_key and
+// grad_scale (N,) in the accumulation type, grad_bias ()), from one GEMM of each tile: every row of a block
+// is complete once the block is folded, so its coefficients follow at once and the same tile gives G.
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_grad(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& positive, const std::optional<at::Tensor>& labels_q,
+    const std::optional<at::Tensor>& labels_k, const Options& o) {
+  TORCH_CHECK(!o.symmetric, "contrastive_fwd_grad: symmetric losses need every row before any column is done; "
+              "use contrastive_fwd");
+  Inputs in = prepare_inputs(query, key, scale, bias, positive, labels_q, labels_k, o, Backend::kTileElems,
+                             Backend::kMixedGemm, "contrastive_fwd_grad");
+  Backend::check_positive(in);
+  const auto opts = in.scale.options();
+  at::Tensor row_loss = at::empty({in.N}, opts), row_stats = at::empty({in.N, kStats}, opts);
+  at::Tensor row_coef = at::empty({kCoefs, in.N}, opts);
+  GradWork w(in);
+  AT_DISPATCH_FLOATING_TYPES(in.scale.scalar_type(), "contrastive_fwd_grad", [&] {
+    TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
+    a.row_stats = row_stats.data_ptr<scalar_t>();
+    a.row_loss = row_loss.data_ptr<scalar_t>();
+    a.row_coef = row_coef.data_ptr<scalar_t>();
+    w.bind(in, a);
+    for_each_block(in, w.tile, a, [&](TileArgs<scalar_t>& b) {
+      w.point_grad_out(in, b);
+      Backend::template fwd_grad_tile<scalar_t>(b);
+      w.gemms(in, b.row0, b.rows);
+    });
+  });
+  Backend::finish_backward(in, w.dq);
+  return {row_loss.sum(), row_loss, row_stats, w.dq, w.dk, w.dscale, w.dbias_rows.sum()};
 }
 
 template <typename Backend>
@@ -189,59 +286,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor rs = row_stats.to(acc).contiguous(), gr = grad_row.to(acc).contiguous();
   at::Tensor row_coef = at::empty({kCoefs, in.N}, opts);
   at::Tensor col_coef = at::empty({kCoefs, o.symmetric ? in.M : 0}, opts);
-  at::Tensor dq = at::empty({in.N, in.d}, opts), dk = at::zeros({in.M, in.d}, opts);
-  at::Tensor dscale = at::empty({in.N}, opts), dbias_rows = at::empty({in.N}, opts);
-  at::Tensor tile = at::empty({in.rows, in.M}, opts);
-  // Mixed GEMMs: the epilogue writes t_i G_ij once, in the operands' dtype, into this buffer (reused by every
-  // block); fp32 / fp64 overwrite the tile in place.
-  at::Tensor gbuf = in.mixed ? at::empty({in.rows, in.M}, in.q.options()) : at::Tensor();
-#if !FL_HAS_ADDMM_DTYPE
-  at::Tensor dk_blk = in.mixed ? at::empty({in.M, in.d}, opts) : at::Tensor();  // torch 2.9: no fp32 `self`
-#endif
+  GradWork w(in);
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_bwd", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
     Backend::template coefs<scalar_t>(a.kind, rs.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), in.N, a.p,
-                                      row_coef.data_ptr<scalar_t>(), in.q);
+                                      row_coef.data_ptr<scalar_t>(), in.N);
     at::Tensor cs, gc;
     if (o.symmetric) {
       cs = col_stats.to(acc).contiguous();
       gc = grad_col.to(acc).contiguous();
       Backend::template coefs<scalar_t>(a.kind, cs.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), in.M, a.p,
-                                        col_coef.data_ptr<scalar_t>(), in.q);
+                                        col_coef.data_ptr<scalar_t>(), in.M);
       a.col_coef = col_coef.data_ptr<scalar_t>();
     }
     a.row_coef = row_coef.data_ptr<scalar_t>();
-    a.dscale = dscale.data_ptr<scalar_t>();
-    a.dbias_rows = dbias_rows.data_ptr<scalar_t>();
-    a.grad_kind = !in.mixed ? kGradInPlace : (in.q.scalar_type() == at::kHalf ? kGradHalf : kGradBFloat16);
-    for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
-      const int64_t rb = std::min(in.rows, in.N - r0);
-      at::Tensor t = tile.narrow(0, 0, rb);
-      in.gemm(t, in.q.narrow(0, r0, rb), in.k.t());
-      a.tile = t.data_ptr<scalar_t>();
-      a.grad_out = in.mixed ? gbuf.data_ptr() : static_cast<void*>(a.tile);
-      a.rows = rb;
-      a.row0 = r0;
-      Backend::template bwd_tile<scalar_t>(a);  // t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
-      at::Tensor dq_blk = dq.narrow(0, r0, rb), q_blk = in.q.narrow(0, r0, rb);
-      if (in.mixed) {  // fp16/bf16 operands, fp32 accumulation and output
-        at::Tensor g = gbuf.narrow(0, 0, rb);
-        in.gemm(dq_blk, g, in.k);
-#if FL_HAS_ADDMM_DTYPE
-        at::addmm_out(dk, dk, g.t(), q_blk, at::kFloat, 1, 1);
-#else
-        in.gemm(dk_blk, g.t(), q_blk);
-        dk.add_(dk_blk);
-#endif
-      } else {
-        at::mm_out(dq_blk, t, in.k);
-        dk.addmm_(t.t(), q_blk);
-      }
-    }
+    w.bind(in, a);
+    for_each_block(in, w.tile, a, [&](TileArgs<scalar_t>& b) {
+      w.point_grad_out(in, b);
+      Backend::template bwd_tile<scalar_t>(b);  // t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
+      w.gemms(in, b.row0, b.rows);
+    });
   });
-  Backend::finish_backward(in, dq);
-  at::Tensor dbias = dbias_rows.sum();
-  return {dq.to(query.scalar_type()), dk.to(key.scalar_type()), dscale, dbias};
+  Backend::finish_backward(in, w.dq);
+  return {w.dq.to(query.scalar_type()), w.dk.to(key.scalar_type()), w.dscale, w.dbias_rows.sum()};
 }
 
 }  // namespace fastloss::contrastive

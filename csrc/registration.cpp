@@ -68,6 +68,14 @@ TORCH_LIBRARY(fastloss, m) {
       "Tensor? labels_k, int kind, bool symmetric, bool exclude_self, bool decoupled, float beta, "
       "float label_smoothing, int block_rows) -> (Tensor row_loss, Tensor col_loss, Tensor row_stats, "
       "Tensor col_stats)");
+  // A row-wise loss (not symmetric) with the gradient of total = sum_i row_loss_i from the same tiles (3 GEMMs
+  // per block instead of a forward's 1 plus a backward's 3): total (), row_loss (N,), row_stats (N, 7), then
+  // grad_query (N, d), grad_key (M, d), grad_scale (N,) and grad_bias (), all in the accumulation type.
+  m.def(
+      "contrastive_fwd_grad(Tensor query, Tensor key, Tensor scale, Tensor? bias, Tensor? positive, "
+      "Tensor? labels_q, Tensor? labels_k, int kind, bool exclude_self, bool decoupled, float beta, "
+      "float label_smoothing, int block_rows) -> (Tensor total, Tensor row_loss, Tensor row_stats, "
+      "Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
   // Recomputes every tile: grad_query (N, d), grad_key (M, d) in the features' dtype, grad_scale (N,) and
   // grad_bias () in the accumulation type.
   m.def(

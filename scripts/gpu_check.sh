@@ -44,7 +44,7 @@ if [ -f "$REPO/bench/bench_row_losses.py" ]; then
 fi
 # contrastive family: quick GPU bench (table appended to bench_quick.log; CSV kept on the machine)
 step bench_contrastive "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_contrastive.py" --preset gpu --device cuda \
-  --dtype bf16 --out "$LOGS/contrastive_cuda.csv"
+  --dtype bf16 --ops clip_loss,siglip_loss,infonce_loss --out "$LOGS/contrastive_cuda.csv"
 # Gram form at the GPU shape (N=32768, d=2048, V=131072, bf16) and the factored layer's SGD step; their
 # tables land in bench_quick.log (the $OUT file budget is spent), CSVs in $LOGS.
 step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \

@@ -59,9 +59,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
                 {"loss": "sigmoid", "logit_bias": b, "return_stats": True}]
         if N == M:
             opts.append({"symmetric": True, "hard_negative_beta": 0.3, "return_stats": True})
-        for kw in opts:
+        for kw in opts:  # scalar reductions: the gradient in the forward pass (contrastive_fwd_grad) unless symmetric
             out = fastloss.contrastive_loss(q, k, logit_scale=s, block_rows=block, **kw)
             (out[0] if isinstance(out, tuple) else out).backward()
+        for kw in opts[:2] + opts[3:4]:  # per-row losses: the recomputing backward (contrastive_bwd)
+            out = fastloss.contrastive_loss(q, k, logit_scale=s, block_rows=block, reduction="none", **kw)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
         pos = torch.arange(N, device=dev)
         pos[-1] = M + 4
         fastloss.contrastive_loss(q, k, positive=pos, logit_scale=s, block_rows=block).backward()

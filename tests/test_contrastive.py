@@ -81,10 +81,13 @@ def test_matches_reference_float64(device, variant, shape):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:1] + VARIANTS[4:5] + VARIANTS[9:10] + VARIANTS[12:13], ids=lambda v: v[0])
-def test_float32_close_to_float64_reference(device, variant):
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
+@pytest.mark.parametrize("N", [40, 300])
+def test_float32_close_to_float64_reference(device, variant, N):
+    """fp32 against the float64 reference; N = 300 runs the CPU's explicit-vector paths (whole 16-lane row chunks
+    and a whole 256-column chunk of the symmetric column pass, with the diagonal inside and a tail after it)."""
     _, opts = variant
-    leaves, kw = make_inputs(40, 24, opts, device)
+    leaves, kw = make_inputs(N, 24, opts, device)
     want = run(reference.contrastive_loss, leaves, kw)
     leaves32 = [x.detach().float().requires_grad_() for x in leaves]
     kw32 = {k: (leaves32[[id(x) for x in leaves].index(id(v))] if isinstance(v, torch.Tensor) and v.requires_grad
@@ -368,6 +371,120 @@ def test_opcheck(device, dtype, case):
     row_loss, col_loss, rs, cs = ops.contrastive_fwd(*args)
     bwd = (torch.rand_like(row_loss), torch.rand_like(col_loss)) + args[:7] + (rs, cs) + args[7:]
     torch.library.opcheck(ops.contrastive_bwd.default, bwd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in OP_CASES if not c.get("symmetric")],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_opcheck_fwd_grad(device, dtype, case):
+    args = _op_args(device, dtype, **case)
+    fg = args[:8] + args[9:]  # no `symmetric` argument
+    grad_args = tuple(a.detach().requires_grad_() if i in (0, 1, 2, 3) else a for i, a in enumerate(fg))
+    torch.library.opcheck(ops.contrastive_fwd_grad.default, grad_args)
+    # its forward outputs are contrastive_fwd's, its gradients contrastive_bwd's for a unit upstream gradient
+    total, row_loss, rs, dq, dk, dscale, dbias = ops.contrastive_fwd_grad(*fg)
+    row_loss2, _, rs2, cs2 = ops.contrastive_fwd(*args)
+    grads = ops.contrastive_bwd(torch.ones_like(row_loss2), row_loss2.new_zeros(0), *args[:7], rs2, cs2, *args[7:])
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype != torch.float64 else {}
+    torch.testing.assert_close(row_loss, row_loss2, **tol)
+    torch.testing.assert_close(rs, rs2, **tol)
+    torch.testing.assert_close(total, row_loss2.sum(), **tol)
+    for got, want in zip((dq, dk, dscale, dbias), grads, strict=True):
+        torch.testing.assert_close(got.to(want.dtype), want, **(tol if dtype != torch.bfloat16 else
+                                                                {"rtol": 2e-2, "atol": 2e-2}))
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the fastloss ops that reach the kernels while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastloss":
+            self.names.append(func._schema.name.split("::")[1])
+        return func(*args, **(kwargs or {}))
+
+
+ONE_PASS = [v for v in VARIANTS if not v[1].get("symmetric")]
+
+
+@pytest.mark.parametrize("variant", ONE_PASS, ids=lambda v: v[0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_one_pass_gradient_matches_recompute(device, variant, reduction):
+    """A scalar reduction with gradients wanted takes the gradient in the forward pass (contrastive_fwd_grad,
+    no backward op); reduction='none' takes the recomputing backward. Both agree, and match the reference."""
+    _, opts = variant
+    leaves, kw = make_inputs(13, 5, opts, device)
+    with _OpLog() as log:
+        out = fastloss.contrastive_loss(leaves[0], leaves[1], reduction=reduction, block_rows=4, **kw)
+        grads = torch.autograd.grad(out, leaves, grad_like(out))
+    assert log.names == ["contrastive_fwd_grad"], log.names
+    with _OpLog() as log:
+        rows = fastloss.contrastive_loss(leaves[0], leaves[1], reduction="none", block_rows=4, **kw)
+        want = rows.sum() if reduction == "sum" else rows.mean()
+        want_grads = torch.autograd.grad(want, leaves, grad_like(want))
+    assert log.names == ["contrastive_fwd", "contrastive_bwd"], log.names
+    torch.testing.assert_close(out, want, rtol=1e-13, atol=1e-14)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13)
+    ref = reference.contrastive_loss(leaves[0], leaves[1], reduction=reduction, **kw)
+    for g, w in zip(grads, torch.autograd.grad(ref, leaves, grad_like(ref)), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_one_pass_only_when_a_gradient_is_wanted(device):
+    """No gradient work without requires_grad or under no_grad; CLIP (symmetric) always recomputes."""
+    leaves, kw = make_inputs(9, 4, {"loss": "sigmoid", "logit_bias": True}, device)
+    plain = [t.detach() for t in leaves]
+    with _OpLog() as log:
+        fastloss.contrastive_loss(plain[0], plain[1], logit_scale=plain[2], logit_bias=plain[3], loss="sigmoid")
+        with torch.no_grad():
+            fastloss.contrastive_loss(leaves[0], leaves[1], **kw)
+    assert log.names == ["contrastive_fwd", "contrastive_fwd"], log.names
+    with _OpLog() as log:
+        fastloss.clip_loss(leaves[0], leaves[1], leaves[2]).backward()
+    assert log.names == ["contrastive_fwd", "contrastive_bwd"], log.names
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "supcon", "siglip"])
+def test_one_pass_wrappers(device, name):
+    """The wrappers whose loss is row-wise (query and key may be the same tensor) through the one-pass gradient,
+    against the reference."""
+    gen = torch.Generator().manual_seed(8)
+    z = torch.randn(12, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.tensor(-2.0, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 5, 0, 1, 1, 3, 4], device=device)
+    calls = {
+        "nt_xent": lambda m: m.nt_xent_loss(z[:6], z[6:], temperature=t),
+        "supcon": lambda m: m.supcon_loss(z, labels, temperature=t, base_temperature=0.07),
+        "siglip": lambda m: m.siglip_loss(z[:6], z[6:], 1 / t, b),
+    }
+    with _OpLog() as log:
+        out = calls[name](fastloss)
+    assert log.names == ["contrastive_fwd_grad"]
+    leaves = (z, t, b) if name == "siglip" else (z, t)
+    want = calls[name](reference)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
+    for g, w in zip(torch.autograd.grad(out * 1.7, leaves), torch.autograd.grad(want * 1.7, leaves), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [("infonce", {}), ("sigmoid", {"loss": "sigmoid", "logit_bias": True}),
+                                  ("hcl_smooth_per_row", {"hard_negative_beta": 0.5, "label_smoothing": 0.1,
+                                                          "per_row_scale": True})], ids=lambda c: c[0])
+def test_gradcheck_one_pass(device, case):
+    leaves, kw = make_inputs(5, 3, case[1], device)
+
+    def f(*xs):
+        kw2 = dict(kw, logit_scale=xs[2])
+        if len(xs) > 3:
+            kw2["logit_bias"] = xs[3]
+        return fastloss.contrastive_loss(xs[0], xs[1], block_rows=2, reduction="sum", **kw2)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 GRADCHECK = [

@@ -51,13 +51,25 @@ struct CpuBackend {
   }
 
   template <typename T>
-  static void coefs(int kind, const T* stats, const T* grad, int64_t n, const Params<T>& p, T* out,
-                    const at::Tensor&) {
+  static void coefs(int kind, const T* stats, const T* grad, int64_t n, const Params<T>& p, T* out, int64_t ld) {
     for (int64_t i = 0; i < n; ++i) {
       T c[kCoefs];
-      make_coef(kind, stats + i * kStats, grad[i], p, c);
-      for (int k = 0; k < kCoefs; ++k) out[k * n + i] = c[k];
+      make_coef(kind, stats + i * kStats, grad ? grad[i] : T(1), p, c);
+      for (int k = 0; k < kCoefs; ++k) out[k * ld + i] = c[k];
     }
+  }
+
+  // Each task folds its rows, derives their coefficients and writes their G while the rows are still in cache.
+  template <typename T>
+  static void fwd_grad_tile(const TileArgs<T>& a) {
+    TORCH_CHECK(a.grad_kind == kGradInPlace, "contrastive_fwd_grad: the CPU writes the gradient tile in place");
+    const auto& k = kernels<T>();
+    at::parallel_for(0, a.rows, row_grain(a.M), [&](int64_t lo, int64_t hi) {
+      k.fwd_rows(a, lo, hi);
+      const int64_t i0 = a.row0 + lo;
+      coefs<T>(a.kind, a.row_stats + i0 * kStats, nullptr, hi - lo, a.p, a.row_coef + i0, a.N);
+      k.bwd_rows(a, lo, hi);
+    });
   }
 
   static void finish_backward(const Inputs&, at::Tensor&) {}  // positives were checked up front
@@ -84,6 +96,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd(
                              options(kind, symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_grad(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& positive, const std::optional<at::Tensor>& labels_q,
+    const std::optional<at::Tensor>& labels_k, int64_t kind, bool exclude_self, bool decoupled, double beta,
+    double label_smoothing, int64_t block_rows) {
+  return forward_grad<CpuBackend>(query, key, scale, bias, positive, labels_q, labels_k,
+                                  options(kind, false, exclude_self, decoupled, beta, label_smoothing, block_rows));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& positive,
@@ -100,5 +121,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("contrastive_fwd", &fastloss::contrastive::contrastive_fwd);
+  m.impl("contrastive_fwd_grad", &fastloss::contrastive::contrastive_fwd_grad);
   m.impl("contrastive_bwd", &fastloss::contrastive::contrastive_bwd);
 }

@@ -133,14 +133,15 @@ __global__ void finish_columns_kernel(TileArgs<T> a) {
   a.row_loss[j] = finalize_column(a.col_stats + j * kStats, T(a.N), a.p);
 }
 
+// grad nullptr: a unit upstream gradient (forward_grad).
 template <typename T>
-__global__ void coef_kernel(int kind, const T* stats, const T* grad, int64_t n, Params<T> p, T* out) {
+__global__ void coef_kernel(int kind, const T* stats, const T* grad, int64_t n, Params<T> p, T* out, int64_t ld) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   T c[kCoefs];
-  make_coef(kind, stats + i * kStats, grad[i], p, c);
+  make_coef(kind, stats + i * kStats, grad ? grad[i] : T(1), p, c);
 #pragma unroll
-  for (int k = 0; k < kCoefs; ++k) out[k * n + i] = c[k];
+  for (int k = 0; k < kCoefs; ++k) out[k * ld + i] = c[k];
 }
 
 // Reads row r of the fp32 / fp64 tile once and writes t_i G_ij once, as O (T in place, or fp16 / bf16).
@@ -243,11 +244,18 @@ struct CudaBackend {
   }
 
   template <typename T>
-  static void coefs(int kind, const T* stats, const T* grad, int64_t n, const Params<T>& p, T* out,
-                    const at::Tensor&) {
+  static void coefs(int kind, const T* stats, const T* grad, int64_t n, const Params<T>& p, T* out, int64_t ld) {
     if (n == 0) return;
-    coef_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, stream()>>>(kind, stats, grad, n, p, out);
+    coef_kernel<T><<<blocks_for(n, kThreads), kThreads, 0, stream()>>>(kind, stats, grad, n, p, out, ld);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Three launches on one stream: the block's rows are folded, their coefficients derived, then G written.
+  template <typename T>
+  static void fwd_grad_tile(const TileArgs<T>& a) {
+    fwd_tile(a);
+    coefs<T>(a.kind, a.row_stats + a.row0 * kStats, nullptr, a.rows, a.p, a.row_coef + a.row0, a.N);
+    bwd_tile(a);
   }
 
   template <typename T>
@@ -286,6 +294,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd(
                               Options{kind, symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows});
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd_grad(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& positive, const std::optional<at::Tensor>& labels_q,
+    const std::optional<at::Tensor>& labels_k, int64_t kind, bool exclude_self, bool decoupled, double beta,
+    double label_smoothing, int64_t block_rows) {
+  c10::cuda::CUDAGuard guard(query.device());
+  return forward_grad<CudaBackend>(query, key, scale, bias, positive, labels_q, labels_k,
+                                   Options{kind, false, exclude_self, decoupled, beta, label_smoothing, block_rows});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& positive,
@@ -303,5 +321,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
 
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("contrastive_fwd", &fastloss::contrastive::contrastive_fwd);
+  m.impl("contrastive_fwd_grad", &fastloss::contrastive::contrastive_fwd_grad);
   m.impl("contrastive_bwd", &fastloss::contrastive::contrastive_bwd);
 }

@@ -68,6 +68,24 @@ if _ops.AVAILABLE:
         "fastloss::contrastive_fwd", _contrastive_backward, setup_context=_contrastive_setup
     )
 
+    # contrastive_fwd_grad already holds the gradient of its scalar `total`: the backward only scales it.
+    def _contrastive_grad_setup(ctx, inputs, output):
+        query, key, scale, bias = inputs[:4]
+        _, row_loss, row_stats, dq, dk, dscale, dbias = output
+        ctx.mark_non_differentiable(row_loss, row_stats, dq, dk, dscale, dbias)
+        ctx.save_for_backward(dq, dk, dscale, dbias if bias is not None else None)
+        ctx.dtypes = (query.dtype, key.dtype, scale.dtype, None if bias is None else bias.dtype)
+
+    def _contrastive_grad_backward(ctx, grad_total, *_unused):
+        need = ctx.needs_input_grad
+        grads = [None if t is None or not n else (grad_total * t).to(dt)
+                 for t, n, dt in zip(ctx.saved_tensors, need[:4], ctx.dtypes, strict=True)]
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+    torch.library.register_autograd(
+        "fastloss::contrastive_fwd_grad", _contrastive_grad_backward, setup_context=_contrastive_grad_setup
+    )
+
     # sparsemax family: the activation saves its output (the backward needs only p); the loss saves the logits
     # and two numbers per row.
     def _sparsemax_setup(ctx, inputs, output):

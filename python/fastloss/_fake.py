@@ -63,6 +63,14 @@ if _ops.AVAILABLE:
         return (query.new_empty((n,), dtype=acc), query.new_empty((m,), dtype=acc),
                 query.new_empty((n, 7), dtype=acc), query.new_empty((m, 7), dtype=acc))
 
+    @torch.library.register_fake("fastloss::contrastive_fwd_grad")
+    def _(query, key, scale, bias, positive, labels_q, labels_k, kind, exclude_self, decoupled, beta,
+          label_smoothing, block_rows):
+        n, acc = query.shape[0], _acc(query)
+        return (query.new_empty((), dtype=acc), query.new_empty((n,), dtype=acc), query.new_empty((n, 7), dtype=acc),
+                query.new_empty(query.shape, dtype=acc), key.new_empty(key.shape, dtype=acc),
+                query.new_empty((n,), dtype=acc), query.new_empty((), dtype=acc))
+
     @torch.library.register_fake("fastloss::contrastive_bwd")
     def _(grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats, kind,
           symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows):

@@ -6,11 +6,17 @@
 
 The fused path runs the engine of ``csrc/contrastive_engine.h``: one GEMM per block of query rows, an epilogue
 that folds the block into per-row (and per-column) log-sum-exp statistics in one read of the block, and a
-backward that recomputes each block. Memory is one block of ``block_rows x M`` accumulation-type floats plus
-O((N + M) d): by default 2^22 elements (16 MiB fp32) on CPU and 2^27 (512 MiB fp32, 2048 rows at M = 65536,
-plus a 256 MiB fp16/bf16 copy of the gradient block in the mixed-precision backward) on CUDA; O(M) for a
-fixed row count, never N x M. Features are used as given (normalise them yourself, as
-open_clip does). Every function has a materialised twin of the same name in :mod:`fastloss.reference`.
+backward that recomputes each block. A row-wise loss (every variant but the symmetric CLIP form) reduced to a
+scalar while gradients are wanted takes the gradient in the same pass instead (``contrastive_fwd_grad``): each
+block's rows are complete once it is folded, so its tile also gives their gradient, 3 GEMMs per block instead of
+4, and the backward only scales the kept gradients (O((N + M) d) floats between forward and backward; the
+gradient work is spent even if no backward follows, so evaluate under ``torch.no_grad()``).
+
+Memory is one block of ``block_rows x M`` accumulation-type floats plus O((N + M) d): by default 2^22 elements
+(16 MiB fp32) on CPU and 2^27 (512 MiB fp32, 2048 rows at M = 65536, plus a 256 MiB fp16/bf16 copy of the
+gradient block in the mixed-precision backward) on CUDA; O(M) for a fixed row count, never N x M. Features are
+used as given (normalise them yourself, as open_clip does). Every function has a materialised twin of the same
+name in :mod:`fastloss.reference`.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Parts(NamedTuple):
     col_loss: torch.Tensor | None  # (M,) when symmetric
     counted: torch.Tensor | None  # (N,) bool: SupCon anchors that have a positive
     stats: ContrastiveStats | None
+    total: torch.Tensor | None = None  # () sum of row_loss carrying its gradient (contrastive_fwd_grad)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -122,12 +129,22 @@ def _stats_from_records(st: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fused_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, exclude_self, decoupled, beta, eps,
-                block_rows, want_stats) -> Parts:
+                block_rows, want_stats, want_grad=False) -> Parts:
+    """want_grad: the caller reduces to a scalar and needs its gradient, so a row-wise loss takes it in the same
+    pass (contrastive_fwd_grad); row_loss is then detached and `total` carries the gradient."""
     labels_q = labels_k = labels
-    row_loss, col_loss, row_st, col_st = torch.ops.fastloss.contrastive_fwd(
-        query, key, scale, bias, positive, labels_q, labels_k, kind, symmetric, exclude_self, decoupled, beta, eps,
-        block_rows,
-    )
+    total = None
+    if want_grad and not symmetric:
+        total, row_loss, row_st, *_grads = torch.ops.fastloss.contrastive_fwd_grad(
+            query, key, scale, bias, positive, labels_q, labels_k, kind, exclude_self, decoupled, beta, eps,
+            block_rows,
+        )
+        col_loss = col_st = None
+    else:
+        row_loss, col_loss, row_st, col_st = torch.ops.fastloss.contrastive_fwd(
+            query, key, scale, bias, positive, labels_q, labels_k, kind, symmetric, exclude_self, decoupled, beta,
+            eps, block_rows,
+        )
     counted = row_st[:, _COUNT] > 0 if kind == SUPCON else None
     stats = None
     if want_stats:
@@ -136,7 +153,7 @@ def fused_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, e
         if symmetric:
             stats = stats._replace(**dict(zip(("col_lse", "col_correct"),
                                               _stats_from_records(col_st.detach()), strict=True)))
-    return Parts(row_loss, col_loss if symmetric else None, counted, stats)
+    return Parts(row_loss, col_loss if symmetric else None, counted, stats, total)
 
 
 # ---------------------------------------------------------------------------------------------- the shared driver
@@ -146,12 +163,14 @@ def _reduce(parts: Parts, reduction: str, query: torch.Tensor) -> torch.Tensor:
         rows = 0.5 * (rows + parts.col_loss)
     if reduction == "none":
         out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    elif parts.counted is not None:  # SupCon: anchors without positives are left out of the mean
-        out = rows.sum() / parts.counted.sum().to(rows.dtype)
     else:
-        out = rows.mean()
+        total = rows.sum() if parts.total is None else parts.total
+        if reduction == "sum":
+            out = total
+        elif parts.counted is not None:  # SupCon: anchors without positives are left out of the mean
+            out = total / parts.counted.sum().to(total.dtype)
+        else:
+            out = total / rows.shape[0]
     return out.to(query.dtype)
 
 
@@ -203,9 +222,12 @@ def run(fn: str, parts_fn, query, key, *, positive=None, labels=None, logit_scal
             _check_positive_range(fn, positive, M)
     scale = _scale_vector(fn, "logit_scale", logit_scale, query)
     bias = _bias_tensor(fn, logit_bias, query)
+    want_grad = reduction != "none" and torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (query, key, scale, bias))
     parts = parts_fn(
         query, key, scale, bias, positive, labels, kind=kind, symmetric=symmetric, exclude_self=exclude_self,
         decoupled=bool(decoupled), beta=beta, eps=eps, block_rows=block_rows or 0, want_stats=return_stats,
+        want_grad=want_grad,
     )
     out = _reduce(parts, reduction, query)
     return (out, parts.stats) if return_stats else out
@@ -247,6 +269,9 @@ def contrastive_loss(query, key, *, positive=None, logit_scale, logit_bias=None,
     same logits, from the same single pass. ``block_rows`` sets the tile height (memory ``block_rows x M``
     floats; default 2^22 elements, 16 MiB fp32, on CPU and 2^27, 512 MiB, on CUDA).
     fp16/bf16 features are multiplied in fp32 (fp64 for fp64); no TF32 unless enabled in torch globally.
+    With ``reduction`` "mean" or "sum" and an input that requires grad, a non-symmetric loss computes its
+    gradient during the forward pass (3 GEMMs per tile instead of 4; the backward only scales it), so run
+    evaluation under ``torch.no_grad()``.
     """
     fn = "fastloss.contrastive_loss"
     return run(fn, _fused_or_reference(query, _parts), query, key, positive=positive, logit_scale=logit_scale,

@@ -311,8 +311,9 @@ def _softmax_direction(S, pos, cand, *, decoupled, beta, eps):
 
 
 def contrastive_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, exclude_self, decoupled, beta,
-                      eps, block_rows, want_stats):
-    """Materialised twin of contrastive.fused_parts (block_rows is ignored)."""
+                      eps, block_rows, want_stats, want_grad=False):
+    """Materialised twin of contrastive.fused_parts (block_rows and want_grad are ignored: autograd differentiates
+    the materialised loss)."""
     from . import contrastive as C
 
     acc = _acc_dtype(query)

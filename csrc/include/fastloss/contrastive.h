@@ -64,18 +64,19 @@ FL_HD FL_INLINE T sigmoid(T x) {
 }
 
 // Folds a part (om, oA, oB) -- a max and the sums exp(a (s - om)), exp(beta (s - om)) over its lanes -- into
-// (m, dA, dB); one lane s is the part (s, 1, 1). Branch-free (selects only, so CPU loops vectorise), one exp
-// per sum: the smaller max is rescaled to the larger. A -inf part (a masked lane, an empty state) changes
-// nothing; NaN poisons the sums. Associative: any fixed merge order is deterministic. kHcl: also the B sum.
-template <bool kHcl, typename T>
-FL_HD FL_INLINE void lse_fold(T& m, T& dA, T& dB, T om, T oA, T oB, T a, T beta) {
-  const bool up = !(om <= m);  // true for a NaN part, which then reaches the sums
-  const T hi = up ? om : m, lo = up ? m : om;
-  const T gap = hi == neg_inf<T>() ? neg_inf<T>() : lo - hi;  // both empty: no -inf - -inf; exp(-inf) = 0
-  const T eA = fl_exp(a * gap);
+// (m, dA, dB); one lane s is the part (s, 1, 1). Branch-free (selects only), one exp per sum: the smaller max is
+// rescaled to the larger. A -inf part (a masked lane, an empty state) changes nothing; NaN poisons the sums.
+// Associative: any fixed merge order is deterministic. kHcl: also the B sum. V is the scalar S itself, or a
+// GCC vector of S (the CPU's explicit SIMD lanes, csrc/cpu/simd.h): the same selects then run per lane.
+template <bool kHcl, typename V, typename S>
+FL_HD FL_INLINE void lse_fold(V& m, V& dA, V& dB, V om, V oA, V oB, S a, S beta) {
+  const auto up = !(om <= m);  // true for a NaN part, which then reaches the sums
+  const V hi = up ? om : m, lo = up ? m : om;
+  const V gap = hi == neg_inf<S>() ? V{} + neg_inf<S>() : lo - hi;  // both empty: no -inf - -inf; exp(-inf) = 0
+  const V eA = fl_exp(a * gap);
   dA = up ? dA * eA + oA : dA + oA * eA;
   if constexpr (kHcl) {
-    const T eB = fl_exp(beta * gap);
+    const V eB = fl_exp(beta * gap);
     dB = up ? dB * eB + oB : dB + oB * eB;
   }
   m = hi;
@@ -225,12 +226,28 @@ FL_HD FL_INLINE void load_coef(const T* soa, int64_t n, int64_t idx, T* c) {
   for (int k = 0; k < kCoefs; ++k) c[k] = soa[k * n + idx];
 }
 
-// Gradient of a negative (non-positive, non-self) lane of a softmax / SupCon record.
+// dL/ds of a negative (non-positive, non-self) softmax lane from its record's coefficients (gA, aLse, gB, bLse,
+// gAll as in Coef): the HCL and label-smoothing terms only where compiled in, so that a loop over lanes holds no
+// per-lane branch (the CPU loops vectorise; unused coefficient reads vanish).
+template <bool kHcl, bool kSmooth, typename T>
+FL_HD FL_INLINE T neg_lane_grad(T s, T gA, T aLse, T gB, T bLse, T gAll, const Params<T>& p) {
+  T g = gA * fl_exp(p.a() * s - aLse);
+  if constexpr (kSmooth) g += gAll;
+  if constexpr (kHcl) g -= gB * fl_exp(p.beta * s - bLse);
+  return g;
+}
+
+// The same from a coefficient array c[kCoefs] (with strides 1) or a (kCoefs, n) table (stride n, column j).
+template <bool kHcl, bool kSmooth, typename T>
+FL_HD FL_INLINE T neg_lane_grad(T s, const T* c, int64_t stride, const Params<T>& p) {
+  return neg_lane_grad<kHcl, kSmooth>(s, c[cGA * stride], c[cALse * stride], c[cGB * stride], c[cBLse * stride],
+                                      c[cGAll * stride], p);
+}
+
+// Gradient of a negative lane of a softmax / SupCon record (options chosen at run time).
 template <typename T>
 FL_HD FL_INLINE T neg_grad(T s, const T* c, const Params<T>& p) {
-  T g = c[cGA] * fl_exp(p.a() * s - c[cALse]) + c[cGAll];
-  if (p.hcl()) g -= c[cGB] * fl_exp(p.beta * s - c[cBLse]);
-  return g;
+  return p.hcl() ? neg_lane_grad<true, true>(s, c, 1, p) : neg_lane_grad<false, true>(s, c, 1, p);
 }
 
 // dL/ds of one lane for one record (row or column view). is_pos: the record's positive (softmax: its one
@@ -250,10 +267,9 @@ FL_HD FL_INLINE T lane_grad(int kind, T s, bool is_pos, bool is_self, const T* c
 template <typename T>
 FL_HD FL_INLINE T column_lane_grad(T s, bool is_pos, const T* soa, int64_t n, int64_t j, const Params<T>& p) {
   if (is_pos) return soa[cGPos * n + j];
-  T g = soa[cGA * n + j] * fl_exp(p.a() * s - soa[cALse * n + j]);
-  if (p.eps > T(0)) g += soa[cGAll * n + j];
-  if (p.hcl()) g -= soa[cGB * n + j] * fl_exp(p.beta * s - soa[cBLse * n + j]);
-  return g;
+  const bool smooth = p.eps > T(0);
+  if (p.hcl()) return smooth ? neg_lane_grad<true, true>(s, soa + j, n, p) : neg_lane_grad<true, false>(s, soa + j, n, p);
+  return smooth ? neg_lane_grad<false, true>(s, soa + j, n, p) : neg_lane_grad<false, false>(s, soa + j, n, p);
 }
 
 // Everything an epilogue needs about one block of rows: raw dot products tile[r * M + j] = <q_{row0+r}, k_j>
@@ -270,7 +286,7 @@ struct TileArgs {
   T* row_stats;              // (N, kStats)
   T* col_stats;              // (M, kStats), symmetric only: running column accumulators, then records
   T* row_loss;               // (N,)
-  const T* row_coef;         // (kCoefs, N), backward
+  T* row_coef;               // (kCoefs, N), backward (fwd_grad_tile writes its block's columns)
   const T* col_coef;         // (kCoefs, M), backward, symmetric only
   T* dscale;                 // (N,) backward: sum_j G_ij <q_i, k_j>
   T* dbias_rows;             // (N,) backward: sum_j G_ij

@@ -40,26 +40,6 @@ FL_HD FL_INLINE V taylor_poly(V z, int n, const AddOpts<T>& o) {
   return p;
 }
 
-// log1p(u) for u in [0, 1] in float (scalar or SIMD vector): the cephes logf polynomial on f = u, or on
-// f = (u - 1) / 2 plus ln 2 above sqrt(2) - 1, so small u keeps every digit (no 1 + u rounding). About 2 ulp;
-// vectorisable where libm's log1p is a scalar call.
-template <typename V>
-FL_HD FL_INLINE V log1p_unit(V u) {
-  const auto hi = u > 0.41421356f;
-  const V f = hi ? (u - 1.0f) * 0.5f : u;
-  const V z = f * f;
-  V p = f * 7.0376836292e-2f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  const V r = f + (p * f * z - 0.5f * z);
-  return hi ? r + 0.693147180559945f : r;
-}
-
 // phi and phi' per kind, on scalars or SIMD vectors (comparisons select lane-wise). -inf lanes give 0.
 template <AddKind K>
 struct AddPhi {
