@@ -34,7 +34,8 @@ step env "$OUT/info.log" 60 bash -c "nvidia-smi; $PY -c 'import torch; print(tor
 step build "$OUT/build.log" 420 $PY -m pip install --no-build-isolation --no-deps -v "$REPO"
 cd /tmp  # import the installed package, not the source tree
 step info "$OUT/info.log" 60 $PY -c "import fastloss, json; print(json.dumps(fastloss.build_info(), indent=1))"
-step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda -q -p no:cacheprovider -rfE
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # one GPU, 8 test processes (when .whl has xdist)
+step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda -q -p no:cacheprovider -rfE $XDIST
 step sanitizer "$OUT/sanitizer.log" 300 compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/scripts/sanitizer_case.py"
 step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
   ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}
