@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/glue.h"  // use_avx2_kernels
+
 TORCH_LIBRARY(fastloss, m) {
   // Cross-entropy forward over rows of logits (N, C) with class stride 1 and int64 targets (N,).
   // Pre-map per logit, in this order: z = logit_scale * x; z = softcap * tanh(z / softcap) when softcap > 0;
@@ -147,5 +149,6 @@ PyMODINIT_FUNC PyInit__C() {
   PyModule_AddStringConstant(mod, "cuda_version", FASTLOSS_CUDA_VERSION);
   PyModule_AddStringConstant(mod, "cuda_archs", FASTLOSS_CUDA_ARCHS);
   PyModule_AddStringConstant(mod, "cpu_isas", FASTLOSS_CPU_ISAS);
+  PyModule_AddStringConstant(mod, "cpu_isa", fastloss::cpu::use_avx2_kernels() ? "avx2" : "base");
   return mod;
 }

@@ -27,5 +27,6 @@ def _no_validation_leak():
 def pytest_report_header(config):
     info = fastloss.build_info()
     return [f"fastloss {info['fastloss_version']}: extension_loaded={info['extension_loaded']}, "
-            f"cuda={info['cuda_version']} archs={info['cuda_archs']}, cpu_isas={info['cpu_isas']}, "
+            f"cuda={info['cuda_version']} archs={info['cuda_archs']}, "
+            f"cpu_isas={info['cpu_isas']} (in use: {info['cpu_isa']}), "
             f"GPU tests {'on' if HAS_CUDA else 'off'}"]

@@ -6,8 +6,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -16,14 +17,23 @@
 
 namespace fastloss::cpu {
 
-// AVX2 + FMA kernels when this build has them and the CPU runs them (checked once).
-inline bool cpu_has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-// The kernel table `name` of the best instruction set (namespaces base:: and avx2::, see CMakeLists.txt).
+// AVX2 + FMA kernels when this build has them and the CPU runs them (checked once). FASTLOSS_CPU_ISA=base forces
+// the baseline kernels, which an AVX2 machine would otherwise never run (the tests use it).
+inline bool use_avx2_kernels() {
 #if defined(FL_HAVE_AVX2_KERNELS)
-#define FL_CPU_KERNELS(name) (cpu_has_avx2_fma() ? avx2::name : base::name)
+  static const bool yes = [] {
+    const char* force = std::getenv("FASTLOSS_CPU_ISA");
+    if (force != nullptr && std::strcmp(force, "base") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+// The kernel table `name` of the instruction set in use (namespaces base:: and avx2::, see CMakeLists.txt).
+#if defined(FL_HAVE_AVX2_KERNELS)
+#define FL_CPU_KERNELS(name) (use_avx2_kernels() ? avx2::name : base::name)
 #else
 #define FL_CPU_KERNELS(name) (base::name)
 #endif

@@ -144,10 +144,34 @@ __global__ void coef_kernel(int kind, const T* stats, const T* grad, int64_t n, 
   for (int k = 0; k < kCoefs; ++k) out[k * ld + i] = c[k];
 }
 
+// The block state of the backward row kernel: (dscale, dbias) partial sums, and with kFwd the row's forward
+// accumulator too.
+template <typename T, bool kFwd>
+struct BwdState {
+  Pair<T> q;
+  FL_HD FL_INLINE void merge(const BwdState& o, T, T, bool) {
+    q.v[0] += o.q.v[0];
+    q.v[1] += o.q.v[1];
+  }
+};
+template <typename T>
+struct BwdState<T, true> {
+  Pair<T> q;
+  Acc<T> acc;
+  FL_HD FL_INLINE void merge(const BwdState& o, T alpha, T beta, bool hcl) {
+    q.v[0] += o.q.v[0];
+    q.v[1] += o.q.v[1];
+    acc.merge(o.acc, alpha, beta, hcl);
+  }
+};
+
 // Reads row r of the fp32 / fp64 tile once and writes t_i G_ij once, as O (T in place, or fp16 / bf16).
-template <typename T, typename O>
+// kFwd (SigLIP in forward_grad only): a sigmoid lane's gradient needs no row statistic, so the same read also
+// folds the row's forward record and loss, and the coefficients are those of a unit upstream gradient.
+template <typename T, typename O, bool kFwd = false>
 __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
-  __shared__ Pair<T> sq[kMaxThreads / cuda::kWarp];
+  using State = BwdState<T, kFwd>;
+  __shared__ State sq[kMaxThreads / cuda::kWarp];
   const int64_t r = blockIdx.x, i = a.row0 + r, M = a.M;
   const T* x = a.tile + r * M;
   O* out = static_cast<O*>(a.grad_out) + r * M;
@@ -155,8 +179,13 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   if (a.bad_positive(p)) {  // uniform per block: no G from this row, NaN where its loss enters directly
     for (int64_t j = threadIdx.x; j < M; j += blockDim.x) out[j] = O(T(0));
     if (threadIdx.x == 0) {
-      a.dscale[i] = std::numeric_limits<T>::quiet_NaN();
-      a.dbias_rows[i] = std::numeric_limits<T>::quiet_NaN();
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      a.dscale[i] = nan;
+      a.dbias_rows[i] = nan;
+      if constexpr (kFwd) {
+        for (int k = 0; k < kStats; ++k) a.row_stats[i * kStats + k] = nan;
+        a.row_loss[i] = nan;
+      }
     }
     return;
   }
@@ -164,16 +193,23 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   const int64_t self = a.self_lane(i, p);
   const int64_t li = a.kind == kSupCon ? a.labels_q[i] : 0;
   T rc[kCoefs];
-  load_coef(a.row_coef, a.N, i, rc);
-  Pair<T> q{};
-  auto grad = [&](int64_t j, T raw) -> T {  // t_i G_ij; accumulates dscale and dbias
+  if constexpr (kFwd)
+    make_coef(kSigmoid, static_cast<const T*>(nullptr), T(1), a.p, rc);  // reads no record
+  else
+    load_coef(a.row_coef, a.N, i, rc);
+  State st{};
+  if constexpr (kFwd) st.acc = Acc<T>::empty();
+  auto grad = [&](int64_t j, T raw) -> T {  // t_i G_ij; accumulates dscale and dbias (and the forward record)
     const T s = t * raw + b;
     const bool is_self = j == self;
     const bool is_pos = a.kind == kSupCon ? (a.labels_k[j] == li && !is_self) : j == p;
     T g = lane_grad(a.kind, s, is_pos, is_self, rc, a.p);
     if (a.symmetric) g += column_lane_grad(s, j == i, a.col_coef, M, j, a.p);  // L2 reads: only what it needs
-    q.v[0] += g * raw;
-    q.v[1] += g;
+    if constexpr (kFwd) {
+      if (!is_self) st.acc.push_sigmoid(s, is_pos);
+    }
+    st.q.v[0] += g * raw;
+    st.q.v[1] += g;
     return t * g;
   };
   constexpr int V = cuda::Pack<T>::N;
@@ -191,13 +227,12 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
           for (int v = 0; v < V; ++v) out[k0 + v] = o.v[v];
         }
       });
-  q = cuda::block_merge(q, sq, [](Pair<T>& u, const Pair<T>& w) {
-    u.v[0] += w.v[0];
-    u.v[1] += w.v[1];
-  });
+  st = cuda::block_merge(st, sq, [](State& u, const State& w) { u.merge(w, T(1), T(0), false); });
   if (threadIdx.x == 0) {
-    a.dscale[i] = q.v[0];
-    a.dbias_rows[i] = q.v[1];
+    a.dscale[i] = st.q.v[0];
+    a.dbias_rows[i] = st.q.v[1];
+    if constexpr (kFwd)
+      a.row_loss[i] = finish_row(kSigmoid, st.acc, T(M - 1 - (self >= 0 ? 1 : 0)), a.row_stats + i * kStats, a.p);
   }
 }
 
@@ -250,9 +285,14 @@ struct CudaBackend {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  // Three launches on one stream: the block's rows are folded, their coefficients derived, then G written.
+  // SigLIP: one launch that reads the tile once (row_bwd_kernel<kFwd>). The softmax kinds need each row's
+  // record before its G: three launches on one stream (fold the rows, derive their coefficients, write G).
   template <typename T>
   static void fwd_grad_tile(const TileArgs<T>& a) {
+    if (a.kind == kSigmoid) {
+      launch_bwd<T, true>(a);
+      return;
+    }
     fwd_tile(a);
     coefs<T>(a.kind, a.row_stats + a.row0 * kStats, nullptr, a.rows, a.p, a.row_coef + a.row0, a.N);
     bwd_tile(a);
@@ -260,14 +300,19 @@ struct CudaBackend {
 
   template <typename T>
   static void bwd_tile(const TileArgs<T>& a) {
+    launch_bwd<T, false>(a);
+  }
+
+  template <typename T, bool kFwd>
+  static void launch_bwd(const TileArgs<T>& a) {
     const int threads = cuda::row_block_threads(a.M, int(sizeof(T)));
     if (a.grad_kind == kGradInPlace) {
-      row_bwd_kernel<T, T><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+      row_bwd_kernel<T, T, kFwd><<<unsigned(a.rows), threads, 0, stream()>>>(a);
     } else if constexpr (std::is_same_v<T, float>) {
       if (a.grad_kind == kGradHalf)
-        row_bwd_kernel<float, c10::Half><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+        row_bwd_kernel<float, c10::Half, kFwd><<<unsigned(a.rows), threads, 0, stream()>>>(a);
       else
-        row_bwd_kernel<float, c10::BFloat16><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+        row_bwd_kernel<float, c10::BFloat16, kFwd><<<unsigned(a.rows), threads, 0, stream()>>>(a);
     } else {
       TORCH_CHECK(false, "contrastive_bwd: fp16 / bf16 gradient tiles need fp32 accumulation");
     }

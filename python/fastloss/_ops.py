@@ -70,6 +70,7 @@ def build_info(version: str) -> dict:
         "cuda_version": (_C.cuda_version or None) if AVAILABLE else None,
         "cuda_archs": [a for a in _C.cuda_archs.split(",") if a] if AVAILABLE else [],
         "cpu_isas": _C.cpu_isas.split(",") if AVAILABLE else [],
+        "cpu_isa": _C.cpu_isa if AVAILABLE else None,  # the one in use (FASTLOSS_CPU_ISA=base forces the baseline)
         "ops": {op: [d for d in _DEVICE_KEYS if has_kernel(op, d)] for op in OPS},
     }
     return info
