@@ -1,11 +1,54 @@
 """Autograd of the forward ops: each saves its inputs and small per-row statistics, and its backward op
-recomputes from logits + statistics (no N x C tensor is kept between forward and backward)."""
+recomputes from logits + statistics (no N x C tensor is kept between forward and backward).
+
+The backward ops have no autograd of their own, so gradients are first-order: every backward is wrapped in
+`first_order`, and differentiating its result again raises instead of returning a silently partial second
+derivative (torch's `once_differentiable` alone would not catch `torch.autograd.grad(..., inputs=x)`, which
+prunes its error node)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from . import _ops
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient, tied to the forward's inputs, whose own backward raises."""
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("fastloss: second derivatives are not supported (the backward kernels are first-order; "
+                           "double backward, e.g. create_graph=True through a fastloss loss, cannot be differentiated)")
+
+
+def first_order(backward):
+    """Decorates a backward(ctx, *grads): run without building a graph; when a graph is being built
+    (create_graph=True), each returned gradient is tied to the saved inputs and upstream gradients that require
+    grad, so that differentiating it raises."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return out
+        anchors = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not anchors:
+            return out
+        single = not isinstance(out, tuple)
+        tied = tuple(_NoDoubleBackward.apply(g, *anchors) if isinstance(g, torch.Tensor) else g
+                     for g in ((out,) if single else out))
+        return tied[0] if single else tied
+
+    return wrapper
+
 
 if _ops.AVAILABLE:
 
@@ -16,6 +59,7 @@ if _ops.AVAILABLE:
         ctx.save_for_backward(logits, target, weight, stats)
         ctx.opts = (logit_scale, softcap, ignore_index, with_smoothing)
 
+    @first_order
     def _ce_backward(ctx, grad_parts, _grad_stats):
         logits, target, weight, stats = ctx.saved_tensors
         grad = None
@@ -32,6 +76,7 @@ if _ops.AVAILABLE:
         ctx.save_for_backward(logits, target, target_weight, stats)
         ctx.opts = opts
 
+    @first_order
     def _spherical_backward(ctx, grad_loss, _grad_stats):
         logits, target, target_weight, stats = ctx.saved_tensors
         grad = None
@@ -49,6 +94,7 @@ if _ops.AVAILABLE:
         ctx.save_for_backward(query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats)
         ctx.opts = tuple(opts)
 
+    @first_order
     def _contrastive_backward(ctx, grad_row, grad_col, _g_row_stats, _g_col_stats):
         query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats = ctx.saved_tensors
         if grad_row is None:
@@ -73,13 +119,15 @@ if _ops.AVAILABLE:
         query, key, scale, bias = inputs[:4]
         _, row_loss, row_stats, dq, dk, dscale, dbias = output
         ctx.mark_non_differentiable(row_loss, row_stats, dq, dk, dscale, dbias)
-        ctx.save_for_backward(dq, dk, dscale, dbias if bias is not None else None)
+        # the inputs only tie a double backward to them (first_order); the gradients are the kept ones
+        ctx.save_for_backward(dq, dk, dscale, dbias if bias is not None else None, query, key, scale, bias)
         ctx.dtypes = (query.dtype, key.dtype, scale.dtype, None if bias is None else bias.dtype)
 
+    @first_order
     def _contrastive_grad_backward(ctx, grad_total, *_unused):
         need = ctx.needs_input_grad
         grads = [None if t is None or not n else (grad_total * t).to(dt)
-                 for t, n, dt in zip(ctx.saved_tensors, need[:4], ctx.dtypes, strict=True)]
+                 for t, n, dt in zip(ctx.saved_tensors[:4], need[:4], ctx.dtypes, strict=True)]
         return (*grads, None, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd(
@@ -92,6 +140,7 @@ if _ops.AVAILABLE:
         ctx.entmax15 = inputs[1]
         ctx.save_for_backward(output)
 
+    @first_order
     def _sparsemax_backward(ctx, grad):
         (probs,) = ctx.saved_tensors
         return torch.ops.fastloss.sparsemax_bwd(grad, probs, ctx.entmax15), None
@@ -105,6 +154,7 @@ if _ops.AVAILABLE:
         ctx.save_for_backward(logits, target, stats)
         ctx.opts = (ignore_index, entmax15)
 
+    @first_order
     def _sparsemax_loss_backward(ctx, grad_loss, _grad_stats):
         logits, target, stats = ctx.saved_tensors
         grad = None
@@ -123,6 +173,7 @@ if _ops.AVAILABLE:
         ctx.save_for_backward(logits, target, output[1])
         ctx.opts = opts
 
+    @first_order
     def _additive_backward(ctx, grad_loss, _grad_stats):
         logits, target, stats = ctx.saved_tensors
         grad = None
@@ -138,6 +189,7 @@ if _ops.AVAILABLE:
         ctx.save_for_backward(logits, mask, output[1])
         ctx.opts = opts
 
+    @first_order
     def _multilabel_backward(ctx, grad_loss, _grad_stats):
         logits, mask, stats = ctx.saved_tensors
         grad = None

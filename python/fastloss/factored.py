@@ -25,6 +25,7 @@ import torch
 
 from . import _ops
 from . import _validation as V
+from ._autograd import first_order
 from .spherical import DEFAULT_EPS, KINDS
 
 
@@ -52,13 +53,14 @@ class _FactoredLoss(torch.autograd.Function):
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, oc - mu[:, None], target, target_weight,
                                                             kind, a, b, eps, out, ignore_index)
         count = (valid | bad).any(-1).sum().to(rows.dtype)
-        ctx.save_for_backward(h_a, hq, coef, w_t, mean, count, valid, target)
+        ctx.save_for_backward(h_a, hq, coef, w_t, mean, count, valid, target, hidden)  # hidden: for first_order
         ctx.stash, ctx.in_dtype, ctx.d = stash, hidden.dtype, hidden.shape[1]
         return (rows.sum() / count).to(hidden.dtype)
 
     @staticmethod
+    @first_order  # first-order only: differentiating the result raises (fastloss._autograd)
     def backward(ctx, grad):
-        h_a, hq, coef, w_t, mean, count, valid, target = ctx.saved_tensors
+        h_a, hq, coef, w_t, mean, count, valid, target, _ = ctx.saved_tensors
         g = grad.to(torch.float64) / count
         A, B = coef[:, 0] * g, coef[:, 1] * g
         gam = torch.where(valid, coef[:, 2:] * g, torch.zeros_like(coef[:, 2:]))

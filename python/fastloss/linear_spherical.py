@@ -29,6 +29,7 @@ import torch
 
 from . import _ops
 from . import _validation as V
+from ._autograd import first_order
 from ._reduce import reduce_rows
 from .spherical import DEFAULT_EPS, KINDS
 
@@ -207,6 +208,7 @@ class _LinearSpherical(torch.autograd.Function):
         return rows, coef
 
     @staticmethod
+    @first_order  # first-order only: differentiating the result raises (fastloss._autograd)
     def backward(ctx, grad_rows, _grad_coef):
         hidden, weight, bias, target, hq, gram, stat, coef, local, safe = ctx.saved_tensors
         group, rank, lo, ignore_index, allow_tf32, Vtot, has_bias, split = ctx.opts
