@@ -81,13 +81,18 @@ class _Products:
     def __init__(self, split: bool, acc: torch.dtype):
         self.split, self.acc = split, acc
 
-    def times(self, x: torch.Tensor, y: torch.Tensor, add: torch.Tensor | None = None,
+    def operand(self, y: torch.Tensor):
+        """y (k, p) in the accumulation dtype, prepared once for several `times` calls (split into hi, lo)."""
+        return _split(y) if self.split else y
+
+    def times(self, x: torch.Tensor, y, add: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
-        """add + x @ y for an input operand x (n, k) and an accumulation-dtype y (k, p), into ``out`` if given."""
+        """add + x @ y for an input operand x (n, k) and an accumulation-dtype y (k, p) or its `operand`, into
+        ``out`` if given."""
         if not self.split:
             x = x.to(self.acc)
             return torch.mm(x, y, out=out) if add is None else torch.addmm(add, x, y, out=out)
-        hi, lo = _split(y)
+        hi, lo = y if isinstance(y, tuple) else _split(y)
         out = _mm32(x, lo, add, out=out)
         return _mm32(x, hi, out, out=out)
 
@@ -234,8 +239,9 @@ class _LinearSpherical(torch.autograd.Function):
                 G = prod.weighted_gram(hidden, A)
                 row = vb[:, 1] / Vtot - 2 * (G @ m) - 2 * bm * v  # the same for every row of W
                 gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
+                g2 = prod.operand(2 * G)  # split once for every chunk of W
                 for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
-                    prod.times(weight[r0:r0 + _CHUNK_ROWS], 2 * G, row, out=gw[r0:r0 + _CHUNK_ROWS])
+                    prod.times(weight[r0:r0 + _CHUNK_ROWS], g2, row, out=gw[r0:r0 + _CHUNK_ROWS])
                 if has_bias:
                     gw.addr_(bias.to(acc), v, alpha=2)
                 idx = safe.reshape(-1)
