@@ -50,6 +50,8 @@ step bench_contrastive "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_contras
 # tables land in bench_quick.log (the $OUT file budget is spent), CSVs in $LOGS.
 step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \
   --out "$LOGS/spherical_cuda.csv"
+# Where the time of the big targets goes (GEMMs vs fastloss kernels, per kernel name): torch.profiler
+step profile "$OUT/bench_quick.log" 240 $PY "$REPO/scripts/profile_case.py"
 # Nsight Compute on the kernels furthest from their targets (speed of light, warp stalls, instruction mix),
 # appended to bench_quick.log; skipped where ncu is missing or the counters are not permitted.
 if command -v ncu >/dev/null 2>&1; then
