@@ -9,11 +9,12 @@ materialised torch loss.
 Ops: ``clip_loss`` (symmetric: fastloss runs 4 GEMM-equivalents, a forward and a recomputing backward),
 ``siglip_loss`` and ``infonce_loss`` (``contrastive_loss`` image -> text, one direction: row-wise losses, whose
 gradient fastloss takes in the forward pass, 3 GEMM-equivalents).
-Providers: ``fastloss``; ``torch`` = the loss as open_clip writes it on one device (``s * x @ y.T``, then
-``(CE(L) + CE(L.T)) / 2``, ``CE(L)``, or ``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference``
-(``fastloss.reference``, materialised too); ``open_clip`` (its ClipLoss / SigLipLoss, when its loss module
-loads); ``inf_cl`` (Inf-CL's tiled Triton loss, CUDA, clip_loss and infonce_loss, when installed);
-``siglip_kernel`` (the siglip-kernel package's fused Triton SigLIP loss, CUDA, siglip_loss only). Inputs:
+Providers: ``fastloss``; ``fastloss_tile2x`` (tiles of 2^28 elements, twice the CUDA default); ``torch`` = the
+loss as open_clip writes it on one device (``s * x @ y.T``, then ``(CE(L) + CE(L.T)) / 2``, ``CE(L)``, or
+``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference`` (``fastloss.reference``, materialised
+too); ``open_clip`` (its ClipLoss / SigLipLoss, when its loss module loads); ``inf_cl`` (Inf-CL's tiled Triton
+loss, CUDA, clip_loss and infonce_loss, when installed); ``siglip_kernel`` (the siglip-kernel package's fused
+Triton SigLIP loss, CUDA, siglip_loss only). Inputs:
 L2-normalised ``randn(N, d)`` features, scale 14.3 (and bias -10 for SigLIP) requiring grad.
 Rows go to a CSV in bench/harness.py's columns; ``--memory`` records one fwd+bwd per N (no timing: the
 materialised loss needs many seconds per call at large N on a small CPU) and plots extra peak memory vs N.
@@ -83,10 +84,18 @@ def _siglip_kernel():
     return {"siglip_loss": lambda x, y, s, b: fused_siglip_loss(x, y, torch.log(s), b)}
 
 
+def _fastloss(tile_elems=None):
+    """fastloss's three ops; tile_elems: rows per tile = tile_elems // M instead of the default budget (CUDA:
+    2^27 elements), to measure what a larger tile buys (fewer passes over the fp32 dk accumulator)."""
+    rows = (lambda x: max(16, tile_elems // x.shape[0])) if tile_elems else (lambda x: None)
+    return {"clip_loss": lambda x, y, s, b: fastloss.clip_loss(x, y, s, block_rows=rows(y)),
+            "siglip_loss": lambda x, y, s, b: fastloss.siglip_loss(x, y, s, b, block_rows=rows(y)),
+            "infonce_loss": lambda x, y, s, b: fastloss.contrastive_loss(x, y, logit_scale=s, block_rows=rows(y))}
+
+
 PROVIDERS = {
-    "fastloss": lambda: {"clip_loss": lambda x, y, s, b: fastloss.clip_loss(x, y, s),
-                         "siglip_loss": fastloss.siglip_loss,
-                         "infonce_loss": lambda x, y, s, b: fastloss.contrastive_loss(x, y, logit_scale=s)},
+    "fastloss": _fastloss,
+    "fastloss_tile2x": lambda: _fastloss(2**28),
     "torch": lambda: {"clip_loss": torch_clip, "siglip_loss": torch_siglip, "infonce_loss": torch_infonce},
     "reference": lambda: {"clip_loss": lambda x, y, s, b: fastloss.reference.clip_loss(x, y, s),
                           "siglip_loss": fastloss.reference.siglip_loss,
@@ -98,8 +107,8 @@ PROVIDERS = {
 PRESETS = {  # (N, d) shapes, modes, providers
     "quick": (((2048, 256),), ("fwdbwd",), ("fastloss", "torch")),
     "target": (((8192, 512),), ("fwdbwd",), ("fastloss", "torch")),
-    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "torch", "open_clip", "inf_cl",
-                                                                  "siglip_kernel")),
+    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "fastloss_tile2x", "torch", "open_clip",
+                                                                  "inf_cl", "siglip_kernel")),
 }
 
 
