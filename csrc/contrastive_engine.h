@@ -130,6 +130,7 @@ TileArgs<T> base_args(const Inputs& in, const Options& o) {
   a.kind = int(o.kind);
   a.symmetric = o.symmetric;
   a.exclude_self = o.exclude_self;
+  a.fast_exp = in.mixed;
   return a;
 }
 

@@ -50,7 +50,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     fastloss.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=dev), reduction="sum").backward()
 # contrastive family: every kind and option, odd sizes, tile boundaries, a bad positive (NaN row, no OOB access)
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    for N, M, d, block in ((1, 1, 3, None), (5, 9, 3, 2), (33, 33, 17, 8)):
+    for N, M, d, block in ((1, 1, 3, None), (5, 9, 3, 2), (33, 33, 17, 8), (130, 130, 24, None)):  # last: grouped folds
         q = torch.randn(N, d, device=dev, dtype=dtype, requires_grad=True)
         k = torch.randn(M, d, device=dev, dtype=dtype, requires_grad=True)
         s = torch.tensor(3.0, device=dev, requires_grad=True)

@@ -84,28 +84,32 @@ def test_matches_reference_float64(device, variant, shape):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v[0])
 @pytest.mark.parametrize("N", [40, 300])
 def test_float32_close_to_float64_reference(device, variant, N):
-    """fp32 against the float64 reference; N = 300 runs the CPU's explicit-vector paths (whole 16-lane row chunks
-    and a whole 256-column chunk of the symmetric column pass, with the diagonal inside and a tail after it)."""
+    """fp32 against the float64 reference; N = 300 (one tile) runs the CPU's explicit-vector paths (whole 16-lane
+    row chunks and a whole 256-column chunk of the symmetric column pass, with the diagonal inside and a tail after
+    it) and the CUDA epilogues' grouped folds with their lane-wise fallbacks."""
     _, opts = variant
     leaves, kw = make_inputs(N, 24, opts, device)
     want = run(reference.contrastive_loss, leaves, kw)
     leaves32 = [x.detach().float().requires_grad_() for x in leaves]
     kw32 = {k: (leaves32[[id(x) for x in leaves].index(id(v))] if isinstance(v, torch.Tensor) and v.requires_grad
                 else v) for k, v in kw.items()}
-    got = run(fastloss.contrastive_loss, leaves32, kw32, block_rows=16)
+    got = run(fastloss.contrastive_loss, leaves32, kw32, block_rows=16 if N == 40 else None)  # 300: one tile
     torch.testing.assert_close(got[0].double(), want[0], rtol=2e-5, atol=2e-6)
     for g, w in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[9], VARIANTS[12]], ids=lambda v: v[0])
-def test_low_precision(device, dtype, variant):
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[4], VARIANTS[9], VARIANTS[10], VARIANTS[12]],
+                         ids=lambda v: v[0])
+@pytest.mark.parametrize("block_rows", [16, None])
+def test_low_precision(device, dtype, variant, block_rows):
     """fp16/bf16 features are multiplied in fp32: the loss matches float64 maths on the same (rounded) inputs to
-    fp32 accuracy, and the gradients to the rounding of their own dtype."""
+    fp32 accuracy, and the gradients to the rounding of their own dtype. N = 100 in one tile (block_rows None)
+    takes the CUDA epilogues' grouped folds (hardware exp), rows and columns, and their lane-wise fallbacks."""
     _, opts = variant
-    leaves, kw = make_inputs(50, 40, opts, device, dtype=dtype)
-    got = run(fastloss.contrastive_loss, leaves, kw, block_rows=16)
+    leaves, kw = make_inputs(100, 40, opts, device, dtype=dtype)
+    got = run(fastloss.contrastive_loss, leaves, kw, block_rows=block_rows)
     leaves64 = [x.detach().double().requires_grad_() for x in leaves]
     kw64 = dict(kw, logit_scale=leaves64[2])
     if "logit_bias" in kw:

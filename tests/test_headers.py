@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["online_lse_check"])
+@pytest.mark.parametrize("name", ["online_lse_check", "contrastive_fold_check"])
 def test_header_check(tmp_path, name):
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:

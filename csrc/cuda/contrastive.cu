@@ -39,7 +39,21 @@ struct alignas(sizeof(O) * V) OutPack {
   O v[V];
 };
 
-template <typename T, int K>
+// softplus(s) of a SigLIP negative; kFast (logits of fp16 / bf16 features, float): the hardware exp and the
+// log1p_unit polynomial instead of two accurate libm calls.
+template <bool kFast, typename T>
+__device__ __forceinline__ T negative_softplus(T s) {
+  if constexpr (kFast && std::is_same_v<T, float>) {
+    return (s > 0.0f ? s : 0.0f) + log1p_unit(fl_exp_if_fast<true>(s > 0.0f ? -s : s));
+  } else {
+    return softplus(s);
+  }
+}
+
+// One block per tile row. A 16-byte pack without the row's positive or excluded self and with finite logits
+// (nearly every pack) folds as one group (lse_group: one exp per lane and one rescale, no per-lane selects or
+// index compares); any other pack, and SupCon rows (labels per lane), go lane by lane.
+template <typename T, int K, bool kHcl, bool kFast>
 __global__ void __launch_bounds__(kMaxThreads) row_fwd_kernel(TileArgs<T> a) {
   __shared__ Acc<T> smem[kMaxThreads / cuda::kWarp];
   const int64_t r = blockIdx.x, i = a.row0 + r, M = a.M;
@@ -55,7 +69,6 @@ __global__ void __launch_bounds__(kMaxThreads) row_fwd_kernel(TileArgs<T> a) {
     return;
   }
   const T t = a.scale[i], b = a.bias_value(), alpha = a.p.a(), beta = a.p.beta;
-  const bool hcl = a.p.hcl();
   const int64_t self = a.self_lane(i, p);
   const int64_t li = K == kSupCon ? a.labels_q[i] : 0;
   Acc<T> acc = Acc<T>::empty();
@@ -75,44 +88,83 @@ __global__ void __launch_bounds__(kMaxThreads) row_fwd_kernel(TileArgs<T> a) {
       if (j == p)
         acc.pos = s;
       else
-        acc.push(s, alpha, beta, hcl);
+        acc.push(s, alpha, beta, kHcl);
     }
   };
+  constexpr int V = cuda::Pack<T>::N;
   cuda::for_each_in_row<T>(x, M, lane, [&](int64_t k0, const cuda::Pack<T>& pk) {
+    if constexpr (K != kSupCon) {
+      if (uint64_t(p - k0) >= uint64_t(V) && uint64_t(self - k0) >= uint64_t(V)) {  // self = -1: never inside
+        T s[V];
 #pragma unroll
-    for (int v = 0; v < cuda::Pack<T>::N; ++v) lane(k0 + v, pk.v[v]);
+        for (int v = 0; v < V; ++v) s[v] = t * pk.v[v] + b;
+        T oA, oB;
+        const T gm = lse_group<kHcl, kFast>(s, alpha, beta, oA, oB);
+        if (gm > neg_inf<T>() && gm < pos_inf<T>()) {  // NaN or infinite lanes: lane by lane below
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            if constexpr (K == kSigmoid)
+              acc.loss += negative_softplus<kFast>(s[v]);
+            else
+              acc.sum += s[v];
+          }
+          lse_fold<kHcl>(acc.m, acc.dA, acc.dB, gm, oA, oB, alpha, beta);
+          return;
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) lane(k0 + v, pk.v[v]);
   });
-  acc = cuda::block_merge(acc, smem, [=](Acc<T>& u, const Acc<T>& w) { u.merge(w, alpha, beta, hcl); });
+  acc = cuda::block_merge(acc, smem, [=](Acc<T>& u, const Acc<T>& w) { u.merge(w, alpha, beta, kHcl); });
   if (threadIdx.x == 0) a.row_loss[i] = finish_row(K, acc, T(M - 1 - (self >= 0 ? 1 : 0)), st, a.p);
 }
 
-// Symmetric softmax: folds the tile's rows into each column's running record (positive = the diagonal).
-template <typename T>
+// Symmetric softmax: folds the tile's rows into each column's running record (positive = the diagonal). A
+// thread's kColUnroll rows of one column fold as one group (lse_group) when they are whole, finite and miss the
+// diagonal; otherwise row by row.
+template <typename T, bool kHcl, bool kFast>
 __global__ void __launch_bounds__(kColX * kColY) column_kernel(TileArgs<T> a) {
   __shared__ Acc<T> part[kColY][kColX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t j = int64_t(blockIdx.x) * kColX + tx, M = a.M, R = a.rows;
   const T alpha = a.p.a(), beta = a.p.beta, b = a.bias_value();
-  const bool hcl = a.p.hcl();
+  const int64_t diag = j - a.row0;  // the tile row holding this column's positive (maybe outside the tile)
   Acc<T> acc = Acc<T>::empty();
   if (j < M) {
     for (int64_t r0 = ty; r0 < R; r0 += int64_t(kColUnroll) * kColY) {
-      T raw[kColUnroll];
+      T s[kColUnroll];
 #pragma unroll
       for (int u = 0; u < kColUnroll; ++u) {  // loads first: several rows in flight per thread
         const int64_t r = r0 + int64_t(u) * kColY;
-        raw[u] = r < R ? a.tile[r * M + j] : T(0);
+        s[u] = r < R ? a.tile[r * M + j] : T(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kColUnroll; ++u) {
+        const int64_t r = r0 + int64_t(u) * kColY;
+        if (r < R) s[u] = a.scale[a.row0 + r] * s[u] + b;
+      }
+      const bool whole = r0 + int64_t(kColUnroll - 1) * kColY < R;
+      const bool has_diag = diag >= r0 && (diag - r0) % kColY == 0 && (diag - r0) / kColY < kColUnroll;
+      if (whole && !has_diag) {
+        T oA, oB;
+        const T gm = lse_group<kHcl, kFast>(s, alpha, beta, oA, oB);
+        if (gm > neg_inf<T>() && gm < pos_inf<T>()) {  // NaN or infinite lanes: row by row below
+#pragma unroll
+          for (int u = 0; u < kColUnroll; ++u) acc.sum += s[u];
+          lse_fold<kHcl>(acc.m, acc.dA, acc.dB, gm, oA, oB, alpha, beta);
+          continue;
+        }
       }
 #pragma unroll
       for (int u = 0; u < kColUnroll; ++u) {
         const int64_t r = r0 + int64_t(u) * kColY;
         if (r >= R) break;
-        const T s = a.scale[a.row0 + r] * raw[u] + b;
-        acc.sum += s;
-        if (a.row0 + r == j)
-          acc.pos = s;
+        acc.sum += s[u];
+        if (r == diag)
+          acc.pos = s[u];
         else
-          acc.push(s, alpha, beta, hcl);
+          acc.push(s[u], alpha, beta, kHcl);
       }
     }
   }
@@ -121,7 +173,7 @@ __global__ void __launch_bounds__(kColX * kColY) column_kernel(TileArgs<T> a) {
   if (ty == 0 && j < M) {
     T* st = a.col_stats + j * kStats;
     Acc<T> run = Acc<T>::from_record(st);
-    for (int y = 0; y < kColY; ++y) run.merge(part[y][tx], alpha, beta, hcl);
+    for (int y = 0; y < kColY; ++y) run.merge(part[y][tx], alpha, beta, kHcl);
     run.to_record(st, T(0));  // kCount is set by finalize_column
   }
 }
@@ -165,12 +217,14 @@ struct BwdState<T, true> {
   }
 };
 
-// Reads row r of the fp32 / fp64 tile once and writes t_i G_ij once, as O (T in place, or fp16 / bf16).
-// kFwd (SigLIP in forward_grad only): a sigmoid lane's gradient needs no row statistic, so the same read also
+// Reads row r of the fp32 / fp64 tile once and writes t_i G_ij once, as O (T in place, or fp16 / bf16, whose
+// features' rounding lets the exps take the hardware ex2). A pack without the row's special lanes skips the
+// per-lane index compares. kFwd (SigLIP in forward_grad only): a sigmoid lane's gradient needs no row statistic, so the same read also
 // folds the row's forward record and loss, and the coefficients are those of a unit upstream gradient.
 template <typename T, typename O, bool kFwd = false>
 __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   using State = BwdState<T, kFwd>;
+  constexpr bool kFast = !std::is_same_v<O, T>;  // G written in fp16 / bf16: the tile came from such features
   __shared__ State sq[kMaxThreads / cuda::kWarp];
   const int64_t r = blockIdx.x, i = a.row0 + r, M = a.M;
   const T* x = a.tile + r * M;
@@ -199,12 +253,15 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
     load_coef(a.row_coef, a.N, i, rc);
   State st{};
   if constexpr (kFwd) st.acc = Acc<T>::empty();
-  auto grad = [&](int64_t j, T raw) -> T {  // t_i G_ij; accumulates dscale and dbias (and the forward record)
+  // t_i G_ij; accumulates dscale and dbias (and the forward record). kPlain: the caller knows that lane j is
+  // neither the row's positive nor its self nor (symmetric) its column's positive, so no index compares.
+  auto grad = [&](int64_t j, T raw, auto plain) -> T {
+    constexpr bool kPlain = decltype(plain)::value;
     const T s = t * raw + b;
-    const bool is_self = j == self;
-    const bool is_pos = a.kind == kSupCon ? (a.labels_k[j] == li && !is_self) : j == p;
-    T g = lane_grad(a.kind, s, is_pos, is_self, rc, a.p);
-    if (a.symmetric) g += column_lane_grad(s, j == i, a.col_coef, M, j, a.p);  // L2 reads: only what it needs
+    const bool is_self = !kPlain && j == self;
+    const bool is_pos = a.kind == kSupCon ? (a.labels_k[j] == li && !is_self) : (!kPlain && j == p);
+    T g = lane_grad<kFast>(a.kind, s, is_pos, is_self, rc, a.p);
+    if (a.symmetric) g += column_lane_grad<kFast>(s, !kPlain && j == i, a.col_coef, M, j, a.p);  // L2: 8 B
     if constexpr (kFwd) {
       if (!is_self) st.acc.push_sigmoid(s, is_pos);
     }
@@ -214,12 +271,20 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   };
   constexpr int V = cuda::Pack<T>::N;
   using OP = OutPack<O, V>;
+  using Lanewise = std::false_type;
   cuda::for_each_in_row<T>(
-      x, M, [&](int64_t j, T raw) { out[j] = O(grad(j, raw)); },
+      x, M, [&](int64_t j, T raw) { out[j] = O(grad(j, raw, Lanewise{})); },
       [&](int64_t k0, const cuda::Pack<T>& pk) {
         OP o;
+        const bool plain = uint64_t(p - k0) >= uint64_t(V) && uint64_t(self - k0) >= uint64_t(V) &&
+                           uint64_t(i - k0) >= uint64_t(V);  // self / p = -1: never inside
+        if (plain) {
 #pragma unroll
-        for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v]));
+          for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v], std::true_type{}));
+        } else {
+#pragma unroll
+          for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v], Lanewise{}));
+        }
         if (reinterpret_cast<uintptr_t>(out + k0) % alignof(OP) == 0) {
           *reinterpret_cast<OP*>(out + k0) = o;  // in place: this thread already loaded the pack
         } else {
@@ -256,18 +321,55 @@ struct CudaBackend {
 
   static void check_positive(const Inputs&) {}  // no host sync: a bad index makes its row NaN
 
+  template <typename T, int K, bool kHcl, bool kFast>
+  static void launch_fwd(const TileArgs<T>& a) {
+    const int threads = cuda::row_block_threads(a.M, int(sizeof(T)));
+    row_fwd_kernel<T, K, kHcl, kFast><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+  }
+
+  // Kind and HCL as template parameters; the hardware exp for float tiles of fp16 / bf16 features.
+  template <typename T, bool kFast>
+  static void launch_fwd_kind(const TileArgs<T>& a) {
+    if (a.kind == kSupCon)
+      launch_fwd<T, kSupCon, false, false>(a);
+    else if (a.kind == kSigmoid)
+      launch_fwd<T, kSigmoid, false, kFast>(a);
+    else if (a.p.hcl())
+      launch_fwd<T, kSoftmax, true, kFast>(a);
+    else
+      launch_fwd<T, kSoftmax, false, kFast>(a);
+  }
+
+  template <typename T, bool kFast>
+  static void launch_columns_as(const TileArgs<T>& a) {
+    const dim3 grid(blocks_for(a.M, kColX)), block(kColX, kColY);
+    if (a.p.hcl())
+      column_kernel<T, true, kFast><<<grid, block, 0, stream()>>>(a);
+    else
+      column_kernel<T, false, kFast><<<grid, block, 0, stream()>>>(a);
+  }
+
+  template <typename T>
+  static void launch_columns(const TileArgs<T>& a) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.fast_exp) return launch_columns_as<T, true>(a);
+    }
+    launch_columns_as<T, false>(a);
+  }
+
   template <typename T>
   static void fwd_tile(const TileArgs<T>& a) {
-    const int threads = cuda::row_block_threads(a.M, int(sizeof(T)));
-    if (a.kind == kSupCon)
-      row_fwd_kernel<T, kSupCon><<<unsigned(a.rows), threads, 0, stream()>>>(a);
-    else if (a.kind == kSigmoid)
-      row_fwd_kernel<T, kSigmoid><<<unsigned(a.rows), threads, 0, stream()>>>(a);
-    else
-      row_fwd_kernel<T, kSoftmax><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.fast_exp)
+        launch_fwd_kind<T, true>(a);
+      else
+        launch_fwd_kind<T, false>(a);
+    } else {
+      launch_fwd_kind<T, false>(a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (a.symmetric) {
-      column_kernel<T><<<blocks_for(a.M, kColX), dim3(kColX, kColY), 0, stream()>>>(a);
+      launch_columns<T>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

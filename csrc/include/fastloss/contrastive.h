@@ -90,6 +90,30 @@ FL_HD FL_INLINE void lse_fold(T& m, T& dA, T& dB, T om, T oA, T oB, T a, T beta,
     lse_fold<false>(m, dA, dB, om, oA, oB, a, beta);
 }
 
+// The part (gm, oA, oB) of a group of V finite lanes s[] for lse_fold: gm = their max, oA = sum exp(a (s - gm)),
+// oB = sum exp(beta (s - gm)) (kHcl; without HCL a = 1). One exp per lane and one rescale in the fold, instead
+// of the fold's selects per lane: the CUDA epilogues' common path, once a pack holds no masked, non-finite or
+// special lane (the caller checks gm, which is NaN or infinite otherwise, and falls back to lane-wise folds).
+// kFast: the hardware exp, for logits of fp16 / bf16 features (fl_exp_diff_if_fast; exact maths on the host).
+template <bool kHcl, bool kFast, int V, typename T>
+FL_HD FL_INLINE T lse_group(const T (&s)[V], T a, T beta, T& oA, T& oB) {
+  T gm = s[0];
+#pragma unroll
+  for (int v = 1; v < V; ++v) gm = fl_fmax(gm, s[v]);
+  oA = T(0);
+  oB = T(0);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    if constexpr (kHcl) {
+      oA += fl_exp_diff_if_fast<kFast>(a * s[v], a * gm);
+      oB += fl_exp_diff_if_fast<kFast>(beta * s[v], beta * gm);
+    } else {
+      oA += fl_exp_diff_if_fast<kFast>(s[v], gm);
+    }
+  }
+  return gm;
+}
+
 // One-pass accumulator of a record (one thread's share of a row, a column, or a merged block).
 template <typename T>
 struct Acc {
@@ -228,48 +252,50 @@ FL_HD FL_INLINE void load_coef(const T* soa, int64_t n, int64_t idx, T* c) {
 
 // dL/ds of a negative (non-positive, non-self) softmax lane from its record's coefficients (gA, aLse, gB, bLse,
 // gAll as in Coef): the HCL and label-smoothing terms only where compiled in, so that a loop over lanes holds no
-// per-lane branch (the CPU loops vectorise; unused coefficient reads vanish).
-template <bool kHcl, bool kSmooth, typename T>
+// per-lane branch (the CPU loops vectorise; unused coefficient reads vanish). kFast: the hardware exp for logits
+// of fp16 / bf16 features (CUDA; see fl_exp_diff_if_fast).
+template <bool kHcl, bool kSmooth, bool kFast = false, typename T>
 FL_HD FL_INLINE T neg_lane_grad(T s, T gA, T aLse, T gB, T bLse, T gAll, const Params<T>& p) {
-  T g = gA * fl_exp(p.a() * s - aLse);
+  T g = gA * fl_exp_diff_if_fast<kFast>(p.a() * s, aLse);
   if constexpr (kSmooth) g += gAll;
-  if constexpr (kHcl) g -= gB * fl_exp(p.beta * s - bLse);
+  if constexpr (kHcl) g -= gB * fl_exp_diff_if_fast<kFast>(p.beta * s, bLse);
   return g;
 }
 
 // The same from a coefficient array c[kCoefs] (with strides 1) or a (kCoefs, n) table (stride n, column j).
-template <bool kHcl, bool kSmooth, typename T>
+template <bool kHcl, bool kSmooth, bool kFast = false, typename T>
 FL_HD FL_INLINE T neg_lane_grad(T s, const T* c, int64_t stride, const Params<T>& p) {
-  return neg_lane_grad<kHcl, kSmooth>(s, c[cGA * stride], c[cALse * stride], c[cGB * stride], c[cBLse * stride],
-                                      c[cGAll * stride], p);
+  return neg_lane_grad<kHcl, kSmooth, kFast>(s, c[cGA * stride], c[cALse * stride], c[cGB * stride],
+                                             c[cBLse * stride], c[cGAll * stride], p);
 }
 
 // Gradient of a negative lane of a softmax / SupCon record (options chosen at run time).
-template <typename T>
+template <bool kFast = false, typename T>
 FL_HD FL_INLINE T neg_grad(T s, const T* c, const Params<T>& p) {
-  return p.hcl() ? neg_lane_grad<true, true>(s, c, 1, p) : neg_lane_grad<false, true>(s, c, 1, p);
+  return p.hcl() ? neg_lane_grad<true, true, kFast>(s, c, 1, p) : neg_lane_grad<false, true, kFast>(s, c, 1, p);
 }
 
 // dL/ds of one lane for one record (row or column view). is_pos: the record's positive (softmax: its one
 // positive; SupCon: same label); is_self: excluded from the record entirely.
-template <typename T>
+template <bool kFast = false, typename T>
 FL_HD FL_INLINE T lane_grad(int kind, T s, bool is_pos, bool is_self, const T* c, const Params<T>& p) {
   if (is_self) return T(0);
   if (kind == kSigmoid) return is_pos ? -c[cGA] * sigmoid(-s) : c[cGA] * sigmoid(s);
-  if (kind == kSupCon) return c[cGA] * fl_exp(s - c[cALse]) + (is_pos ? c[cGPos] : T(0));
-  return is_pos ? c[cGPos] : neg_grad(s, c, p);
+  if (kind == kSupCon) return c[cGA] * fl_exp_diff_if_fast<kFast>(s, c[cALse]) + (is_pos ? c[cGPos] : T(0));
+  return is_pos ? c[cGPos] : neg_grad<kFast>(s, c, p);
 }
 
 // The column view's dL/ds of lane j (symmetric softmax), reading from the (kCoefs, n) table only the
 // coefficients this lane needs: a backward that streams them per element moves 8 bytes per lane in plain CLIP
 // instead of all 6 coefficients. Equal to lane_grad(kSoftmax, s, is_pos, false, column j's coefficients, p)
 // (without smoothing gall is 0).
-template <typename T>
+template <bool kFast = false, typename T>
 FL_HD FL_INLINE T column_lane_grad(T s, bool is_pos, const T* soa, int64_t n, int64_t j, const Params<T>& p) {
   if (is_pos) return soa[cGPos * n + j];
-  const bool smooth = p.eps > T(0);
-  if (p.hcl()) return smooth ? neg_lane_grad<true, true>(s, soa + j, n, p) : neg_lane_grad<true, false>(s, soa + j, n, p);
-  return smooth ? neg_lane_grad<false, true>(s, soa + j, n, p) : neg_lane_grad<false, false>(s, soa + j, n, p);
+  const T* c = soa + j;
+  if (p.hcl())
+    return p.eps > T(0) ? neg_lane_grad<true, true, kFast>(s, c, n, p) : neg_lane_grad<true, false, kFast>(s, c, n, p);
+  return p.eps > T(0) ? neg_lane_grad<false, true, kFast>(s, c, n, p) : neg_lane_grad<false, false, kFast>(s, c, n, p);
 }
 
 // Everything an epilogue needs about one block of rows: raw dot products tile[r * M + j] = <q_{row0+r}, k_j>
@@ -292,6 +318,8 @@ struct TileArgs {
   T* dbias_rows;             // (N,) backward: sum_j G_ij
   void* grad_out;            // backward: (rows, M) t_i * G_ij, in T over the tile or fp16 / bf16 (GradOut)
   int grad_kind;             // GradOut
+  bool fast_exp;             // the tile holds logits of fp16 / bf16 features: the CUDA epilogues take the
+                             // hardware exp (its ~2 ulp are far below the features' own rounding)
   Params<T> p;
   int kind;
   bool symmetric, exclude_self;
