@@ -255,15 +255,22 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   if constexpr (kFwd) st.acc = Acc<T>::empty();
   // t_i G_ij; accumulates dscale and dbias (and the forward record). kPlain: the caller knows that lane j is
   // neither the row's positive nor its self nor (symmetric) its column's positive, so no index compares.
-  auto grad = [&](int64_t j, T raw, auto plain) -> T {
-    constexpr bool kPlain = decltype(plain)::value;
+  // Lane modes: kLanewise compares j with the special lanes; kPlain: the caller knows that lane j is neither the
+  // row's positive nor its self nor (symmetric) its column's positive; kPlainGrouped: also its forward part
+  // (kFwd) was folded with its pack's (lse_group).
+  enum Mode : int { kLanewise, kPlain, kPlainGrouped };
+  // t_i G_ij; accumulates dscale and dbias (and, with kFwd, the forward record).
+  auto grad = [&](int64_t j, T raw, auto mode) -> T {
+    constexpr int kMode = decltype(mode)::value;
     const T s = t * raw + b;
-    const bool is_self = !kPlain && j == self;
-    const bool is_pos = a.kind == kSupCon ? (a.labels_k[j] == li && !is_self) : (!kPlain && j == p);
+    const bool is_self = kMode == kLanewise && j == self;
+    const bool is_pos = a.kind == kSupCon ? (a.labels_k[j] == li && !is_self) : (kMode == kLanewise && j == p);
     T g = lane_grad<kFast>(a.kind, s, is_pos, is_self, rc, a.p);
-    if (a.symmetric) g += column_lane_grad<kFast>(s, !kPlain && j == i, a.col_coef, M, j, a.p);  // L2: 8 B
-    if constexpr (kFwd) {
-      if (!is_self) st.acc.push_sigmoid(s, is_pos);
+    if (a.symmetric) g += column_lane_grad<kFast>(s, kMode == kLanewise && j == i, a.col_coef, M, j, a.p);
+    if constexpr (kFwd) {  // nested: `kFwd && kMode` would stay dependent and check st.acc when kFwd is false
+      if constexpr (kMode != kPlainGrouped) {
+        if (!is_self) st.acc.push_sigmoid(s, is_pos);
+      }
     }
     st.q.v[0] += g * raw;
     st.q.v[1] += g;
@@ -271,16 +278,37 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   };
   constexpr int V = cuda::Pack<T>::N;
   using OP = OutPack<O, V>;
-  using Lanewise = std::false_type;
+  using Lanewise = std::integral_constant<int, kLanewise>;
+  using Plain = std::integral_constant<int, kPlain>;
+  using PlainGrouped = std::integral_constant<int, kPlainGrouped>;
   cuda::for_each_in_row<T>(
       x, M, [&](int64_t j, T raw) { out[j] = O(grad(j, raw, Lanewise{})); },
       [&](int64_t k0, const cuda::Pack<T>& pk) {
         OP o;
         const bool plain = uint64_t(p - k0) >= uint64_t(V) && uint64_t(self - k0) >= uint64_t(V) &&
                            uint64_t(i - k0) >= uint64_t(V);  // self / p = -1: never inside
-        if (plain) {
+        bool grouped = false;
+        if constexpr (kFwd) {  // SigLIP: every lane of a plain pack is a negative
+          if (plain) {
+            T s[V];
 #pragma unroll
-          for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v], std::true_type{}));
+            for (int v = 0; v < V; ++v) s[v] = t * pk.v[v] + b;
+            T oA, oB;
+            const T gm = lse_group<false, kFast>(s, T(1), T(0), oA, oB);
+            grouped = gm > neg_inf<T>() && gm < pos_inf<T>();  // NaN or infinite lanes: lane by lane
+            if (grouped) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) st.acc.loss += negative_softplus<kFast>(s[v]);
+              lse_fold<false>(st.acc.m, st.acc.dA, st.acc.dB, gm, oA, oB, T(1), T(0));
+            }
+          }
+        }
+        if (grouped) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v], PlainGrouped{}));
+        } else if (plain) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v], Plain{}));
         } else {
 #pragma unroll
           for (int v = 0; v < V; ++v) o.v[v] = O(grad(k0 + v, pk.v[v], Lanewise{}));

@@ -56,11 +56,11 @@ FL_HD FL_INLINE T softplus(T x) {
   return x > T(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
 }
 
-template <typename T>
+// kFast: the hardware exp for logits of fp16 / bf16 features (CUDA; see fl_exp_if_fast).
+template <bool kFast = false, typename T>
 FL_HD FL_INLINE T sigmoid(T x) {
-  if (x >= T(0)) return T(1) / (T(1) + std::exp(-x));
-  const T e = std::exp(x);
-  return e / (T(1) + e);
+  const T e = fl_exp_if_fast<kFast>(x >= T(0) ? -x : x);  // e^{-|x|} <= 1: no overflow
+  return x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
 // Folds a part (om, oA, oB) -- a max and the sums exp(a (s - om)), exp(beta (s - om)) over its lanes -- into
@@ -280,7 +280,7 @@ FL_HD FL_INLINE T neg_grad(T s, const T* c, const Params<T>& p) {
 template <bool kFast = false, typename T>
 FL_HD FL_INLINE T lane_grad(int kind, T s, bool is_pos, bool is_self, const T* c, const Params<T>& p) {
   if (is_self) return T(0);
-  if (kind == kSigmoid) return is_pos ? -c[cGA] * sigmoid(-s) : c[cGA] * sigmoid(s);
+  if (kind == kSigmoid) return is_pos ? -c[cGA] * sigmoid<kFast>(-s) : c[cGA] * sigmoid<kFast>(s);
   if (kind == kSupCon) return c[cGA] * fl_exp_diff_if_fast<kFast>(s, c[cALse]) + (is_pos ? c[cGPos] : T(0));
   return is_pos ? c[cGPos] : neg_grad<kFast>(s, c, p);
 }
