@@ -5,6 +5,9 @@
 // down the tile), whose partial column states merge in slice order into the running column records. So the
 // tile is read once per direction and never written. Backward: one block per tile row reads the fp32 tile once
 // and writes t_i G_ij once, in the GEMM operand dtype (fp16 / bf16 buffer, or in place for fp32 / fp64).
+// Instruction budget: a fp32 tile streams at ~1e12 logits/s, so the common pack (no special lane, finite logits)
+// folds as one group (lse_group), kinds and options are template parameters, and tiles of fp16 / bf16 features
+// take the hardware exp. forward_grad (row-wise losses): the same kernels, SigLIP fused into one read.
 // Reductions merge in a fixed order (no atomics): deterministic. A positive index outside [0, M) never indexes
 // memory and poisons only its own row: NaN loss, NaN dq row and dscale, a zero row of G (dk and the other rows
 // stay finite), without a host sync.
