@@ -77,7 +77,7 @@ def check_finite(fn: str, name: str, value, *, positive: bool = False, nonnegati
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(v):
+    if not -math.inf < v < math.inf:  # not math.isfinite: torch.compile(dynamic=True) traces v as a SymFloat
         raise ValueError(f"{fn}: {name} must be finite, got {v}")
     if positive and v <= 0:
         raise ValueError(f"{fn}: {name} must be > 0, got {v}")
