@@ -287,6 +287,25 @@ def test_bad_inputs(device):
             f(h, W.to("cuda" if device == "cpu" else "cpu"), t)
 
 
+def test_autocast_casts_like_a_matmul(device):
+    """Inside torch.autocast the fp32 operands (fp32 master weights, bias, hidden) take the autocast dtype, as
+    F.linear's would, and their gradients come back in fp32; outside autocast mixed dtypes stay an error."""
+    h, W, bias, t = _problem(device, torch.float32)
+    leaves = [x.detach().requires_grad_() for x in (h, W, bias)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = fastloss.linear_spherical_loss(leaves[0], leaves[1], t, bias=leaves[2])
+    assert got.dtype == torch.bfloat16
+    grads = torch.autograd.grad(got, leaves)
+    assert all(g.dtype == torch.float32 for g in grads)
+    low = [x.detach().bfloat16().requires_grad_() for x in (h, W, bias)]
+    want = fastloss.linear_spherical_loss(low[0], low[1], t, bias=low[2])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(grads, torch.autograd.grad(want, low), strict=True):
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="dtype"):  # no autocast: no silent cast
+        fastloss.linear_spherical_loss(h.bfloat16(), W, t)
+
+
 def test_training_smoke():
     """A small MLP on a synthetic 10k-class problem follows the same loss curve with the Gram form as with the
     materialised zloss (same initialisation, same data, Adam)."""

@@ -41,16 +41,19 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _no_tf32(device: torch.device, allow_tf32: bool):
-    if device.type != "cuda" or allow_tf32 or torch.compiler.is_compiling():
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+def _exact_products(device: torch.device, allow_tf32: bool):
+    """The products in the precision _Products chose: no autocast (it would turn the fp32 statistics' matmuls
+    into bf16 ones) and no TF32 unless asked for."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda" or allow_tf32 or torch.compiler.is_compiling():
+            yield
+            return
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _split(x: torch.Tensor, col_shift: torch.Tensor | None = None, row_scale: torch.Tensor | None = None):
@@ -158,7 +161,7 @@ class _LinearSpherical(torch.autograd.Function):
         Vs = weight.shape[0]
         world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
                                                    torch.distributed.get_rank(group))
-        with _no_tf32(hidden.device, allow_tf32):
+        with _exact_products(hidden.device, allow_tf32):
             wsum_s, bsum_s, gram, u, beta = _shard_stats(weight, bias, prod)
             counts = [Vs]
             if group is not None:  # shard boundaries as host ints: the one host sync of vocab-parallel mode
@@ -226,7 +229,7 @@ class _LinearSpherical(torch.autograd.Function):
         A, B = ab[:, 0], ab[:, 1]
         gam = torch.where(local, coef[:, 2:] * g[:, None], torch.zeros_like(coef[:, 2:]))
         grad_h = grad_w = grad_b = None
-        with _no_tf32(hidden.device, allow_tf32):
+        with _exact_products(hidden.device, allow_tf32):
             if ctx.needs_input_grad[0]:  # the dense part once (rank 0), every rank's target rows, summed
                 gh = torch.ops.fastloss.spherical_grad_hidden(hq, ab, gam, weight, target, stat, lo, ignore_index,
                                                               group is None or rank == 0)
@@ -294,6 +297,7 @@ def linear_spherical_loss(
     split (bfloat16 inputs only; on CPU it is emulated, for testing). Both agree to about 1e-5 relative.
     """
     fn = "fastloss.linear_spherical_loss"
+    hidden, weight, bias = _autocast_operands(hidden, weight, bias)
     kind, multi = _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index,
                                      reduction)
     a, b = V.check_zloss_args(fn, a, b)
@@ -336,6 +340,18 @@ def _use_split(fn: str, bf16_split, hidden: torch.Tensor) -> bool:
     if bf16_split and hidden.device.type == "cuda" and not _HAS_MM_DTYPE:
         raise RuntimeError(f"{fn}: bf16_split=True needs torch >= 2.10 (torch.mm / addmm with out_dtype)")
     return bf16_split
+
+
+def _autocast_operands(hidden, weight, bias):
+    """Inside torch.autocast the logits would be a matmul, so the operands follow autocast's rule for one: float32
+    hidden, weight and bias are cast to the autocast dtype (as F.linear's would be, e.g. fp32 master weights with
+    bf16 activations), with gradients flowing back to the float32 tensors. Outside autocast nothing is cast and
+    mixed dtypes are an error."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index, reduction):
