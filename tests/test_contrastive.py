@@ -252,8 +252,11 @@ def test_never_saves_the_matrix(device):
     assert max(sizes) >= N * M  # the hook does see a materialised matrix
 
 
-def test_deterministic(device):
-    leaves, kw = make_inputs(70, 12, {"symmetric": True, "hard_negative_beta": 0.3}, device, dtype=torch.float32)
+@pytest.mark.parametrize("opts", [{"symmetric": True, "hard_negative_beta": 0.3},  # forward + recomputing backward
+                                  {"hard_negative_beta": 0.3}, {"loss": "sigmoid", "logit_bias": True}],  # one pass
+                         ids=["clip_hcl", "infonce_hcl", "sigmoid"])
+def test_deterministic(device, opts):
+    leaves, kw = make_inputs(70, 12, opts, device, dtype=torch.float32)
     a = run(fastloss.contrastive_loss, leaves, kw, block_rows=16)
     b = run(fastloss.contrastive_loss, leaves, kw, block_rows=16)
     assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1], strict=True))
