@@ -5,6 +5,8 @@
 // more GEMMs give dq and dk. fp16 / bf16 features on CUDA: the epilogue writes G once in the operands' dtype and
 // dk accumulates in place in fp32 (addmm with an fp32 output). Memory: one (rows x M) tile (plus its fp16 / bf16
 // copy of G in that backward) and O((N + M) d); the N x M matrix never exists.
+// Gradient passes skip the dq or dk GEMM of a side that needs no gradient (Options::query_grad / key_grad; that
+// output is then (0, d)): a frozen tower, or a queue of keys, costs 2 GEMMs per tile instead of 3.
 // forward_grad: a row-wise loss (not symmetric) has every row's record complete once its block is done, so the
 // forward can produce the gradient of sum_i L_i from the same tile: 3 GEMMs per block instead of the 4 of a
 // forward plus a recomputing backward (autograd then scales it by the upstream scalar).
@@ -47,6 +49,7 @@ struct Options {
   bool symmetric, exclude_self, decoupled;
   double beta, eps;
   int64_t block_rows;
+  bool query_grad = true, key_grad = true;  // gradient passes: skip the dq / dk GEMMs of a frozen side
 };
 
 inline at::ScalarType acc_of(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -162,16 +165,18 @@ struct GradWork {
   at::Tensor dk_blk;  // torch 2.9: no fp32 `self` beside fp16 / bf16 matrices
 #endif
 
-  explicit GradWork(const Inputs& in) {
+  bool want_dq, want_dk;  // a side without a gradient (a frozen tower, a key queue) skips its GEMM: (0, d)
+
+  GradWork(const Inputs& in, const Options& o) : want_dq(o.query_grad), want_dk(o.key_grad) {
     const auto opts = in.scale.options();
-    dq = at::empty({in.N, in.d}, opts);
-    dk = at::zeros({in.M, in.d}, opts);
+    dq = at::empty({want_dq ? in.N : 0, in.d}, opts);
+    dk = at::zeros({want_dk ? in.M : 0, in.d}, opts);
     dscale = at::empty({in.N}, opts);
     dbias_rows = at::empty({in.N}, opts);
     tile = at::empty({in.rows, in.M}, opts);
     if (in.mixed) gbuf = at::empty({in.rows, in.M}, in.q.options());
 #if !FL_HAS_ADDMM_DTYPE
-    if (in.mixed) dk_blk = at::empty({in.M, in.d}, opts);
+    if (in.mixed && want_dk) dk_blk = at::empty({in.M, in.d}, opts);
 #endif
   }
 
@@ -189,20 +194,28 @@ struct GradWork {
 
   // After the epilogue wrote t_i G_ij of the block: its dq rows = G K, and dk += Gᵀ Q_block.
   void gemms(const Inputs& in, int64_t r0, int64_t rb) {
-    at::Tensor dq_blk = dq.narrow(0, r0, rb), q_blk = in.q.narrow(0, r0, rb);
+    at::Tensor q_blk = in.q.narrow(0, r0, rb);
     if (in.mixed) {  // fp16/bf16 operands, fp32 accumulation and output
       at::Tensor g = gbuf.narrow(0, 0, rb);
-      in.gemm(dq_blk, g, in.k);
+      if (want_dq) {
+        at::Tensor dq_blk = dq.narrow(0, r0, rb);
+        in.gemm(dq_blk, g, in.k);
+      }
+      if (want_dk) {
 #if FL_HAS_ADDMM_DTYPE
-      at::addmm_out(dk, dk, g.t(), q_blk, at::kFloat, 1, 1);
+        at::addmm_out(dk, dk, g.t(), q_blk, at::kFloat, 1, 1);
 #else
-      in.gemm(dk_blk, g.t(), q_blk);
-      dk.add_(dk_blk);
+        in.gemm(dk_blk, g.t(), q_blk);
+        dk.add_(dk_blk);
 #endif
+      }
     } else {
       at::Tensor t = tile.narrow(0, 0, rb);
-      at::mm_out(dq_blk, t, in.k);
-      dk.addmm_(t.t(), q_blk);
+      if (want_dq) {
+        at::Tensor dq_blk = dq.narrow(0, r0, rb);
+        at::mm_out(dq_blk, t, in.k);
+      }
+      if (want_dk) dk.addmm_(t.t(), q_blk);
     }
   }
 };
@@ -251,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = in.scale.options();
   at::Tensor row_loss = at::empty({in.N}, opts), row_stats = at::empty({in.N, kStats}, opts);
   at::Tensor row_coef = at::empty({kCoefs, in.N}, opts);
-  GradWork w(in);
+  GradWork w(in, o);
   AT_DISPATCH_FLOATING_TYPES(in.scale.scalar_type(), "contrastive_fwd_grad", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
     a.row_stats = row_stats.data_ptr<scalar_t>();
@@ -287,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor rs = row_stats.to(acc).contiguous(), gr = grad_row.to(acc).contiguous();
   at::Tensor row_coef = at::empty({kCoefs, in.N}, opts);
   at::Tensor col_coef = at::empty({kCoefs, o.symmetric ? in.M : 0}, opts);
-  GradWork w(in);
+  GradWork w(in, o);
   AT_DISPATCH_FLOATING_TYPES(acc, "contrastive_bwd", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
     Backend::template coefs<scalar_t>(a.kind, rs.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), in.N, a.p,

@@ -76,15 +76,17 @@ TORCH_LIBRARY(fastloss, m) {
   m.def(
       "contrastive_fwd_grad(Tensor query, Tensor key, Tensor scale, Tensor? bias, Tensor? positive, "
       "Tensor? labels_q, Tensor? labels_k, int kind, bool exclude_self, bool decoupled, float beta, "
-      "float label_smoothing, int block_rows) -> (Tensor total, Tensor row_loss, Tensor row_stats, "
-      "Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
+      "float label_smoothing, int block_rows, bool query_grad=True, bool key_grad=True) -> (Tensor total, "
+      "Tensor row_loss, Tensor row_stats, Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
   // Recomputes every tile: grad_query (N, d), grad_key (M, d) in the features' dtype, grad_scale (N,) and
-  // grad_bias () in the accumulation type.
+  // grad_bias () in the accumulation type. query_grad / key_grad false: that gradient's GEMMs are skipped and it
+  // comes back as (0, d) (a frozen tower, a queue of keys); the same for contrastive_fwd_grad.
   m.def(
       "contrastive_bwd(Tensor grad_row, Tensor grad_col, Tensor query, Tensor key, Tensor scale, Tensor? bias, "
       "Tensor? positive, Tensor? labels_q, Tensor? labels_k, Tensor row_stats, Tensor col_stats, int kind, "
-      "bool symmetric, bool exclude_self, bool decoupled, float beta, float label_smoothing, int block_rows) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
+      "bool symmetric, bool exclude_self, bool decoupled, float beta, float label_smoothing, int block_rows, "
+      "bool query_grad=True, bool key_grad=True) -> (Tensor grad_query, Tensor grad_key, Tensor grad_scale, "
+      "Tensor grad_bias)");
   // --- sparsemax family (fastloss/sparsemax.h): sparsemax (entmax15 = false) and entmax-1.5 (true) over rows
   // of logits (N, C), class stride 1, sort-free exact threshold.
   // Activation: probabilities (N, C) in the logits dtype; the backward needs only them and dL/dprobs.

@@ -455,6 +455,40 @@ def test_one_pass_only_when_a_gradient_is_wanted(device):
     assert log.names == ["contrastive_fwd", "contrastive_bwd"], log.names
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("frozen", ["key", "query", "both"])
+def test_frozen_side_skips_its_gradient(device, reduction, frozen):
+    """A side that needs no gradient (a queue of keys, a frozen tower) is skipped: its gradient comes back empty
+    from the op (its GEMM never runs), and everything else is unchanged (one pass and recompute alike)."""
+    leaves, kw = make_inputs(9, 5, {"extra_keys": 20, "positive": True, "logit_bias": True}, device)
+    q, k = leaves[0], leaves[1]
+    if frozen in ("key", "both"):
+        k = k.detach()
+    if frozen in ("query", "both"):
+        q = q.detach()
+    live = [t for t in (q, k, *leaves[2:]) if t.requires_grad]
+
+    def loss(fn):
+        out = fn(q, k, reduction=reduction, block_rows=4, **kw)
+        return out.sum() if reduction == "none" else out
+
+    got = torch.autograd.grad(loss(fastloss.contrastive_loss), live)
+    want = torch.autograd.grad(loss(reference.contrastive_loss), live)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    args = (q, k, kw["logit_scale"].expand(9), kw["logit_bias"], kw["positive"], None, None, 0, False, False,
+            0.0, 0.0, 4)
+    flags = (frozen not in ("query", "both"), frozen not in ("key", "both"))
+    with torch.no_grad():  # the ops themselves (contrastive_bwd has no autograd)
+        out = ops.contrastive_fwd_grad(*args, *flags)
+        fwd = ops.contrastive_fwd(*args[:8], False, *args[8:])
+        bwd = ops.contrastive_bwd(torch.ones_like(fwd[0]), fwd[1], *args[:7], fwd[2], fwd[3], args[7], False,
+                                  *args[8:], *flags)
+    for dq, dk in ((out[3], out[4]), bwd[:2]):
+        assert dq.shape[0] == (9 if flags[0] else 0) and dk.shape[0] == (29 if flags[1] else 0)
+    torch.library.opcheck(ops.contrastive_fwd_grad.default, (*args, *flags))
+
+
 @pytest.mark.parametrize("name", ["nt_xent", "supcon", "siglip"])
 def test_one_pass_wrappers(device, name):
     """The wrappers whose loss is row-wise (query and key may be the same tensor) through the one-pass gradient,

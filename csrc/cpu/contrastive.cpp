@@ -83,8 +83,8 @@ struct CpuBackend {
 };
 
 Options options(int64_t kind, bool symmetric, bool exclude_self, bool decoupled, double beta, double eps,
-                int64_t block_rows) {
-  return Options{kind, symmetric, exclude_self, decoupled, beta, eps, block_rows};
+                int64_t block_rows, bool query_grad = true, bool key_grad = true) {
+  return Options{kind, symmetric, exclude_self, decoupled, beta, eps, block_rows, query_grad, key_grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_fwd(
@@ -100,9 +100,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& positive, const std::optional<at::Tensor>& labels_q,
     const std::optional<at::Tensor>& labels_k, int64_t kind, bool exclude_self, bool decoupled, double beta,
-    double label_smoothing, int64_t block_rows) {
-  return forward_grad<CpuBackend>(query, key, scale, bias, positive, labels_q, labels_k,
-                                  options(kind, false, exclude_self, decoupled, beta, label_smoothing, block_rows));
+    double label_smoothing, int64_t block_rows, bool query_grad, bool key_grad) {
+  return forward_grad<CpuBackend>(
+      query, key, scale, bias, positive, labels_q, labels_k,
+      options(kind, false, exclude_self, decoupled, beta, label_smoothing, block_rows, query_grad, key_grad));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
@@ -110,10 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& positive,
     const std::optional<at::Tensor>& labels_q, const std::optional<at::Tensor>& labels_k,
     const at::Tensor& row_stats, const at::Tensor& col_stats, int64_t kind, bool symmetric, bool exclude_self,
-    bool decoupled, double beta, double label_smoothing, int64_t block_rows) {
-  return backward<CpuBackend>(grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats,
-                              col_stats,
-                              options(kind, symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows));
+    bool decoupled, double beta, double label_smoothing, int64_t block_rows, bool query_grad, bool key_grad) {
+  return backward<CpuBackend>(
+      grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats,
+      options(kind, symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows, query_grad, key_grad));
 }
 
 }  // namespace

@@ -453,7 +453,7 @@ struct CudaBackend {
   }
 
   static void finish_backward(const Inputs& in, at::Tensor& dq) {
-    if (!in.positive.defined() || in.N == 0) return;
+    if (!in.positive.defined() || dq.size(0) == 0) return;  // no positives, or no dq wanted
     AT_DISPATCH_FLOATING_TYPES(dq.scalar_type(), "contrastive_bwd_nan_rows", [&] {
       nan_bad_rows_kernel<scalar_t><<<unsigned(in.N), 128, 0, stream()>>>(
           dq.data_ptr<scalar_t>(), in.positive.data_ptr<int64_t>(), in.M, in.d);
@@ -476,10 +476,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& positive, const std::optional<at::Tensor>& labels_q,
     const std::optional<at::Tensor>& labels_k, int64_t kind, bool exclude_self, bool decoupled, double beta,
-    double label_smoothing, int64_t block_rows) {
+    double label_smoothing, int64_t block_rows, bool query_grad, bool key_grad) {
   c10::cuda::CUDAGuard guard(query.device());
-  return forward_grad<CudaBackend>(query, key, scale, bias, positive, labels_q, labels_k,
-                                   Options{kind, false, exclude_self, decoupled, beta, label_smoothing, block_rows});
+  return forward_grad<CudaBackend>(
+      query, key, scale, bias, positive, labels_q, labels_k,
+      Options{kind, false, exclude_self, decoupled, beta, label_smoothing, block_rows, query_grad, key_grad});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
@@ -487,11 +488,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd(
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& positive,
     const std::optional<at::Tensor>& labels_q, const std::optional<at::Tensor>& labels_k,
     const at::Tensor& row_stats, const at::Tensor& col_stats, int64_t kind, bool symmetric, bool exclude_self,
-    bool decoupled, double beta, double label_smoothing, int64_t block_rows) {
+    bool decoupled, double beta, double label_smoothing, int64_t block_rows, bool query_grad, bool key_grad) {
   c10::cuda::CUDAGuard guard(query.device());
-  return backward<CudaBackend>(grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats,
-                               col_stats,
-                               Options{kind, symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows});
+  return backward<CudaBackend>(
+      grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats,
+      Options{kind, symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows, query_grad, key_grad});
 }
 
 }  // namespace

@@ -101,11 +101,11 @@ if _ops.AVAILABLE:
             grad_row = row_stats.new_zeros(row_stats.shape[0])
         if grad_col is None:
             grad_col = col_stats.new_zeros(col_stats.shape[0])
+        need = ctx.needs_input_grad
         dq, dk, dscale, dbias = torch.ops.fastloss.contrastive_bwd(
             grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats,
-            *ctx.opts,
+            *ctx.opts, need[0], need[1],  # a frozen side skips its GEMM
         )
-        need = ctx.needs_input_grad
         return (dq if need[0] else None, dk if need[1] else None, dscale if need[2] else None,
                 dbias if bias is not None and need[3] else None, None, None, None, None, None, None, None, None,
                 None, None)
@@ -128,7 +128,7 @@ if _ops.AVAILABLE:
         need = ctx.needs_input_grad
         grads = [None if t is None or not n else (grad_total * t).to(dt)
                  for t, n, dt in zip(ctx.saved_tensors[:4], need[:4], ctx.dtypes, strict=True)]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, *([None] * 11))  # positive .. block_rows, query_grad, key_grad
 
     torch.library.register_autograd(
         "fastloss::contrastive_fwd_grad", _contrastive_grad_backward, setup_context=_contrastive_grad_setup

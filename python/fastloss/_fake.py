@@ -63,19 +63,23 @@ if _ops.AVAILABLE:
         return (query.new_empty((n,), dtype=acc), query.new_empty((m,), dtype=acc),
                 query.new_empty((n, 7), dtype=acc), query.new_empty((m, 7), dtype=acc))
 
+    def _wanted(x, want):  # a gradient the caller does not want comes back as (0, d)
+        return x.shape if want else (0, x.shape[1])
+
     @torch.library.register_fake("fastloss::contrastive_fwd_grad")
     def _(query, key, scale, bias, positive, labels_q, labels_k, kind, exclude_self, decoupled, beta,
-          label_smoothing, block_rows):
+          label_smoothing, block_rows, query_grad=True, key_grad=True):
         n, acc = query.shape[0], _acc(query)
+        dq = query.new_empty(_wanted(query, query_grad), dtype=acc)
+        dk = key.new_empty(_wanted(key, key_grad), dtype=acc)
         return (query.new_empty((), dtype=acc), query.new_empty((n,), dtype=acc), query.new_empty((n, 7), dtype=acc),
-                query.new_empty(query.shape, dtype=acc), key.new_empty(key.shape, dtype=acc),
-                query.new_empty((n,), dtype=acc), query.new_empty((), dtype=acc))
+                dq, dk, query.new_empty((n,), dtype=acc), query.new_empty((), dtype=acc))
 
     @torch.library.register_fake("fastloss::contrastive_bwd")
     def _(grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats, kind,
-          symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows):
+          symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows, query_grad=True, key_grad=True):
         acc = _acc(query)
-        return (query.new_empty(query.shape), key.new_empty(key.shape),
+        return (query.new_empty(_wanted(query, query_grad)), key.new_empty(_wanted(key, key_grad)),
                 query.new_empty((query.shape[0],), dtype=acc), query.new_empty((), dtype=acc))
 
     # sparsemax family

@@ -137,7 +137,7 @@ def fused_parts(query, key, scale, bias, positive, labels, *, kind, symmetric, e
     if want_grad and not symmetric:
         total, row_loss, row_st, *_grads = torch.ops.fastloss.contrastive_fwd_grad(
             query, key, scale, bias, positive, labels_q, labels_k, kind, exclude_self, decoupled, beta, eps,
-            block_rows,
+            block_rows, query.requires_grad, key.requires_grad,  # a frozen side (e.g. a key queue) skips its GEMM
         )
         col_loss = col_st = None
     else:
@@ -273,7 +273,8 @@ def contrastive_loss(query, key, *, positive=None, logit_scale, logit_bias=None,
     fp16/bf16 features are multiplied in fp32 (fp64 for fp64); no TF32 unless enabled in torch globally.
     With ``reduction`` "mean" or "sum" and an input that requires grad, a non-symmetric loss computes its
     gradient during the forward pass (3 GEMMs per tile instead of 4; the backward only scales it), so run
-    evaluation under ``torch.no_grad()``.
+    evaluation under ``torch.no_grad()``. A side that does not require grad (a queue of keys as in MoCo, a frozen
+    tower) skips its gradient GEMM.
     """
     fn = "fastloss.contrastive_loss"
     return run(fn, _fused_or_reference(query, _parts), query, key, positive=positive, logit_scale=logit_scale,
