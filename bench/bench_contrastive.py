@@ -8,7 +8,8 @@ materialised torch loss.
 
 Ops: ``clip_loss`` (symmetric: fastloss runs 4 GEMM-equivalents, a forward and a recomputing backward),
 ``siglip_loss`` and ``infonce_loss`` (``contrastive_loss`` image -> text, one direction: row-wise losses, whose
-gradient fastloss takes in the forward pass, 3 GEMM-equivalents).
+gradient fastloss takes in the forward pass, 3 GEMM-equivalents), ``queue_loss`` (InfoNCE of N queries against a
+frozen queue of 8N keys, MoCo-style: no key gradient, 2 GEMM-equivalents).
 Providers: ``fastloss``; ``fastloss_tile2x`` (tiles of 2^28 elements, twice the CUDA default); ``torch`` = the
 loss as open_clip writes it on one device (``s * x @ y.T``, then ``(CE(L) + CE(L.T)) / 2``, ``CE(L)``, or
 ``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference`` (``fastloss.reference``, materialised
@@ -34,7 +35,7 @@ from harness import Case, _CpuPeak, _CudaPeak, append_csv, csv_row, format_table
 import fastloss
 
 RESULTS = Path(__file__).parent / "results"
-OPS = ("clip_loss", "siglip_loss", "infonce_loss")
+OPS = ("clip_loss", "siglip_loss", "infonce_loss", "queue_loss")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -74,7 +75,7 @@ def _inf_cl():
     def clip(x, y, s, b):
         return (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s)) / 2
 
-    return {"clip_loss": clip, "infonce_loss": lambda x, y, s, b: cal_inf_loss(x, y, scale=s)}
+    return {"clip_loss": clip, "infonce_loss": lambda x, y, s, b: cal_inf_loss(x, y, scale=s)}  # needs N = M
 
 
 def _siglip_kernel():
@@ -90,13 +91,15 @@ def _fastloss(tile_elems=None):
     rows = (lambda x: max(16, tile_elems // x.shape[0])) if tile_elems else (lambda x: None)
     return {"clip_loss": lambda x, y, s, b: fastloss.clip_loss(x, y, s, block_rows=rows(y)),
             "siglip_loss": lambda x, y, s, b: fastloss.siglip_loss(x, y, s, b, block_rows=rows(y)),
-            "infonce_loss": lambda x, y, s, b: fastloss.contrastive_loss(x, y, logit_scale=s, block_rows=rows(y))}
+            "infonce_loss": lambda x, y, s, b: fastloss.contrastive_loss(x, y, logit_scale=s, block_rows=rows(y)),
+            "queue_loss": lambda x, y, s, b: fastloss.contrastive_loss(x, y, logit_scale=s, block_rows=rows(y))}
 
 
 PROVIDERS = {
     "fastloss": _fastloss,
     "fastloss_tile2x": lambda: _fastloss(2**28),
-    "torch": lambda: {"clip_loss": torch_clip, "siglip_loss": torch_siglip, "infonce_loss": torch_infonce},
+    "torch": lambda: {"clip_loss": torch_clip, "siglip_loss": torch_siglip, "infonce_loss": torch_infonce,
+                      "queue_loss": torch_infonce},
     "reference": lambda: {"clip_loss": lambda x, y, s, b: fastloss.reference.clip_loss(x, y, s),
                           "siglip_loss": fastloss.reference.siglip_loss,
                           "infonce_loss": lambda x, y, s, b: fastloss.reference.contrastive_loss(x, y, logit_scale=s)},
@@ -112,26 +115,35 @@ PRESETS = {  # (N, d) shapes, modes, providers
 }
 
 
+QUEUE = 8  # queue_loss: a frozen queue of QUEUE * N keys (no gradient), as in MoCo
+
+
+def keys_of(case: Case) -> int:
+    return QUEUE * case.shape["N"] if case.op == "queue_loss" else case.shape["N"]
+
+
 def input_setup(fn, case: Case):
-    n, d = case.shape["N"], case.shape["d"]
+    n, d, m = case.shape["N"], case.shape["d"], keys_of(case)
 
     def setup(requires_grad: bool):
         gen = torch.Generator(case.device).manual_seed(0)
         x = F.normalize(torch.randn(n, d, device=case.device, generator=gen), dim=1).to(case.dtype)
-        y = F.normalize(torch.randn(n, d, device=case.device, generator=gen), dim=1).to(case.dtype)
+        y = F.normalize(torch.randn(m, d, device=case.device, generator=gen), dim=1).to(case.dtype)
         s = torch.tensor(14.3, device=case.device)
         b = torch.tensor(-10.0, device=case.device)
         for t in (x, y, s, b):
-            t.requires_grad_(requires_grad)
+            t.requires_grad_(requires_grad and not (case.op == "queue_loss" and t is y))
         return fn, (x, y, s, b)
 
     return setup
 
 
 def flops(case: Case) -> float:
-    """GEMM-equivalents of the materialised loss: 1 forward, 2 backward (2 N M d FLOPs each)."""
-    g = 2.0 * case.shape["N"] ** 2 * case.shape["d"]
-    return g * {"fwd": 1, "bwd": 2, "fwdbwd": 3}[case.mode]
+    """GEMM-equivalents of the materialised loss: 1 forward, 2 backward (2 N M d FLOPs each; 1 backward for the
+    frozen queue, which gets no gradient)."""
+    g = 2.0 * case.shape["N"] * keys_of(case) * case.shape["d"]
+    bwd = 1 if case.op == "queue_loss" else 2
+    return g * {"fwd": 1, "bwd": bwd, "fwdbwd": 1 + bwd}[case.mode]
 
 
 BF16_PEAK = 989e12  # dense bf16 tensor-core peak of the H200 (issue 6 target: >= 60% on fwd+bwd)
@@ -139,10 +151,10 @@ BF16_PEAK = 989e12  # dense bf16 tensor-core peak of the H200 (issue 6 target: >
 
 def performed_gemms(case: Case) -> int:
     """GEMM-equivalents fastloss runs: clip_loss 1 forward + 3 backward (the tile is recomputed); the row-wise
-    losses take their gradient in the forward pass, 3 in all."""
+    losses take their gradient in the forward pass, 3 in all (2 against a frozen queue)."""
     if case.mode == "fwd":
         return 1
-    return 4 if case.op == "clip_loss" else 3
+    return {"clip_loss": 4, "queue_loss": 2}.get(case.op, 3)
 
 
 def peak_share(case: Case, ms: float) -> str:
@@ -150,8 +162,8 @@ def peak_share(case: Case, ms: float) -> str:
     the GEMM-equivalents fastloss performs (performed_gemms); only for bf16 on CUDA."""
     if not case.device.startswith("cuda") or case.dtype != torch.bfloat16:
         return "-"
-    g = 2.0 * case.shape["N"] ** 2 * case.shape["d"] / (ms * 1e-3) / BF16_PEAK
-    return f"{100 * g * {'fwd': 1, 'bwd': 2, 'fwdbwd': 3}[case.mode]:.0f}% / {100 * g * performed_gemms(case):.0f}%"
+    g = 2.0 * case.shape["N"] * keys_of(case) * case.shape["d"] / (ms * 1e-3) / BF16_PEAK
+    return f"{100 * flops(case) / (ms * 1e-3) / BF16_PEAK:.0f}% / {100 * g * performed_gemms(case):.0f}%"
 
 
 def timing(args):
