@@ -10,13 +10,14 @@ Ops: ``clip_loss`` (symmetric: fastloss runs 4 GEMM-equivalents, a forward and a
 ``siglip_loss`` and ``infonce_loss`` (``contrastive_loss`` image -> text, one direction: row-wise losses, whose
 gradient fastloss takes in the forward pass, 3 GEMM-equivalents), ``queue_loss`` (InfoNCE of N queries against a
 frozen queue of 8N keys, MoCo-style: no key gradient, 2 GEMM-equivalents).
-Providers: ``fastloss``; ``fastloss_tile2x`` (tiles of 2^28 elements, twice the CUDA default); ``torch`` = the
+Providers: ``fastloss``; ``fastloss_fused`` (FASTLOSS_CONTRASTIVE_FUSED=1: the sm_90 fused GEMMs, whose epilogues
+consume the tiles on chip); ``fastloss_tile2x`` (tiles of 2^28 elements, twice the CUDA default); ``torch`` = the
 loss as open_clip writes it on one device (``s * x @ y.T``, then ``(CE(L) + CE(L.T)) / 2``, ``CE(L)``, or
-``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference`` (``fastloss.reference``, materialised
-too); ``open_clip`` (its ClipLoss / SigLipLoss, when its loss module loads); ``inf_cl`` (Inf-CL's tiled Triton
-loss, CUDA, clip_loss and infonce_loss, when installed); ``siglip_kernel`` (the siglip-kernel package's fused
-Triton SigLIP loss, CUDA, siglip_loss only). Inputs:
-L2-normalised ``randn(N, d)`` features, scale 14.3 (and bias -10 for SigLIP) requiring grad.
+``-logsigmoid(z * (s L + b)).sum() / N``), the baseline; ``reference`` (``fastloss.reference``, materialised too);
+``open_clip`` (its ClipLoss / SigLipLoss, when its loss module loads); ``inf_cl`` (Inf-CL's tiled Triton loss,
+CUDA, clip_loss and infonce_loss, when installed); ``siglip_kernel`` (the siglip-kernel package's fused Triton
+SigLIP loss, CUDA, siglip_loss only). Inputs: L2-normalised ``randn(N, d)`` features, scale 14.3 (and bias -10 for
+SigLIP) requiring grad.
 Rows go to a CSV in bench/harness.py's columns; ``--memory`` records one fwd+bwd per N (no timing: the
 materialised loss needs many seconds per call at large N on a small CPU) and plots extra peak memory vs N.
 """
@@ -24,7 +25,9 @@ materialised loss needs many seconds per call at large N on a small CPU) and plo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -95,9 +98,33 @@ def _fastloss(tile_elems=None):
             "queue_loss": lambda x, y, s, b: fastloss.contrastive_loss(x, y, logit_scale=s, block_rows=rows(y))}
 
 
+def _fastloss_fused():
+    """fastloss with FASTLOSS_CONTRASTIVE_FUSED=1 while it is measured (forward and backward): on an sm_90 GPU
+    the tiles' GEMMs run as CUTLASS GEMMs whose epilogues consume each tile on chip."""
+    return {**_fastloss(), ENV: {"FASTLOSS_CONTRASTIVE_FUSED": "1"}}
+
+
+ENV = "_env"  # a provider's environment variables, set while it is measured
+
+
+@contextlib.contextmanager
+def provider_env(fns: dict):
+    old = {k: os.environ.get(k) for k in fns.get(ENV, {})}
+    os.environ.update(fns.get(ENV, {}))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 PROVIDERS = {
     "fastloss": _fastloss,
     "fastloss_tile2x": lambda: _fastloss(2**28),
+    "fastloss_fused": _fastloss_fused,
     "torch": lambda: {"clip_loss": torch_clip, "siglip_loss": torch_siglip, "infonce_loss": torch_infonce,
                       "queue_loss": torch_infonce},
     "reference": lambda: {"clip_loss": lambda x, y, s, b: fastloss.reference.clip_loss(x, y, s),
@@ -110,8 +137,8 @@ PROVIDERS = {
 PRESETS = {  # (N, d) shapes, modes, providers
     "quick": (((2048, 256),), ("fwdbwd",), ("fastloss", "torch")),
     "target": (((8192, 512),), ("fwdbwd",), ("fastloss", "torch")),
-    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "fastloss_tile2x", "torch", "open_clip",
-                                                                  "inf_cl", "siglip_kernel")),
+    "gpu": (((16384, 768), (65536, 768)), ("fwd", "fwdbwd"), ("fastloss", "fastloss_fused", "fastloss_tile2x", "torch",
+                                                                  "open_clip", "inf_cl", "siglip_kernel")),
 }
 
 
@@ -149,21 +176,23 @@ def flops(case: Case) -> float:
 BF16_PEAK = 989e12  # dense bf16 tensor-core peak of the H200 (issue 6 target: >= 60% on fwd+bwd)
 
 
-def performed_gemms(case: Case) -> int:
+def performed_gemms(case: Case, provider: str = "fastloss") -> int:
     """GEMM-equivalents fastloss runs: clip_loss 1 forward + 3 backward (the tile is recomputed); the row-wise
-    losses take their gradient in the forward pass, 3 in all (2 against a frozen queue)."""
+    losses take their gradient in the forward pass, 3 in all (2 against a frozen queue). fastloss_fused: the
+    softmax row-wise losses run the block's GEMM twice (fold, then G: no fp32 tile kept in between), one more."""
     if case.mode == "fwd":
         return 1
-    return {"clip_loss": 4, "queue_loss": 2}.get(case.op, 3)
+    extra = 1 if provider == "fastloss_fused" and case.op in ("infonce_loss", "queue_loss") else 0
+    return {"clip_loss": 4, "queue_loss": 2}.get(case.op, 3) + extra
 
 
-def peak_share(case: Case, ms: float) -> str:
+def peak_share(case: Case, ms: float, provider: str) -> str:
     """Share of the H200 bf16 peak for the 3 GEMM-equivalents of the materialised loss (useful work), then for
     the GEMM-equivalents fastloss performs (performed_gemms); only for bf16 on CUDA."""
     if not case.device.startswith("cuda") or case.dtype != torch.bfloat16:
         return "-"
     g = 2.0 * case.shape["N"] * keys_of(case) * case.shape["d"] / (ms * 1e-3) / BF16_PEAK
-    return f"{100 * flops(case) / (ms * 1e-3) / BF16_PEAK:.0f}% / {100 * g * performed_gemms(case):.0f}%"
+    return f"{100 * flops(case) / (ms * 1e-3) / BF16_PEAK:.0f}% / {100 * g * performed_gemms(case, provider):.0f}%"
 
 
 def timing(args):
@@ -187,12 +216,13 @@ def timing(args):
                     for name, f in fns.items():
                         if op not in f:
                             continue
-                        r = measure(input_setup(f[op], case), case, min_run_time=0.1, min_samples=args.samples)
+                        with provider_env(f):
+                            r = measure(input_setup(f[op], case), case, min_run_time=0.1, min_samples=args.samples)
                         rows.append(csv_row(case, name, r, 0.0, info))
                         base = r.median_ms if name == "torch" else base
                         table.append([op, mode, dtype, case.shape_str, name, f"{r.median_ms:.1f}",
                                       f"{flops(case) / r.median_ms / 1e9:.2f}", f"{r.extra_mem_mb:.1f}",
-                                      peak_share(case, r.median_ms)])
+                                      peak_share(case, r.median_ms, name)])
                         print(" ".join(table[-1]), flush=True)
                     for row in table[-sum(op in f for f in fns.values()):]:
                         row.append(f"{float(row[5]) / base:.2f}x" if base else "-")

@@ -1,4 +1,5 @@
 """Prints the facts CMake needs about the installed torch, as `key=value` lines."""
+import importlib.util
 import os
 
 import torch
@@ -13,3 +14,12 @@ print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
 nv = [os.path.join(p, "nvidia") for p in __import__("site").getsitepackages()]
 inc = [os.path.join(d, sub, "include") for d in nv if os.path.isdir(d) for sub in sorted(os.listdir(d))]
 print("NVIDIA_WHEEL_INCLUDES=" + ";".join(p for p in inc if os.path.isdir(p)))
+# CUTLASS headers for the sm_90 fused contrastive GEMM: the pip package nvidia-cutlass ships them under
+# cutlass_library/source (found without importing it); CUTLASS_DIR in the environment overrides.
+cutlass = os.environ.get("CUTLASS_DIR", "")
+if not cutlass:
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        cutlass = os.path.join(list(spec.submodule_search_locations)[0], "source")
+ok = os.path.isfile(os.path.join(cutlass, "include", "cutlass", "cutlass.h"))
+print(f"CUTLASS_DIR={cutlass if ok else ''}")

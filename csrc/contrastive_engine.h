@@ -137,29 +137,42 @@ TileArgs<T> base_args(const Inputs& in, const Options& o) {
   return a;
 }
 
-// Backend: static void check_positive(const Inputs&), fwd_tile<T>(TileArgs), finish_columns<T>(TileArgs),
+// Backend: static void check_positive(const Inputs&), fused<T>(Inputs, TileArgs, Fused) (whether it offers that
+// fused GEMM for this problem; decided once per call) and fused_block<T>(Inputs, TileArgs, Fused) (one block),
+// fwd_tile<T>(TileArgs), finish_columns<T>(TileArgs),
 // coefs<T>(kind, stats, grad, n, params, out, ld) (out[k * ld + i], i < n), bwd_tile<T>(TileArgs),
 // fwd_grad_tile<T>(TileArgs) (fwd_tile, then the coefficients of the block's rows for a unit upstream gradient,
 // then bwd_tile), finish_backward(Inputs, dq); kTileElems (tile budget in elements); kMixedGemm (fp16/bf16
 // GEMMs with fp32 output: CUDA tensor cores; the CPU upcasts instead).
 
-// Visits the blocks of query rows: the raw dot products of rows [r0, r0 + rb) into `tile`, then step(a).
+// Fused GEMMs a backend may offer (Backend::fused / fused_block): the tile's GEMM with an epilogue that consumes
+// the tile on chip. kFold: the forward's records (softmax); kGrad: t_i G_ij and the d scale / d bias sums of a
+// block whose row coefficients are known; kGradFwd: kGrad plus the forward record (sigmoid: no row statistic
+// needed first).
+enum class Fused { kFold, kGrad, kGradFwd };
+
+// Visits the blocks of query rows [r0, r0 + rb): step(a) with a.row0 / a.rows set.
 template <typename T, typename Step>
-void for_each_block(const Inputs& in, at::Tensor& tile, TileArgs<T>& a, Step&& step) {
+void for_each_block(const Inputs& in, TileArgs<T>& a, Step&& step) {
   for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
-    const int64_t rb = std::min(in.rows, in.N - r0);
-    at::Tensor t = tile.narrow(0, 0, rb);
-    in.gemm(t, in.q.narrow(0, r0, rb), in.k.t());
-    a.tile = t.data_ptr<T>();
-    a.rows = rb;
+    a.rows = std::min(in.rows, in.N - r0);
     a.row0 = r0;
     step(a);
   }
 }
 
+// The raw dot products of a's block into `tile` (rows x M), pointed to by a.tile.
+template <typename T>
+void gemm_block(const Inputs& in, at::Tensor& tile, TileArgs<T>& a) {
+  at::Tensor t = tile.narrow(0, 0, a.rows);
+  in.gemm(t, in.q.narrow(0, a.row0, a.rows), in.k.t());
+  a.tile = t.data_ptr<T>();
+}
+
 // Gradient outputs and the per-block buffers of a pass that turns tiles into t_i G_ij (backward, forward_grad).
 struct GradWork {
-  at::Tensor dq, dk, dscale, dbias_rows, tile;
+  at::Tensor dq, dk, dscale, dbias_rows;
+  at::Tensor tile;  // the fp32 / fp64 tile, allocated by tile_buffer() when a block is not fused
   at::Tensor gbuf;  // mixed GEMMs: t_i G_ij in the operands' dtype (fp32 / fp64 overwrite the tile in place)
 #if !FL_HAS_ADDMM_DTYPE
   at::Tensor dk_blk;  // torch 2.9: no fp32 `self` beside fp16 / bf16 matrices
@@ -173,11 +186,15 @@ struct GradWork {
     dk = at::zeros({want_dk ? in.M : 0, in.d}, opts);
     dscale = at::empty({in.N}, opts);
     dbias_rows = at::empty({in.N}, opts);
-    tile = at::empty({in.rows, in.M}, opts);
     if (in.mixed) gbuf = at::empty({in.rows, in.M}, in.q.options());
 #if !FL_HAS_ADDMM_DTYPE
     if (in.mixed && want_dk) dk_blk = at::empty({in.M, in.d}, opts);
 #endif
+  }
+
+  at::Tensor& tile_buffer(const Inputs& in) {
+    if (!tile.defined()) tile = at::empty({in.rows, in.M}, in.scale.options());
+    return tile;
   }
 
   template <typename T>
@@ -233,13 +250,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor col_loss = at::empty({o.symmetric ? in.M : 0}, opts);
   at::Tensor col_stats = at::zeros({o.symmetric ? in.M : 0, kStats}, opts);
   if (o.symmetric) col_stats.select(1, kM).fill_(-std::numeric_limits<double>::infinity());  // empty accumulators
-  at::Tensor tile = at::empty({in.rows, in.M}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.scale.scalar_type(), "contrastive_fwd", [&] {
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
     a.row_stats = row_stats.data_ptr<scalar_t>();
     a.row_loss = row_loss.data_ptr<scalar_t>();
     a.col_stats = o.symmetric ? col_stats.data_ptr<scalar_t>() : nullptr;
-    for_each_block(in, tile, a, [](const TileArgs<scalar_t>& b) { Backend::template fwd_tile<scalar_t>(b); });
+    const bool fused = Backend::template fused<scalar_t>(in, a, Fused::kFold);
+    at::Tensor tile = fused ? at::Tensor() : at::empty({in.rows, in.M}, opts);
+    for_each_block(in, a, [&](TileArgs<scalar_t>& b) {
+      if (fused) {
+        Backend::template fused_block<scalar_t>(in, b, Fused::kFold);
+      } else {
+        gemm_block(in, tile, b);
+        Backend::template fwd_tile<scalar_t>(b);
+      }
+    });
     if (o.symmetric) {
       a.row_loss = col_loss.data_ptr<scalar_t>();  // finish_columns writes the column losses here
       Backend::template finish_columns<scalar_t>(a);
@@ -271,9 +296,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     a.row_loss = row_loss.data_ptr<scalar_t>();
     a.row_coef = row_coef.data_ptr<scalar_t>();
     w.bind(in, a);
-    for_each_block(in, w.tile, a, [&](TileArgs<scalar_t>& b) {
-      w.point_grad_out(in, b);
-      Backend::template fwd_grad_tile<scalar_t>(b);
+    // fused: SigLIP in one GEMM (kGradFwd); the softmax kinds fold the block (kFold), derive its rows'
+    // coefficients, and run the GEMM again for G (kGrad): 4 GEMMs, no fp32 tile in memory
+    const bool sig = o.kind == kSigmoid;
+    const bool fused = sig ? Backend::template fused<scalar_t>(in, a, Fused::kGradFwd)
+                           : Backend::template fused<scalar_t>(in, a, Fused::kFold) &&
+                                 Backend::template fused<scalar_t>(in, a, Fused::kGrad);
+    for_each_block(in, a, [&](TileArgs<scalar_t>& b) {
+      if (fused && sig) {
+        w.point_grad_out(in, b);
+        Backend::template fused_block<scalar_t>(in, b, Fused::kGradFwd);
+      } else if (fused) {
+        w.point_grad_out(in, b);
+        Backend::template fused_block<scalar_t>(in, b, Fused::kFold);
+        Backend::template coefs<scalar_t>(b.kind, b.row_stats + b.row0 * kStats, nullptr, b.rows, b.p,
+                                          b.row_coef + b.row0, b.N);
+        Backend::template fused_block<scalar_t>(in, b, Fused::kGrad);
+      } else {
+        gemm_block(in, w.tile_buffer(in), b);
+        w.point_grad_out(in, b);
+        Backend::template fwd_grad_tile<scalar_t>(b);
+      }
       w.gemms(in, b.row0, b.rows);
     });
   });
@@ -315,9 +358,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     }
     a.row_coef = row_coef.data_ptr<scalar_t>();
     w.bind(in, a);
-    for_each_block(in, w.tile, a, [&](TileArgs<scalar_t>& b) {
-      w.point_grad_out(in, b);
-      Backend::template bwd_tile<scalar_t>(b);  // t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
+    const bool fused = Backend::template fused<scalar_t>(in, a, Fused::kGrad);
+    for_each_block(in, a, [&](TileArgs<scalar_t>& b) {  // t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
+      if (fused) {
+        w.point_grad_out(in, b);
+        Backend::template fused_block<scalar_t>(in, b, Fused::kGrad);
+      } else {
+        gemm_block(in, w.tile_buffer(in), b);
+        w.point_grad_out(in, b);
+        Backend::template bwd_tile<scalar_t>(b);
+      }
       w.gemms(in, b.row0, b.rows);
     });
   });

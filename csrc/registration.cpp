@@ -152,5 +152,10 @@ PyMODINIT_FUNC PyInit__C() {
   PyModule_AddStringConstant(mod, "cuda_archs", FASTLOSS_CUDA_ARCHS);
   PyModule_AddStringConstant(mod, "cpu_isas", FASTLOSS_CPU_ISAS);
   PyModule_AddStringConstant(mod, "cpu_isa", fastloss::cpu::use_avx2_kernels() ? "avx2" : "base");
+#if FL_HAVE_SM90_FUSED
+  PyModule_AddIntConstant(mod, "contrastive_fused_sm90", 1);
+#else
+  PyModule_AddIntConstant(mod, "contrastive_fused_sm90", 0);
+#endif
   return mod;
 }

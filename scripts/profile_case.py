@@ -1,7 +1,8 @@
 """Where the time of the large GPU targets goes (scripts/gpu_check.sh): one warm forward + backward of each case
 under torch.profiler, then its CUDA kernels grouped by name with their share of the GPU time. Splits the GEMMs
 (cuBLAS) from fastloss's epilogue and row kernels, which is what the next kernel change needs to know:
-    issue 6: clip_loss / siglip_loss / one-direction InfoNCE at N = 65536, d = 768, bf16
+    issue 6: clip_loss / siglip_loss / one-direction InfoNCE at N = 65536, d = 768, bf16 (``*_fused``: the same
+             with FASTLOSS_CONTRASTIVE_FUSED=1, the sm_90 CUTLASS GEMMs with on-chip epilogues)
     issue 3: linear_spherical_loss (Z-loss) at N = 32768, d = 2048, V = 131072, bf16
     python scripts/profile_case.py [--cases clip,siglip,infonce,gram] [--n 65536]
     python scripts/profile_case.py --device cpu --n 1024 --gram 2048,256,8192   # a smoke run without a GPU
@@ -10,6 +11,7 @@ under torch.profiler, then its CUDA kernels grouped by name with their share of 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -72,7 +74,7 @@ def run(name, fn, leaves, useful, dev):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="clip,siglip,infonce,gram")
+    p.add_argument("--cases", default="clip,clip_fused,siglip,siglip_fused,infonce,infonce_fused,gram")
     p.add_argument("--device", default="cuda")
     p.add_argument("--n", type=int, default=65536, help="contrastive rows (N = M)")
     p.add_argument("--d", type=int, default=768)
@@ -83,8 +85,11 @@ def main():
         if name == "gram":
             fn, leaves, useful = gram_case(*map(int, args.gram.split(",")), args.device)
         else:
-            fn, leaves, useful = contrastive_case(name, args.n, args.d, args.device)
+            fn, leaves, useful = contrastive_case(name.removesuffix("_fused"), args.n, args.d, args.device)
+        if name.endswith("_fused"):
+            os.environ["FASTLOSS_CONTRASTIVE_FUSED"] = "1"
         run(name, fn, leaves, useful, args.device)
+        os.environ.pop("FASTLOSS_CONTRASTIVE_FUSED", None)
         del fn, leaves
         if args.device == "cuda":
             torch.cuda.empty_cache()

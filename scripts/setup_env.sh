@@ -17,6 +17,8 @@ fi
 .venv/bin/python -m pip install -q --no-deps open_clip_torch || echo "open_clip_torch not installed: parity tests skip"
 # Peers compared in the tests; --no-deps keeps pip from resolving another torch.
 .venv/bin/python -m pip install -q --no-deps entmax
+# CUTLASS headers (the sm_90 fused contrastive GEMM; only its headers are used, so no dependencies).
+.venv/bin/python -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0
 fi

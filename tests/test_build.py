@@ -1,5 +1,7 @@
 """Build facts and the fallback when the extension cannot load."""
 
+import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,13 @@ def test_build_info():
     for op in ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd"):
         assert "cpu" in info["ops"][op]
         assert ("cuda" in info["ops"][op]) == bool(info["cuda_archs"])
+    # the sm_90 fused contrastive GEMM is built whenever its CUTLASS headers are installed and sm_90 is compiled
+    # (scripts/setup_env.sh installs them), and never without CUDA
+    sm90 = any(a.startswith("90") for a in info["cuda_archs"])
+    if sm90 and importlib.util.find_spec("cutlass_library") is not None and "CUTLASS_DIR" not in os.environ:
+        assert info["contrastive_fused_sm90"]
+    if not info["cuda_archs"]:
+        assert not info["contrastive_fused_sm90"]
 
 
 def test_fallback_without_extension():

@@ -844,3 +844,86 @@ def test_cuda_mixed_backward_matches_upcast(dtype):
     for g, w in ((gq, wq), (gk, wk)):
         err = (g.double() - w.double()).abs().max()
         assert err <= 2e-2 * w.abs().max(), (err, w.abs().max())
+
+
+FUSED_SM90 = (HAS_CUDA_KERNELS and fastloss.build_info()["contrastive_fused_sm90"]
+              and torch.cuda.get_device_capability() == (9, 0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not FUSED_SM90, reason="needs an sm_90 GPU and a build with the fused CUTLASS GEMM")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [
+    {"N": 300, "M": 300, "d": 64, "symmetric": True},                          # CLIP, tiles cut at 300
+    {"N": 4096, "M": 4096, "d": 96, "symmetric": True, "bias": True},          # several key tiles, 2 row tiles
+    {"N": 200, "M": 457, "d": 40, "positive": True},                           # InfoNCE, extra keys, d % 16 != 0
+    {"N": 129, "M": 1000, "d": 8, "positive": True, "label_smoothing": 0.1},
+    {"N": 64, "M": 64, "d": 32, "symmetric": True, "decoupled": True},
+    {"N": 1, "M": 5, "d": 16, "positive": True},
+    {"N": 260, "M": 390, "d": 24, "positive": True, "hard_negative_beta": 0.5},  # HCL: backward fused only
+    {"N": 300, "M": 300, "d": 32, "exclude_self": True},                        # NT-Xent style: backward fused only
+    {"N": 2048, "M": 2048, "d": 48, "loss": "sigmoid", "bias": True},            # SigLIP: one fused GEMM
+    {"N": 150, "M": 700, "d": 16, "loss": "sigmoid", "bias": True, "positive": True},
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_cuda_fused_matches_tile_loop(monkeypatch, dtype, case):
+    """FASTLOSS_CONTRASTIVE_FUSED=1 (CUTLASS GEMMs whose epilogues consume each 128 x 128 tile on chip: the
+    forward's partial records, the backward's t_i G_ij, SigLIP's one-pass gradient) against the cuBLAS tile loop:
+    the same losses, records and gradients up to fp32 summation order, through the forward op, the recomputing
+    backward and the one-pass gradient, without allocating the (rows x M) fp32 tile."""
+    gen = torch.Generator().manual_seed(21)
+    N, M, d = case["N"], case["M"], case["d"]
+    q = F.normalize(torch.randn(N, d, generator=gen), dim=1).to("cuda", dtype)
+    k = F.normalize(torch.randn(M, d, generator=gen), dim=1).to("cuda", dtype)
+    s = (torch.rand(N, generator=gen) * 20 + 5).cuda()
+    kw = {key: case[key] for key in ("symmetric", "label_smoothing", "decoupled", "hard_negative_beta", "loss")
+          if key in case}
+    if case.get("positive"):
+        pos = torch.randint(0, M, (N,), generator=gen).cuda()
+        pos[N // 2] = M + 7  # out of range: a NaN row, as in the tile loop
+        kw["positive"] = pos
+    if case.get("bias"):
+        kw["logit_bias"] = torch.tensor(-0.5 if case.get("loss") != "sigmoid" else -8.0, device="cuda")
+
+    def loss_fn(qq, kk, ss, **extra):
+        if case.get("exclude_self"):  # NT-Xent: 2N views, self excluded
+            return fastloss.nt_xent_loss(qq[: N // 2], qq[N // 2:], temperature=0.1, **extra)
+        return fastloss.contrastive_loss(qq, kk, logit_scale=ss, **kw, **extra)
+
+    def everything(fused):
+        monkeypatch.setenv("FASTLOSS_CONTRASTIVE_FUSED", "1" if fused else "0")
+        out = {}
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        if not case.get("exclude_self"):
+            with torch.no_grad():
+                out["fwd"] = fastloss.contrastive_loss(q, k, logit_scale=s, reduction="none", return_stats=True,
+                                                       **kw)
+        for reduction in ("none", "mean"):
+            qq, kk, ss = (x.detach().clone().requires_grad_() for x in (q, k, s))
+            loss = loss_fn(qq, kk, ss, reduction=reduction)
+            total = loss.nan_to_num().sum() if reduction == "none" else loss
+            out[reduction] = (loss.detach(), torch.autograd.grad(total, (qq, kk, ss), allow_unused=True))
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+
+    def same(a, b, tol):
+        if isinstance(a, tuple):
+            assert len(a) == len(b)
+            for x, y in zip(a, b, strict=True):
+                same(x, y, tol)
+        elif a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+
+    got, peak1 = everything(True)
+    want, peak0 = everything(False)
+    assert got.keys() == want.keys()
+    same(got.get("fwd"), want.get("fwd"), 1e-4)  # (loss, ContrastiveStats): records up to fp32 summation order
+    for key in ("none", "mean"):
+        same(got[key][0], want[key][0], 1e-4)
+        same(got[key][1], want[key][1], 2e-3)  # gradients, through fp16 / bf16 G either way
+    # the unfused passes hold a (rows x M) fp32 tile (N * M * 4 bytes here) beside the fp16 / bf16 G (N * M * 2)
+    if N * M * 4 >= 1 << 20:
+        assert peak1 < peak0 - N * M * 3, (peak1, peak0)

@@ -35,6 +35,16 @@ struct CpuBackend {
                         " is out of bounds for ", in.M, " keys");
   }
 
+  // No fused GEMMs: the CPU's tiles stay in cache between its GEMM and its epilogue.
+  template <typename T>
+  static bool fused(const Inputs&, const TileArgs<T>&, Fused) {
+    return false;
+  }
+  template <typename T>
+  static void fused_block(const Inputs&, TileArgs<T>&, Fused) {
+    TORCH_CHECK(false, "contrastive: no fused GEMM on CPU");
+  }
+
   template <typename T>
   static void fwd_tile(const TileArgs<T>& a) {
     const auto& k = kernels<T>();

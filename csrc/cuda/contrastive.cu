@@ -8,6 +8,8 @@
 // Instruction budget: a fp32 tile streams at ~1e12 logits/s, so the common pack (no special lane, finite logits)
 // folds as one group (lse_group), kinds and options are template parameters, and tiles of fp16 / bf16 features
 // take the hardware exp. forward_grad (row-wise losses): the same kernels, SigLIP fused into one read.
+// On sm_90 with FASTLOSS_CONTRASTIVE_FUSED=1 (opt-in until verified on a GPU) the blocks' GEMMs are CUTLASS GEMMs
+// whose epilogues consume the tile on chip (contrastive_sm90.cu); the kernels here then only merge their partials.
 // Reductions merge in a fixed order (no atomics): deterministic. A positive index outside [0, M) never indexes
 // memory and poisons only its own row: NaN loss, NaN dq row and dscale, a zero row of G (dk and the other rows
 // stay finite), without a host sync.
@@ -23,6 +25,12 @@
 
 #include "../contrastive_engine.h"
 #include "common.cuh"
+#if FL_HAVE_SM90_FUSED
+#include <cstdlib>
+#include <cstring>
+
+#include "contrastive_sm90.h"
+#endif
 
 namespace fastloss::contrastive {
 namespace {
@@ -41,17 +49,6 @@ template <typename O, int V>
 struct alignas(sizeof(O) * V) OutPack {
   O v[V];
 };
-
-// softplus(s) of a SigLIP negative; kFast (logits of fp16 / bf16 features, float): the hardware exp and the
-// log1p_unit polynomial instead of two accurate libm calls.
-template <bool kFast, typename T>
-__device__ __forceinline__ T negative_softplus(T s) {
-  if constexpr (kFast && std::is_same_v<T, float>) {
-    return (s > 0.0f ? s : 0.0f) + log1p_unit(fl_exp_if_fast<true>(s > 0.0f ? -s : s));
-  } else {
-    return softplus(s);
-  }
-}
 
 // One block per tile row. A 16-byte pack without the row's positive or excluded self and with finite logits
 // (nearly every pack) folds as one group (lse_group: one exp per lane and one rescale, no per-lane selects or
@@ -332,6 +329,108 @@ __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   }
 }
 
+#if FL_HAVE_SM90_FUSED
+// The fused GEMMs (contrastive_sm90.cu) leave partial records per (row or column, tile); these kernels merge a
+// block's partials in tile order. One warp per row folds its row's partials over the key tiles (lane l takes
+// tiles l, l + 32, ..., then a fixed butterfly) and finishes the row as row_fwd_kernel does.
+constexpr int kMergeWarps = 8;
+
+__global__ void __launch_bounds__(kMergeWarps * cuda::kWarp)
+    merge_row_parts_kernel(TileArgs<float> a, const float* __restrict__ part, int64_t n_tiles) {
+  const int lane = threadIdx.x % cuda::kWarp;
+  const int64_t r = int64_t(blockIdx.x) * kMergeWarps + threadIdx.x / cuda::kWarp;
+  if (r >= a.rows) return;  // whole warps leave together: the shuffles below stay full-warp
+  Acc<float> acc = Acc<float>::empty();
+  for (int64_t n = lane; n < n_tiles; n += cuda::kWarp)
+    acc.merge(acc_of_line(part + (n * a.rows + r) * kLineStats), 1.0f, 0.0f, false);
+#pragma unroll
+  for (int off = cuda::kWarp / 2; off > 0; off /= 2) acc.merge(cuda::shfl_xor(acc, off), 1.0f, 0.0f, false);
+  if (lane != 0) return;
+  const int64_t i = a.row0 + r;
+  float* st = a.row_stats + i * kStats;
+  if (a.bad_positive(a.positive_of(i))) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (int k = 0; k < kStats; ++k) st[k] = nan;
+    a.row_loss[i] = nan;
+    return;
+  }
+  a.row_loss[i] = finish_row(kSoftmax, acc, float(a.M - 1), st, a.p);
+}
+
+// Symmetric: each column's partials over the block's row tiles, in order, into its running record.
+__global__ void merge_column_parts_kernel(TileArgs<float> a, const float* __restrict__ part, int64_t m_tiles) {
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= a.M) return;
+  float* st = a.col_stats + j * kStats;
+  Acc<float> run = Acc<float>::from_record(st);
+  for (int64_t m = 0; m < m_tiles; ++m) run.merge(acc_of_line(part + (m * a.M + j) * kLineStats), 1.0f, 0.0f, false);
+  run.to_record(st, 0.0f);  // kCount is set by finalize_column
+}
+
+// The backward's partial d scale / d bias sums (and, kFwd, SigLIP's forward records) over the key tiles, as
+// merge_row_parts_kernel; a row with an out-of-range positive gets NaN there, as in row_bwd_kernel.
+template <bool kFwd>
+__global__ void __launch_bounds__(kMergeWarps * cuda::kWarp)
+    merge_grad_parts_kernel(TileArgs<float> a, const float* __restrict__ part, int64_t n_tiles) {
+  struct State {
+    float dscale, dbias;
+    Acc<float> fwd;
+  };
+  const int lane = threadIdx.x % cuda::kWarp;
+  const int64_t r = int64_t(blockIdx.x) * kMergeWarps + threadIdx.x / cuda::kWarp;
+  if (r >= a.rows) return;
+  State st{0.0f, 0.0f, Acc<float>::empty()};
+  auto merge = [](State& u, const State& w) {
+    u.dscale += w.dscale;
+    u.dbias += w.dbias;
+    if constexpr (kFwd) u.fwd.merge(w.fwd, 1.0f, 0.0f, false);
+  };
+  for (int64_t n = lane; n < n_tiles; n += cuda::kWarp) {
+    const float* pt = part + (n * a.rows + r) * sm90::kGradPart;
+    State w{pt[0], pt[1], Acc<float>::empty()};
+    if constexpr (kFwd) w.fwd = Acc<float>{pt[2], pt[3], 0.0f, pt[4], 0.0f, 0.0f, pt[5]};
+    merge(st, w);
+  }
+#pragma unroll
+  for (int off = cuda::kWarp / 2; off > 0; off /= 2) merge(st, cuda::shfl_xor(st, off));
+  if (lane != 0) return;
+  const int64_t i = a.row0 + r;
+  const int64_t p = a.positive_of(i);
+  if (a.bad_positive(p)) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    a.dscale[i] = a.dbias_rows[i] = nan;
+    if constexpr (kFwd) {
+      for (int k = 0; k < kStats; ++k) a.row_stats[i * kStats + k] = nan;
+      a.row_loss[i] = nan;
+    }
+    return;
+  }
+  a.dscale[i] = st.dscale;
+  a.dbias_rows[i] = st.dbias;
+  if constexpr (kFwd) {
+    const int64_t self = a.self_lane(i, p);
+    a.row_loss[i] = finish_row(kSigmoid, st.fwd, float(a.M - 1 - (self >= 0 ? 1 : 0)), a.row_stats + i * kStats,
+                               a.p);
+  }
+}
+
+// Opt-in until a GPU run has verified it: FASTLOSS_CONTRASTIVE_FUSED=1.
+bool fused_wanted() {
+  const char* env = std::getenv("FASTLOSS_CONTRASTIVE_FUSED");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// SM count of the current device if it is an sm_90 part (sm_90a code runs there only), else 0.
+int sm90_multiprocessors() {
+  int dev = 0, major = 0, minor = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return major == 9 && minor == 0 ? sms : 0;
+}
+#endif
+
 // dq rows of out-of-range positives: NaN (their G rows were zeroed, so the GEMM left them finite).
 template <typename T>
 __global__ void nan_bad_rows_kernel(T* dq, const int64_t* positive, int64_t M, int64_t d) {
@@ -351,6 +450,74 @@ struct CudaBackend {
   static constexpr bool kMixedGemm = true;  // fp16/bf16 features: tensor-core GEMMs, fp32 accumulate and output
 
   static void check_positive(const Inputs&) {}  // no host sync: a bad index makes its row NaN
+
+  // The sm_90 fused GEMMs (contrastive_sm90.cu; opt-in while unverified): fp16 / bf16 features on an sm_90
+  // device, d % 8 == 0. kFold: the plain softmax (CLIP, InfoNCE, DCL, label smoothing; not HCL or self
+  // exclusion); kGrad: softmax and sigmoid with every option; kGradFwd: sigmoid. Not SupCon (labels per lane).
+  template <typename T>
+  static bool fused(const Inputs& in, const TileArgs<T>& a, Fused f) {
+#if FL_HAVE_SM90_FUSED
+    if constexpr (std::is_same_v<T, float>) {
+      if (!fused_wanted() || !in.mixed || a.kind == kSupCon) return false;
+      if (f == Fused::kFold && (a.kind != kSoftmax || a.p.hcl() || a.exclude_self)) return false;
+      if (f == Fused::kGradFwd && a.kind != kSigmoid) return false;
+      if (sm90_multiprocessors() == 0) return false;
+      return sm90::supported(operands(in, 0), in.rows, in.M);
+    }
+#endif
+    (void)in;
+    (void)a;
+    (void)f;
+    return false;
+  }
+
+  // One block (a.row0, a.rows) through the fused GEMM, then its partials merged in tile order.
+  template <typename T>
+  static void fused_block(const Inputs& in, TileArgs<T>& a, Fused f) {
+#if FL_HAVE_SM90_FUSED
+    if constexpr (std::is_same_v<T, float>) {
+      const auto opts = in.scale.options();
+      const int64_t n_tiles = (in.M + sm90::kTileN - 1) / sm90::kTileN;
+      const int64_t m_tiles = (a.rows + sm90::kTileM - 1) / sm90::kTileM;
+      const bool fold = f == Fused::kFold;
+      at::Tensor row_part = at::empty({n_tiles, a.rows, fold ? kLineStats : sm90::kGradPart}, opts);
+      at::Tensor col_part = at::empty({fold && a.symmetric ? m_tiles : 0, in.M, kLineStats}, opts);
+      const sm90::Epi e = fold ? sm90::Epi::kFold : f == Fused::kGrad ? sm90::Epi::kGrad : sm90::Epi::kGradFwd;
+      const sm90::Problem p{operands(in, a.row0), a, row_part.data_ptr<float>(),
+                            col_part.numel() ? col_part.data_ptr<float>() : nullptr};
+      const int sms = sm90_multiprocessors();
+      at::Tensor ws = at::empty({int64_t(sm90::workspace_bytes(e, p, sms)) + 1}, opts.dtype(at::kByte));
+      TORCH_CHECK(sm90::run(e, p, ws.data_ptr(), sms, stream()), "contrastive: the fused sm_90 GEMM failed to launch");
+      const unsigned row_blocks = blocks_for(a.rows, kMergeWarps), threads = kMergeWarps * cuda::kWarp;
+      if (fold) {
+        merge_row_parts_kernel<<<row_blocks, threads, 0, stream()>>>(a, p.row_part, n_tiles);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (a.symmetric) {
+          merge_column_parts_kernel<<<blocks_for(in.M, kThreads), kThreads, 0, stream()>>>(a, p.col_part, m_tiles);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      } else if (f == Fused::kGrad) {
+        merge_grad_parts_kernel<false><<<row_blocks, threads, 0, stream()>>>(a, p.row_part, n_tiles);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        merge_grad_parts_kernel<true><<<row_blocks, threads, 0, stream()>>>(a, p.row_part, n_tiles);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
+    }
+#endif
+    (void)in;
+    (void)a;
+    (void)f;
+    TORCH_CHECK(false, "contrastive: this build has no fused sm_90 GEMM");
+  }
+
+#if FL_HAVE_SM90_FUSED
+  static sm90::Operands operands(const Inputs& in, int64_t row0) {
+    const char* q = static_cast<const char*>(in.q.data_ptr()) + row0 * in.d * int64_t(in.q.element_size());
+    return {q, in.k.data_ptr(), in.q.scalar_type() == at::kBFloat16, in.d};
+  }
+#endif
 
   template <typename T, int K, bool kHcl, bool kFast>
   static void launch_fwd(const TileArgs<T>& a) {

@@ -71,6 +71,8 @@ def build_info(version: str) -> dict:
         "cuda_archs": [a for a in _C.cuda_archs.split(",") if a] if AVAILABLE else [],
         "cpu_isas": _C.cpu_isas.split(",") if AVAILABLE else [],
         "cpu_isa": _C.cpu_isa if AVAILABLE else None,  # the one in use (FASTLOSS_CPU_ISA=base forces the baseline)
+        # the contrastive forward's fused GEMM + fold for sm_90 (CUTLASS), used when FASTLOSS_CONTRASTIVE_FUSED=1
+        "contrastive_fused_sm90": bool(getattr(_C, "contrastive_fused_sm90", 0)) if AVAILABLE else False,
         "ops": {op: [d for d in _DEVICE_KEYS if has_kernel(op, d)] for op in OPS},
     }
     return info

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -70,9 +71,91 @@ int check_all(double rtol) {
   return fails;
 }
 
+// The fused GEMM epilogue's partials (fold_line per row and per column of each tile, merged in tile order with
+// Acc::merge) against one lane-wise fold of the whole row / column: rows with a positive key anywhere (or out of
+// range), columns with the diagonal as positive, tiles that do not divide the matrix, -inf lanes.
+template <typename T>
+int check_tiles(double rtol) {
+  using fastloss::contrastive::Acc;
+  using fastloss::contrastive::acc_of_line;
+  using fastloss::contrastive::fold_line;
+  using fastloss::contrastive::kLineStats;
+  using fastloss::contrastive::store_line;
+  std::mt19937 gen(5);
+  std::normal_distribution<double> normal(0.0, 3.0);
+  int fails = 0;
+  const int shapes[][4] = {{37, 53, 8, 16}, {64, 64, 16, 16}, {20, 130, 7, 9}, {9, 9, 128, 128}, {33, 17, 32, 8}};
+  for (const auto& sh : shapes) {
+    const int R = sh[0], C = sh[1], tr = sh[2], tc = sh[3];
+    std::vector<T> x(size_t(R) * C), t(R);
+    std::vector<int64_t> pos(R);
+    for (auto& v : x) v = T(normal(gen));
+    for (int i = 0; i < R; ++i) {
+      t[i] = T(0.5 + (gen() % 100) / 25.0);
+      pos[i] = i % 5 == 4 ? int64_t(C + 3) : int64_t(gen() % C);  // every 5th row: positive out of range
+    }
+    if (R > 3 && C > 3) x[3 * C + 2] = -std::numeric_limits<T>::infinity();  // a masked lane
+    const T b = T(-1.25);
+    std::vector<T> row_part(size_t((C + tc - 1) / tc) * R * kLineStats);
+    std::vector<T> col_part(size_t((R + tr - 1) / tr) * C * kLineStats);
+    for (int r0 = 0; r0 < R; r0 += tr)
+      for (int c0 = 0; c0 < C; c0 += tc) {
+        const int rh = std::min(tr, R - r0), ch = std::min(tc, C - c0);
+        for (int r = 0; r < rh; ++r) {
+          const T ti = t[r0 + r];
+          auto acc = fold_line<false>(&x[size_t(r0 + r) * C + c0], 1, ch, [ti](int) { return ti; }, b,
+                                      pos[r0 + r] - c0);
+          store_line(acc, &row_part[(size_t(c0 / tc) * R + r0 + r) * kLineStats]);
+        }
+        for (int c = 0; c < ch; ++c) {
+          auto acc = fold_line<false>(&x[size_t(r0) * C + c0 + c], C, rh, [&](int r) { return t[r0 + r]; }, b,
+                                      int64_t(c0 + c) - r0);
+          store_line(acc, &col_part[(size_t(r0 / tr) * C + c0 + c) * kLineStats]);
+        }
+      }
+    auto same = [&](const Acc<T>& got, const Acc<T>& want, const char* what, int idx) {
+      if (got.m == want.m && got.pos == want.pos && close(got.dA, want.dA, rtol) &&
+          (got.sum == want.sum || close(got.sum, want.sum, rtol)))  // a -inf lane makes both sums -inf
+        return 0;
+      std::printf("FAIL tile partials %s %d (%dx%d, tiles %dx%d): m %g/%g dA %.17g/%.17g pos %g/%g sum %g/%g\n", what,
+                  idx, R, C, tr, tc, double(got.m), double(want.m), double(got.dA), double(want.dA),
+                  double(got.pos), double(want.pos), double(got.sum), double(want.sum));
+      return 1;
+    };
+    for (int i = 0; i < R; ++i) {
+      Acc<T> want = Acc<T>::empty(), got = Acc<T>::empty();
+      for (int j = 0; j < C; ++j) {
+        const T s = t[i] * x[size_t(i) * C + j] + b;
+        want.sum += s;
+        if (j == pos[i])
+          want.pos = s;
+        else
+          want.push(s, T(1), T(0), false);
+      }
+      for (int n = 0; n * tc < C; ++n) got.merge(acc_of_line(&row_part[(size_t(n) * R + i) * kLineStats]), T(1), T(0), false);
+      fails += same(got, want, "row", i);
+    }
+    for (int j = 0; j < C; ++j) {
+      Acc<T> want = Acc<T>::empty(), got = Acc<T>::empty();
+      for (int i = 0; i < R; ++i) {
+        const T s = t[i] * x[size_t(i) * C + j] + b;
+        want.sum += s;
+        if (i == j)
+          want.pos = s;
+        else
+          want.push(s, T(1), T(0), false);
+      }
+      for (int m = 0; m * tr < R; ++m) got.merge(acc_of_line(&col_part[(size_t(m) * C + j) * kLineStats]), T(1), T(0), false);
+      fails += same(got, want, "column", j);
+    }
+  }
+  return fails;
+}
+
 // fp32: both orders round ~300 exps and sums (a few 1e-6 apart); fp64 shows the maths is the same.
 int main() {
-  const int fails = check_all<float>(1e-5) + check_all<double>(1e-13);
+  const int fails = check_all<float>(1e-5) + check_all<double>(1e-13) + check_tiles<float>(1e-5) +
+                    check_tiles<double>(1e-13);
   if (fails) {
     std::printf("%d failures\n", fails);
     return 1;

@@ -63,6 +63,17 @@ FL_HD FL_INLINE T sigmoid(T x) {
   return x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
+// softplus(s) of a SigLIP negative; kFast (logits of fp16 / bf16 features, float): the hardware exp and the
+// log1p_unit polynomial instead of two accurate libm calls.
+template <bool kFast, typename T>
+FL_HD FL_INLINE T negative_softplus(T s) {
+  if constexpr (kFast && std::is_same_v<T, float>) {
+    return (s > 0.0f ? s : 0.0f) + log1p_unit(fl_exp_if_fast<true>(s > 0.0f ? -s : s));
+  } else {
+    return softplus(s);
+  }
+}
+
 // Folds a part (om, oA, oB) -- a max and the sums exp(a (s - om)), exp(beta (s - om)) over its lanes -- into
 // (m, dA, dB); one lane s is the part (s, 1, 1). Branch-free (selects only), one exp per sum: the smaller max is
 // rescaled to the larger. A -inf part (a masked lane, an empty state) changes nothing; NaN poisons the sums.
@@ -154,6 +165,60 @@ struct Acc {
     st[kCount] = count;
   }
 };
+
+// Fused GEMM epilogue (CUDA sm_90, csrc/cuda/contrastive_sm90.cu): a tile of raw dot products that never leaves
+// the chip is reduced to one partial record per row and per column, (m, dA, pos, sum) as in Acc, for the plain
+// softmax kind (no HCL, no SupCon, no self exclusion). Partials merge with Acc::merge in tile order.
+constexpr int kLineStats = 4;
+
+template <typename T>
+FL_HD FL_INLINE Acc<T> acc_of_line(const T* part) {
+  return {part[0], part[1], T(0), part[2], part[3], T(0), T(0)};
+}
+
+// Folds one line (a row or a column) of n raw products x[k * stride]: s_k = scale(k) * x + b; lane pos_lane (any
+// value; outside [0, n) means the positive lies in another tile) is the positive, every other lane a negative.
+// Whole finite groups of 8 negatives fold at once (lse_group), the rest lane by lane: the CUDA row epilogue's maths.
+template <bool kFast, typename T, typename Scale>
+FL_HD FL_INLINE Acc<T> fold_line(const T* x, int64_t stride, int n, Scale&& scale, T b, int64_t pos_lane) {
+  constexpr int G = 8;
+  Acc<T> acc = Acc<T>::empty();
+  auto lane = [&](int k, T s) {
+    acc.sum += s;
+    if (k == pos_lane)
+      acc.pos = s;
+    else
+      acc.push(s, T(1), T(0), false);
+  };
+  int k = 0;
+  for (; k + G <= n; k += G) {
+    T s[G];
+#pragma unroll
+    for (int v = 0; v < G; ++v) s[v] = scale(k + v) * x[int64_t(k + v) * stride] + b;
+    if (uint64_t(pos_lane - k) >= uint64_t(G)) {
+      T oA, oB;
+      const T gm = lse_group<false, kFast>(s, T(1), T(0), oA, oB);
+      if (gm > neg_inf<T>() && gm < pos_inf<T>()) {  // NaN or infinite lanes: lane by lane below
+#pragma unroll
+        for (int v = 0; v < G; ++v) acc.sum += s[v];
+        lse_fold<false>(acc.m, acc.dA, acc.dB, gm, oA, oB, T(1), T(0));
+        continue;
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < G; ++v) lane(k + v, s[v]);
+  }
+  for (; k < n; ++k) lane(k, scale(k) * x[int64_t(k) * stride] + b);
+  return acc;
+}
+
+template <typename T>
+FL_HD FL_INLINE void store_line(const Acc<T>& acc, T* part) {
+  part[0] = acc.m;
+  part[1] = acc.dA;
+  part[2] = acc.pos;
+  part[3] = acc.sum;
+}
 
 // log-mass n of the negatives: LSE_A, or with HCL (Nn sum e^{a s} / sum e^{beta s}) in log space.
 template <typename T>
