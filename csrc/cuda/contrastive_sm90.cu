@@ -66,7 +66,7 @@ class TileEpilogue {
     return true;
   }
 
-  CUTLASS_HOST_DEVICE explicit TileEpilogue(Params const& p, SharedStorage const& = SharedStorage()) : prob(p) {}
+  CUTLASS_HOST_DEVICE explicit TileEpilogue(Params const& p) : prob(p) {}  // the adapter passes the params only
 
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
             class TiledMma, class ResidueMNK>
