@@ -23,6 +23,8 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -151,6 +153,23 @@ TileArgs<T> base_args(const Inputs& in, const Options& o) {
 // needed first).
 enum class Fused { kFold, kGrad, kGradFwd };
 
+// The fused GEMMs are opt-in until a GPU run has verified them: FASTLOSS_CONTRASTIVE_FUSED=1 (read per call). On
+// CPU the same variable runs their twin (the same tiles, partials and merges, for tests).
+inline bool fused_gemm_wanted() {
+  const char* env = std::getenv("FASTLOSS_CONTRASTIVE_FUSED");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// Which problems the fused GEMMs take (both backends): not SupCon (labels per lane); the forward fold only the
+// plain softmax (no HCL, no self exclusion); the one-pass kGradFwd only the sigmoid loss.
+template <typename T>
+bool fused_kind_ok(const TileArgs<T>& a, Fused f) {
+  if (a.kind == kSupCon) return false;
+  if (f == Fused::kFold) return a.kind == kSoftmax && !a.p.hcl() && !a.exclude_self;
+  if (f == Fused::kGradFwd) return a.kind == kSigmoid;
+  return true;
+}
+
 // Visits the blocks of query rows [r0, r0 + rb): step(a) with a.row0 / a.rows set.
 template <typename T, typename Step>
 void for_each_block(const Inputs& in, TileArgs<T>& a, Step&& step) {
@@ -207,6 +226,14 @@ struct GradWork {
   template <typename T>
   void point_grad_out(const Inputs& in, TileArgs<T>& a) {
     a.grad_out = in.mixed ? gbuf.data_ptr() : static_cast<void*>(a.tile);
+  }
+
+  // A fused block writes t_i G_ij where the GEMMs below read it: the fp16 / bf16 buffer, or (fp32 / fp64 features,
+  // the CPU twin) the tile, whose S the fused block computes itself.
+  template <typename T>
+  void point_fused_grad_out(const Inputs& in, TileArgs<T>& a) {
+    if (!in.mixed) a.tile = tile_buffer(in).template data_ptr<T>();
+    point_grad_out(in, a);
   }
 
   // After the epilogue wrote t_i G_ij of the block: its dq rows = G K, and dk += Gᵀ Q_block.
@@ -304,10 +331,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                  Backend::template fused<scalar_t>(in, a, Fused::kGrad);
     for_each_block(in, a, [&](TileArgs<scalar_t>& b) {
       if (fused && sig) {
-        w.point_grad_out(in, b);
+        w.point_fused_grad_out(in, b);
         Backend::template fused_block<scalar_t>(in, b, Fused::kGradFwd);
       } else if (fused) {
-        w.point_grad_out(in, b);
+        w.point_fused_grad_out(in, b);
         Backend::template fused_block<scalar_t>(in, b, Fused::kFold);
         Backend::template coefs<scalar_t>(b.kind, b.row_stats + b.row0 * kStats, nullptr, b.rows, b.p,
                                           b.row_coef + b.row0, b.N);
@@ -361,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const bool fused = Backend::template fused<scalar_t>(in, a, Fused::kGrad);
     for_each_block(in, a, [&](TileArgs<scalar_t>& b) {  // t_i * G_ij (dq = that @ K, dk += its transpose @ Q)
       if (fused) {
-        w.point_grad_out(in, b);
+        w.point_fused_grad_out(in, b);
         Backend::template fused_block<scalar_t>(in, b, Fused::kGrad);
       } else {
         gemm_block(in, w.tile_buffer(in), b);

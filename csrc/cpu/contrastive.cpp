@@ -2,7 +2,10 @@
 // contrastive_kernels.cpp, compiled per instruction set (baseline, AVX2 + FMA) and picked at run time; they run
 // here under at::parallel_for over the rows of a tile (over column chunks for the column statistics).
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "../contrastive_engine.h"
 #include "contrastive_kernels.h"
@@ -35,14 +38,95 @@ struct CpuBackend {
                         " is out of bounds for ", in.M, " keys");
   }
 
-  // No fused GEMMs: the CPU's tiles stay in cache between its GEMM and its epilogue.
+  // The twin of the sm_90 fused GEMMs (csrc/cuda/contrastive_sm90.cu), taken only with
+  // FASTLOSS_CONTRASTIVE_FUSED=1: the same 128 x 128 tiles of the block's S, the same per-line partials (fold_line,
+  // grad_line) and the same merges in tile order, so that the CPU tests check the fused path's maths and the
+  // engine's fused orchestration without a GPU. Slower than the tile loop above (scalar lines, no AVX2 epilogue):
+  // the CPU's own tiles stay in cache between its GEMM and its epilogue anyway.
   template <typename T>
-  static bool fused(const Inputs&, const TileArgs<T>&, Fused) {
-    return false;
+  static bool fused(const Inputs&, const TileArgs<T>& a, Fused f) {
+    return fused_gemm_wanted() && fused_kind_ok(a, f);
   }
+
   template <typename T>
-  static void fused_block(const Inputs&, TileArgs<T>&, Fused) {
-    TORCH_CHECK(false, "contrastive: no fused GEMM on CPU");
+  static void fused_block(const Inputs& in, TileArgs<T>& a, Fused f) {
+    constexpr int TM = kFusedTileM, TN = kFusedTileN;
+    const int64_t rows = a.rows, M = in.M, n_tiles = (M + TN - 1) / TN, m_tiles = (rows + TM - 1) / TM;
+    // S of the block: into the tile that t_i G_ij overwrites (the gradient modes), else into a temporary
+    at::Tensor s = f == Fused::kFold ? at::empty({rows, M}, in.scale.options())
+                                     : at::from_blob(a.grad_out, {rows, M}, in.scale.options());
+    TORCH_CHECK(f == Fused::kFold || a.grad_kind == kGradInPlace, "contrastive: the CPU twin writes G in place");
+    in.gemm(s, in.q.narrow(0, a.row0, rows), in.k.t());
+    T* S = s.data_ptr<T>();
+    const T b = a.bias_value();
+    if (f == Fused::kFold) {
+      std::vector<T> row_part(size_t(n_tiles * rows * kLineStats)), col_part(a.symmetric ? size_t(m_tiles * M * kLineStats) : 0);
+      at::parallel_for(0, m_tiles, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t mt = lo; mt < hi; ++mt)
+          for (int64_t nt = 0; nt < n_tiles; ++nt) {
+            const int64_t r0 = mt * TM, c0 = nt * TN;
+            const int rh = int(std::min<int64_t>(TM, rows - r0)), ch = int(std::min<int64_t>(TN, M - c0));
+            for (int r = 0; r < rh; ++r) {
+              const int64_t i = a.row0 + r0 + r;
+              const T ti = a.scale[i];
+              store_line(fold_line<false>(S + (r0 + r) * M + c0, 1, ch, [ti](int) { return ti; }, b,
+                                          a.positive_of(i) - c0),
+                         &row_part[size_t((nt * rows + r0 + r) * kLineStats)]);
+            }
+            if (a.symmetric)
+              for (int c = 0; c < ch; ++c) {
+                const int64_t j = c0 + c;
+                store_line(fold_line<false>(S + r0 * M + j, M, rh, [&](int r) { return a.scale[a.row0 + r0 + r]; },
+                                            b, j - (a.row0 + r0)),
+                           &col_part[size_t((mt * M + j) * kLineStats)]);
+              }
+          }
+      });
+      for (int64_t r = 0; r < rows; ++r) {
+        Acc<T> acc = Acc<T>::empty();
+        for (int64_t nt = 0; nt < n_tiles; ++nt)
+          acc.merge(acc_of_line(&row_part[size_t((nt * rows + r) * kLineStats)]), T(1), T(0), false);
+        finish_fold_row(a, a.row0 + r, acc);
+      }
+      if (a.symmetric)
+        for (int64_t j = 0; j < M; ++j) {
+          T* st = a.col_stats + j * kStats;
+          Acc<T> run = Acc<T>::from_record(st);
+          for (int64_t mt = 0; mt < m_tiles; ++mt)
+            run.merge(acc_of_line(&col_part[size_t((mt * M + j) * kLineStats)]), T(1), T(0), false);
+          run.to_record(st, T(0));
+        }
+      return;
+    }
+    const bool fwd = f == Fused::kGradFwd;
+    std::vector<T> part(size_t(n_tiles * rows * kGradPart));
+    at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r)
+        for (int64_t nt = 0; nt < n_tiles; ++nt) {
+          const int64_t c0 = nt * TN, i = a.row0 + r;
+          const int ch = int(std::min<int64_t>(TN, M - c0));
+          T* x = S + r * M + c0;
+          T* pt = &part[size_t((nt * rows + r) * kGradPart)];
+          if (fwd)
+            grad_line<false, true>(x, ch, c0, i, a.scale[i], a, pt);
+          else
+            grad_line<false, false>(x, ch, c0, i, a.scale[i], a, pt);
+        }
+    });
+    for (int64_t r = 0; r < rows; ++r) {
+      T dscale = T(0), dbias = T(0);
+      Acc<T> acc = Acc<T>::empty();
+      for (int64_t nt = 0; nt < n_tiles; ++nt) {
+        const T* pt = &part[size_t((nt * rows + r) * kGradPart)];
+        dscale += pt[0];
+        dbias += pt[1];
+        if (fwd) acc.merge(fwd_of_grad_part(pt), T(1), T(0), false);
+      }
+      if (fwd)
+        finish_grad_row<true>(a, a.row0 + r, dscale, dbias, acc);
+      else
+        finish_grad_row<false>(a, a.row0 + r, dscale, dbias, acc);
+    }
   }
 
   template <typename T>

@@ -26,9 +26,6 @@
 #include "../contrastive_engine.h"
 #include "common.cuh"
 #if FL_HAVE_SM90_FUSED
-#include <cstdlib>
-#include <cstring>
-
 #include "contrastive_sm90.h"
 #endif
 
@@ -345,16 +342,7 @@ __global__ void __launch_bounds__(kMergeWarps * cuda::kWarp)
     acc.merge(acc_of_line(part + (n * a.rows + r) * kLineStats), 1.0f, 0.0f, false);
 #pragma unroll
   for (int off = cuda::kWarp / 2; off > 0; off /= 2) acc.merge(cuda::shfl_xor(acc, off), 1.0f, 0.0f, false);
-  if (lane != 0) return;
-  const int64_t i = a.row0 + r;
-  float* st = a.row_stats + i * kStats;
-  if (a.bad_positive(a.positive_of(i))) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    for (int k = 0; k < kStats; ++k) st[k] = nan;
-    a.row_loss[i] = nan;
-    return;
-  }
-  a.row_loss[i] = finish_row(kSoftmax, acc, float(a.M - 1), st, a.p);
+  if (lane == 0) finish_fold_row(a, a.row0 + r, acc);
 }
 
 // Symmetric: each column's partials over the block's row tiles, in order, into its running record.
@@ -386,38 +374,14 @@ __global__ void __launch_bounds__(kMergeWarps * cuda::kWarp)
     if constexpr (kFwd) u.fwd.merge(w.fwd, 1.0f, 0.0f, false);
   };
   for (int64_t n = lane; n < n_tiles; n += cuda::kWarp) {
-    const float* pt = part + (n * a.rows + r) * sm90::kGradPart;
+    const float* pt = part + (n * a.rows + r) * kGradPart;
     State w{pt[0], pt[1], Acc<float>::empty()};
-    if constexpr (kFwd) w.fwd = Acc<float>{pt[2], pt[3], 0.0f, pt[4], 0.0f, 0.0f, pt[5]};
+    if constexpr (kFwd) w.fwd = fwd_of_grad_part(pt);
     merge(st, w);
   }
 #pragma unroll
   for (int off = cuda::kWarp / 2; off > 0; off /= 2) merge(st, cuda::shfl_xor(st, off));
-  if (lane != 0) return;
-  const int64_t i = a.row0 + r;
-  const int64_t p = a.positive_of(i);
-  if (a.bad_positive(p)) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    a.dscale[i] = a.dbias_rows[i] = nan;
-    if constexpr (kFwd) {
-      for (int k = 0; k < kStats; ++k) a.row_stats[i * kStats + k] = nan;
-      a.row_loss[i] = nan;
-    }
-    return;
-  }
-  a.dscale[i] = st.dscale;
-  a.dbias_rows[i] = st.dbias;
-  if constexpr (kFwd) {
-    const int64_t self = a.self_lane(i, p);
-    a.row_loss[i] = finish_row(kSigmoid, st.fwd, float(a.M - 1 - (self >= 0 ? 1 : 0)), a.row_stats + i * kStats,
-                               a.p);
-  }
-}
-
-// Opt-in until a GPU run has verified it: FASTLOSS_CONTRASTIVE_FUSED=1.
-bool fused_wanted() {
-  const char* env = std::getenv("FASTLOSS_CONTRASTIVE_FUSED");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  if (lane == 0) finish_grad_row<kFwd>(a, a.row0 + r, st.dscale, st.dbias, st.fwd);
 }
 
 // SM count of the current device if it is an sm_90 part (sm_90a code runs there only), else 0.
@@ -458,10 +422,7 @@ struct CudaBackend {
   static bool fused(const Inputs& in, const TileArgs<T>& a, Fused f) {
 #if FL_HAVE_SM90_FUSED
     if constexpr (std::is_same_v<T, float>) {
-      if (!fused_wanted() || !in.mixed || a.kind == kSupCon) return false;
-      if (f == Fused::kFold && (a.kind != kSoftmax || a.p.hcl() || a.exclude_self)) return false;
-      if (f == Fused::kGradFwd && a.kind != kSigmoid) return false;
-      if (sm90_multiprocessors() == 0) return false;
+      if (!fused_gemm_wanted() || !in.mixed || !fused_kind_ok(a, f) || sm90_multiprocessors() == 0) return false;
       return sm90::supported(operands(in, 0), in.rows, in.M);
     }
 #endif
@@ -480,7 +441,7 @@ struct CudaBackend {
       const int64_t n_tiles = (in.M + sm90::kTileN - 1) / sm90::kTileN;
       const int64_t m_tiles = (a.rows + sm90::kTileM - 1) / sm90::kTileM;
       const bool fold = f == Fused::kFold;
-      at::Tensor row_part = at::empty({n_tiles, a.rows, fold ? kLineStats : sm90::kGradPart}, opts);
+      at::Tensor row_part = at::empty({n_tiles, a.rows, fold ? kLineStats : kGradPart}, opts);
       at::Tensor col_part = at::empty({fold && a.symmetric ? m_tiles : 0, in.M, kLineStats}, opts);
       const sm90::Epi e = fold ? sm90::Epi::kFold : f == Fused::kGrad ? sm90::Epi::kGrad : sm90::Epi::kGradFwd;
       const sm90::Problem p{operands(in, a.row0), a, row_part.data_ptr<float>(),

@@ -94,8 +94,8 @@ class TileEpilogue {
     const cutlass::arch::NamedBarrier group(kTileM, cutlass::canonical_warp_group_idx());
     group.arrive_and_wait();
 
-    const float b = a.bias_value();
     if constexpr (E == Epi::kFold) {
+      const float b = a.bias_value();
       if (t < rows_here) {  // row t: its positive is key positive[i] (maybe in another tile)
         const float ti = sm.scale[t];
         const Acc<float> acc = fold_line<true>(&sm.tile[t * kLd], 1, cols_here, [ti](int) { return ti; }, b,
@@ -109,7 +109,9 @@ class TileEpilogue {
         store_line(acc, prob.col_part + (mt * a.M + j) * kLineStats);
       }
     } else {
-      if (t < rows_here) grad_row(sm, t, tile_r0, tile_c0, cols_here, b, nt);
+      if (t < rows_here)  // row t: t_i G_ij in place of its raw products, and its partial sums
+        grad_line<true, E == Epi::kGradFwd>(&sm.tile[t * kLd], cols_here, tile_c0, a.row0 + tile_r0 + t,
+                                            sm.scale[t], a, prob.row_part + (nt * a.rows + tile_r0 + t) * kGradPart);
       group.arrive_and_wait();  // every row's t_i G_ij is in shared memory: write them out, a row per step
       if (t < cols_here) {
         O* out = static_cast<O*>(a.grad_out) + tile_r0 * a.M + tile_c0 + t;
@@ -119,59 +121,6 @@ class TileEpilogue {
   }
 
  private:
-  // Row r of the tile in the backward: t_i G_ij over its lanes into shared memory (in place of the raw products),
-  // the row's partial d scale = sum_j G_ij <q_i, k_j> and d bias = sum_j G_ij, and with kGradFwd the row's partial
-  // SigLIP record. The lane maths is row_bwd_kernel's (lane_grad, column_lane_grad).
-  CUTLASS_DEVICE void grad_row(SharedStorage& sm, int r, int64_t tile_r0, int64_t tile_c0, int cols_here, float b,
-                               int64_t nt) const {
-    constexpr bool kFwd = E == Epi::kGradFwd;
-    const TileArgs<float>& a = prob.a;
-    const int64_t i = a.row0 + tile_r0 + r;
-    const int64_t p = a.positive_of(i);
-    const bool bad = a.bad_positive(p);  // no G from this row; the merge makes its d scale / d bias NaN
-    const int64_t self = a.self_lane(i, p);
-    const float ti = sm.scale[r];
-    float rc[kCoefs];
-    if constexpr (kFwd)
-      make_coef(kSigmoid, static_cast<const float*>(nullptr), 1.0f, a.p, rc);  // reads no record
-    else
-      load_coef(a.row_coef, a.N, i, rc);
-    float dscale = 0.0f, dbias = 0.0f;
-    Acc<float> fwd = Acc<float>::empty();
-    float* x = &sm.tile[r * kLd];
-    for (int c = 0; c < cols_here; ++c) {
-      const int64_t j = tile_c0 + c;
-      const float raw = x[c], s = ti * raw + b;
-      const bool is_self = j == self, is_pos = j == p;
-      float g = lane_grad<true>(a.kind, s, is_pos, is_self, rc, a.p);
-      if (a.symmetric) g += column_lane_grad<true>(s, j == i, a.col_coef, a.M, j, a.p);
-      if constexpr (kFwd) {
-        if (!is_self) {
-          if (is_pos) {
-            fwd.pos = s;
-            fwd.loss += softplus(-s);
-          } else {
-            fwd.loss += negative_softplus<true>(s);
-            fwd.push(s, 1.0f, 0.0f, false);
-          }
-        }
-      }
-      g = bad ? 0.0f : g;
-      dscale += g * raw;
-      dbias += g;
-      x[c] = ti * g;
-    }
-    float* part = prob.row_part + (nt * a.rows + tile_r0 + r) * kGradPart;
-    part[0] = dscale;
-    part[1] = dbias;
-    if constexpr (kFwd) {
-      part[2] = fwd.m;
-      part[3] = fwd.dA;
-      part[4] = fwd.pos;
-      part[5] = fwd.loss;
-    }
-  }
-
   Params prob;
 };
 

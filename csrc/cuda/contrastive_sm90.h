@@ -18,8 +18,7 @@
 
 namespace fastloss::contrastive::sm90 {
 
-constexpr int kTileM = 128, kTileN = 128;  // one epilogue tile of S: 128 query rows x 128 keys
-constexpr int kGradPart = 8;               // floats per grad partial: dscale, dbias, then (kGradFwd) m, dA, pos, loss
+constexpr int kTileM = kFusedTileM, kTileN = kFusedTileN;  // one epilogue tile of S: 128 query rows x 128 keys
 
 enum class Epi : int { kFold = 0, kGrad = 1, kGradFwd = 2 };
 

@@ -399,3 +399,104 @@ struct TileArgs {
 };
 
 }  // namespace fastloss::contrastive
+
+namespace fastloss::contrastive {
+
+// --- The fused GEMM epilogue's lane maths (CUDA: csrc/cuda/contrastive_sm90.cu; its CPU twin: csrc/cpu/
+// contrastive.cpp, FASTLOSS_CONTRASTIVE_FUSED=1). Tiles of S are kFusedTileM x kFusedTileN; every row and column
+// of a tile leaves one partial (fold_line above for the forward, grad_line below for the backward), merged later
+// in tile order, so S is never needed as a whole block.
+constexpr int kFusedTileM = 128, kFusedTileN = 128;
+constexpr int kGradPart = 8;  // floats per backward partial: dscale, dbias, then (with the forward) m, dA, pos, loss
+
+// Row i of a block over one tile's n lanes x[c] = <q_i, k_{c0 + c}>, in place: x[c] <- t_i G_ij, with the row's
+// partial d scale = sum_j G_ij x_ij and d bias = sum_j G_ij in part[0..1]; kFwd (SigLIP's one pass, coefficients
+// of a unit upstream gradient) also the row's partial record (m, dA, pos, loss) in part[2..5]. A row whose
+// positive is out of range gives G = 0 (its merge makes d scale / d bias NaN). The lanes are row_bwd_kernel's.
+template <bool kFast, bool kFwd, typename T>
+FL_HD FL_INLINE void grad_line(T* x, int n, int64_t c0, int64_t i, T ti, const TileArgs<T>& a, T* part) {
+  const T b = a.bias_value();
+  const int64_t p = a.positive_of(i);
+  const bool bad = a.bad_positive(p);
+  const int64_t self = a.self_lane(i, p);
+  T rc[kCoefs];
+  if constexpr (kFwd)
+    make_coef(kSigmoid, static_cast<const T*>(nullptr), T(1), a.p, rc);  // reads no record
+  else
+    load_coef(a.row_coef, a.N, i, rc);
+  T dscale = T(0), dbias = T(0);
+  Acc<T> fwd = Acc<T>::empty();
+  for (int c = 0; c < n; ++c) {
+    const int64_t j = c0 + c;
+    const T raw = x[c], s = ti * raw + b;
+    const bool is_self = j == self, is_pos = j == p;
+    T g = lane_grad<kFast>(a.kind, s, is_pos, is_self, rc, a.p);
+    if (a.symmetric) g += column_lane_grad<kFast>(s, j == i, a.col_coef, a.M, j, a.p);
+    if constexpr (kFwd) {
+      if (!is_self) {
+        if (is_pos) {
+          fwd.pos = s;
+          fwd.loss += softplus(-s);
+        } else {
+          fwd.loss += negative_softplus<kFast>(s);
+          fwd.push(s, T(1), T(0), false);
+        }
+      }
+    }
+    g = bad ? T(0) : g;
+    dscale += g * raw;
+    dbias += g;
+    x[c] = ti * g;
+  }
+  part[0] = dscale;
+  part[1] = dbias;
+  if constexpr (kFwd) {
+    part[2] = fwd.m;
+    part[3] = fwd.dA;
+    part[4] = fwd.pos;
+    part[5] = fwd.loss;
+  }
+}
+
+template <typename T>
+FL_HD FL_INLINE Acc<T> fwd_of_grad_part(const T* part) {
+  return {part[2], part[3], T(0), part[4], T(0), T(0), part[5]};
+}
+
+// Row i's record and loss from its merged forward partials (plain softmax, no self exclusion); an out-of-range
+// positive gives a NaN record and loss, as row_fwd_kernel.
+template <typename T>
+FL_HD FL_INLINE void finish_fold_row(const TileArgs<T>& a, int64_t i, const Acc<T>& acc) {
+  T* st = a.row_stats + i * kStats;
+  if (a.bad_positive(a.positive_of(i))) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    for (int k = 0; k < kStats; ++k) st[k] = nan;
+    a.row_loss[i] = nan;
+    return;
+  }
+  a.row_loss[i] = finish_row(kSoftmax, acc, T(a.M - 1), st, a.p);
+}
+
+// Row i's d scale / d bias (and, kFwd, SigLIP record and loss) from its merged backward partials; NaN for an
+// out-of-range positive, as row_bwd_kernel.
+template <bool kFwd, typename T>
+FL_HD FL_INLINE void finish_grad_row(const TileArgs<T>& a, int64_t i, T dscale, T dbias, const Acc<T>& fwd) {
+  const int64_t p = a.positive_of(i);
+  if (a.bad_positive(p)) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    a.dscale[i] = a.dbias_rows[i] = nan;
+    if constexpr (kFwd) {
+      for (int k = 0; k < kStats; ++k) a.row_stats[i * kStats + k] = nan;
+      a.row_loss[i] = nan;
+    }
+    return;
+  }
+  a.dscale[i] = dscale;
+  a.dbias_rows[i] = dbias;
+  if constexpr (kFwd) {
+    const int64_t self = a.self_lane(i, p);
+    a.row_loss[i] = finish_row(kSigmoid, fwd, T(a.M - 1 - (self >= 0 ? 1 : 0)), a.row_stats + i * kStats, a.p);
+  }
+}
+
+}  // namespace fastloss::contrastive
