@@ -7,6 +7,8 @@
 # device tool's 600 s limit still returns everything written so far.
 #   usage: bash scripts/gpu_check.sh            (from the repository root; peers and expecttest come from
 #          .whl/, filled by scripts/fetch_gpu_wheels.sh on a machine with network)
+#   a second call after a cut-short first one: GPU_SKIP="pytest_cuda pytest_fused sanitizer sanitizer_fused
+#          bandwidth bench_quick" (and FUSED_OK=1 if the first call's pytest_fused passed) bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/fastloss_gpu}
 mkdir -p "$OUT"
@@ -22,12 +24,13 @@ LOGS=/tmp/fastloss_logs
 mkdir -p "$LOGS"
 step() {  # step NAME LOGFILE TIMEOUT_S CMD...   (GPU_SKIP="name ..." skips steps, e.g. on a second call)
   local name=$1 log=$2 limit=$3; shift 3
-  case " ${GPU_SKIP:-} " in *" $name "*) echo "$name: skipped" >> "$OUT/summary.txt"; return;; esac
+  case " ${GPU_SKIP:-} " in *" $name "*) echo "$name: skipped" >> "$OUT/summary.txt"; return 2;; esac
   echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
   timeout "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   echo "$name: exit $rc" >> "$OUT/summary.txt"
   tail -n 30 "$log"
+  return $rc
 }
 
 step env "$OUT/info.log" 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; nvcc --version | tail -2"
@@ -35,8 +38,16 @@ step build "$OUT/build.log" 420 $PY -m pip install --no-build-isolation --no-dep
 cd /tmp  # import the installed package, not the source tree
 step info "$OUT/info.log" 60 $PY -c "import fastloss, json; print(json.dumps(fastloss.build_info(), indent=1))"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # one GPU, 8 test processes (when .whl has xdist)
-step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda -q -p no:cacheprovider -rfE $XDIST
+step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda -k "not fused_matches_tile_loop" -q \
+  -p no:cacheprovider -rfE $XDIST
+# The opt-in fused sm_90 GEMMs (FASTLOSS_CONTRASTIVE_FUSED=1, never run before): their own short steps, so that a
+# fault or a hang there costs no other step; the benchmarks and profiles take them only if their tests pass.
+FUSED=${FUSED_OK:-0}  # a second call that skips pytest_fused says FUSED_OK=1 when the first call's passed
+step pytest_fused "$OUT/pytest_cuda.log" 180 $PY -m pytest "$REPO/tests" -m cuda -k fused_matches_tile_loop -q \
+  -p no:cacheprovider -rfE && FUSED=1
 step sanitizer "$OUT/sanitizer.log" 300 compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/scripts/sanitizer_case.py"
+[ "$FUSED" = 1 ] && step sanitizer_fused "$OUT/sanitizer.log" 180 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  $PY "$REPO/scripts/sanitizer_case.py" --fused
 step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
   ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}
 if [ -f "$REPO/bench/bench_row_losses.py" ]; then
@@ -44,14 +55,17 @@ if [ -f "$REPO/bench/bench_row_losses.py" ]; then
     --out "$OUT/row_losses_cuda.csv" ${BENCH_PROVIDERS:+--providers "$BENCH_PROVIDERS"}
 fi
 # contrastive family: quick GPU bench (table appended to bench_quick.log; CSV kept on the machine)
+CONTRASTIVE_PROVIDERS=fastloss,$([ "$FUSED" = 1 ] && echo fastloss_fused,)fastloss_tile2x,torch,open_clip,inf_cl,siglip_kernel
 step bench_contrastive "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_contrastive.py" --preset gpu --device cuda \
-  --dtype bf16 --ops clip_loss,siglip_loss,infonce_loss --out "$LOGS/contrastive_cuda.csv"
+  --dtype bf16 --ops clip_loss,siglip_loss,infonce_loss --providers "$CONTRASTIVE_PROVIDERS" \
+  --out "$LOGS/contrastive_cuda.csv"
 # Gram form at the issue's GPU shape (N=32768, d=2048, V=131072, bf16) and the factored layer's SGD step; their
 # tables land in bench_quick.log (the $OUT file budget is spent), CSVs in $LOGS.
 step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \
   --out "$LOGS/spherical_cuda.csv"
 # Where the time of the big targets goes (GEMMs vs fastloss kernels, per kernel name): torch.profiler
-step profile "$OUT/bench_quick.log" 240 $PY "$REPO/scripts/profile_case.py"
+step profile "$OUT/bench_quick.log" 240 $PY "$REPO/scripts/profile_case.py" \
+  --cases "clip,siglip,infonce,gram$([ "$FUSED" = 1 ] && echo ,clip_fused,siglip_fused,infonce_fused)"
 # Nsight Compute on the kernels furthest from their targets (speed of light, warp stalls, instruction mix),
 # appended to bench_quick.log; skipped where ncu is missing or the counters are not permitted.
 if command -v ncu >/dev/null 2>&1; then

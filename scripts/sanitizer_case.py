@@ -1,7 +1,9 @@
 """A small run of every CUDA op for compute-sanitizer (memcheck): odd widths, misaligned rows, every dtype,
-every option path, an out-of-range target (NaN row, no out-of-bounds access) and N = 0."""
+every option path, an out-of-range target (NaN row, no out-of-bounds access) and N = 0. ``--fused``: only the
+opt-in fused sm_90 contrastive GEMMs (scripts/gpu_check.sh runs them in a step of their own)."""
 
 import os
+import sys
 
 import torch
 
@@ -9,6 +11,34 @@ import fastloss
 
 torch.manual_seed(0)
 dev = "cuda"
+
+
+def fused_cases():
+    """The opt-in fused sm_90 GEMMs (FASTLOSS_CONTRASTIVE_FUSED=1): forward folds, the recomputing backward, the
+    one-pass gradients (softmax: fold + G; SigLIP: one GEMM), at sizes that cut the 128 x 128 tiles, with a bad
+    positive. Where they are not built or this is not an sm_90 device, the tile loop runs instead."""
+    os.environ["FASTLOSS_CONTRASTIVE_FUSED"] = "1"
+    for N, M, d in ((1, 1, 8), (130, 130, 24), (200, 300, 40)):
+        for dtype in (torch.bfloat16, torch.float16):
+            q = torch.randn(N, d, device=dev, dtype=dtype, requires_grad=True)
+            k = torch.randn(M, d, device=dev, dtype=dtype, requires_grad=True)
+            s = torch.full((N,), 3.0, device=dev, requires_grad=True)
+            b = torch.tensor(-2.0, device=dev, requires_grad=True)
+            if N == M:
+                out, _ = fastloss.contrastive_loss(q, k, logit_scale=s, symmetric=True, reduction="none",
+                                                   return_stats=True)
+                out.sum().backward()
+            pos = torch.randint(0, M, (N,), device=dev)
+            pos[-1] = M + 4
+            for kw in ({"label_smoothing": 0.1}, {"hard_negative_beta": 0.5}, {"loss": "sigmoid", "logit_bias": b}):
+                fastloss.contrastive_loss(q, k, positive=pos, logit_scale=s, **kw).backward()  # one-pass gradient
+                fastloss.contrastive_loss(q, k, positive=pos, logit_scale=s, reduction="none", **kw).sum().backward()
+    torch.cuda.synchronize()
+
+
+if "--fused" in sys.argv:
+    fused_cases()
+    sys.exit(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for N, C in ((3, 1), (5, 3), (7, 1001), (4, 8195)):
         base = torch.randn(N, C + 3, device=dev, dtype=dtype)
@@ -73,20 +103,6 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
     z = torch.randn(8, 5, device=dev, dtype=dtype, requires_grad=True)
     fastloss.nt_xent_loss(z[:4], z[4:], temperature=0.5).backward()
     fastloss.supcon_loss(z, torch.tensor([0, 1, 0, 1, 2, 2, 3, 0], device=dev), temperature=0.5).backward()
-
-# the sm_90 fused forward GEMM + fold (opt-in): CLIP and InfoNCE at sizes that cut the 128 x 128 tiles, a bad
-# positive; where it is not built or not an sm_90 device this reruns the tile loop
-os.environ["FASTLOSS_CONTRASTIVE_FUSED"] = "1"
-for N, M, d in ((1, 1, 8), (130, 130, 24), (200, 300, 40)):
-    q = torch.randn(N, d, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(M, d, device=dev, dtype=torch.bfloat16)
-    s = torch.full((N,), 3.0, device=dev)
-    if N == M:
-        fastloss.contrastive_loss(q, k, logit_scale=s, symmetric=True, reduction="none", return_stats=True)
-    pos = torch.randint(0, M, (N,), device=dev)
-    pos[-1] = M + 4
-    fastloss.contrastive_loss(q, k, positive=pos, logit_scale=s, label_smoothing=0.1, reduction="none")
-os.environ.pop("FASTLOSS_CONTRASTIVE_FUSED")
 
 # sparsemax family: maps and losses, masked lanes, a fully masked row, a bad target, dim != -1.
 for dtype in (torch.float32, torch.bfloat16, torch.float64):

@@ -426,9 +426,8 @@ FL_HD FL_INLINE void grad_line(T* x, int n, int64_t c0, int64_t i, T ti, const T
     load_coef(a.row_coef, a.N, i, rc);
   T dscale = T(0), dbias = T(0);
   Acc<T> fwd = Acc<T>::empty();
-  for (int c = 0; c < n; ++c) {
-    const int64_t j = c0 + c;
-    const T raw = x[c], s = ti * raw + b;
+  auto lane = [&](int64_t j, T raw) {  // t_i G_ij of lane j, with the row's sums
+    const T s = ti * raw + b;
     const bool is_self = j == self, is_pos = j == p;
     T g = lane_grad<kFast>(a.kind, s, is_pos, is_self, rc, a.p);
     if (a.symmetric) g += column_lane_grad<kFast>(s, j == i, a.col_coef, a.M, j, a.p);
@@ -446,8 +445,21 @@ FL_HD FL_INLINE void grad_line(T* x, int n, int64_t c0, int64_t i, T ti, const T
     g = bad ? T(0) : g;
     dscale += g * raw;
     dbias += g;
-    x[c] = ti * g;
+    return ti * g;
+  };
+  // Chunks of 8 lanes: all loads of a chunk before its stores, so that a GPU thread has 8 in flight.
+  constexpr int G = 8;
+  int c = 0;
+  for (; c + G <= n; c += G) {
+    T raw[G], out[G];
+#pragma unroll
+    for (int v = 0; v < G; ++v) raw[v] = x[c + v];
+#pragma unroll
+    for (int v = 0; v < G; ++v) out[v] = lane(c0 + c + v, raw[v]);
+#pragma unroll
+    for (int v = 0; v < G; ++v) x[c + v] = out[v];
   }
+  for (; c < n; ++c) x[c] = lane(c0 + c, x[c]);
   part[0] = dscale;
   part[1] = dbias;
   if constexpr (kFwd) {
