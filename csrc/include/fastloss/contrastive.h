@@ -429,18 +429,28 @@ FL_HD FL_INLINE void grad_line(T* x, int n, int64_t c0, int64_t i, T ti, const T
   auto lane = [&](int64_t j, T raw) {  // t_i G_ij of lane j, with the row's sums
     const T s = ti * raw + b;
     const bool is_self = j == self, is_pos = j == p;
-    T g = lane_grad<kFast>(a.kind, s, is_pos, is_self, rc, a.p);
-    if (a.symmetric) g += column_lane_grad<kFast>(s, j == i, a.col_coef, a.M, j, a.p);
-    if constexpr (kFwd) {
+    T g = T(0);
+    if constexpr (kFwd) {  // SigLIP: the lane's gradient and loss from one e = exp(-|s|)
       if (!is_self) {
+        const T e = fl_exp_if_fast<kFast>(s >= T(0) ? -s : s), inv = T(1) / (T(1) + e);
+        const T up = s >= T(0) ? inv : e * inv, down = s >= T(0) ? e * inv : inv;  // sigmoid(s), sigmoid(-s)
+        T log1p_e;
+        if constexpr (kFast && std::is_same_v<T, float>)
+          log1p_e = log1p_unit(e);
+        else
+          log1p_e = std::log1p(e);
+        g = is_pos ? -rc[cGA] * down : rc[cGA] * up;
         if (is_pos) {
           fwd.pos = s;
-          fwd.loss += softplus(-s);
+          fwd.loss += (s < T(0) ? -s : T(0)) + log1p_e;  // softplus(-s)
         } else {
-          fwd.loss += negative_softplus<kFast>(s);
+          fwd.loss += (s > T(0) ? s : T(0)) + log1p_e;  // softplus(s)
           fwd.push(s, T(1), T(0), false);
         }
       }
+    } else {
+      g = lane_grad<kFast>(a.kind, s, is_pos, is_self, rc, a.p);
+      if (a.symmetric) g += column_lane_grad<kFast>(s, j == i, a.col_coef, a.M, j, a.p);
     }
     g = bad ? T(0) : g;
     dscale += g * raw;
