@@ -853,6 +853,8 @@ FUSED_SM90 = (HAS_CUDA_KERNELS and fastloss.build_info()["contrastive_fused_sm90
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [
     {"N": 300, "M": 300, "d": 64, "symmetric": True},                          # CLIP, tiles cut at 300
+    {"N": 300, "M": 300, "d": 16, "symmetric": True, "block_rows": 100},       # 3 blocks, each under one row tile
+    {"N": 300, "M": 333, "d": 24, "positive": True, "block_rows": 129},        # blocks of 1 row tile + 1 row
     {"N": 4096, "M": 4096, "d": 96, "symmetric": True, "bias": True},          # several key tiles, 2 row tiles
     {"N": 200, "M": 457, "d": 40, "positive": True},                           # InfoNCE, extra keys, d % 16 != 0
     {"N": 129, "M": 1000, "d": 8, "positive": True, "label_smoothing": 0.1},
@@ -880,8 +882,8 @@ def test_fused_matches_tile_loop(monkeypatch, device, dtype, case):
     q = F.normalize(torch.randn(N, d, generator=gen), dim=1).to(device, dtype)
     k = F.normalize(torch.randn(M, d, generator=gen), dim=1).to(device, dtype)
     s = (torch.rand(N, generator=gen) * 20 + 5).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
-    kw = {key: case[key] for key in ("symmetric", "label_smoothing", "decoupled", "hard_negative_beta", "loss")
-          if key in case}
+    kw = {key: case[key] for key in ("symmetric", "label_smoothing", "decoupled", "hard_negative_beta", "loss",
+                                     "block_rows") if key in case}
     if case.get("positive"):
         pos = torch.randint(0, M, (N,), generator=gen).to(device)
         if device == "cuda":

@@ -24,8 +24,11 @@ namespace {
 
 using namespace cute;
 
-constexpr int kLd = kTileN + 1;  // odd row stride: thread r walking row r and thread c walking column c are both
-                                 // free of shared-memory bank conflicts
+// Row stride of the staged tile, in floats. Odd, so thread r walking row r and thread c walking column c are both
+// free of bank conflicts; = 5 mod 32, so the accumulator stores (8 rows x 4 column pairs per warp instruction in
+// the wgmma layout) collide at most 2-way (1 mod 32 would give 4-way). Column kTileN of row r holds t_r.
+constexpr int kLd = kTileN + 5;
+constexpr int kScaleCol = kTileN;
 
 // An operator-style collective epilogue (the interface of CUTLASS's DefaultEpilogue), wrapped by
 // Sm90TmaWarpSpecializedAdapter for the warp-specialised kernel. O: the operands' element type (G's dtype).
@@ -41,8 +44,7 @@ class TileEpilogue {
   using ThreadEpilogueOp = void;  // named by GemmUniversalAdapter only
 
   struct SharedStorage {
-    float tile[kTileM * kLd];
-    float scale[kTileM];
+    float tile[kTileM * kLd];  // raw products, then (backward) t_i G_ij; t_r in column kScaleCol
   };
   using TensorStorage = SharedStorage;
   using Arguments = Problem;
@@ -88,7 +90,7 @@ class TileEpilogue {
     CUTE_STATIC_ASSERT_V(size(coord) == size(accumulators));
     CUTLASS_PRAGMA_UNROLL
     for (int v = 0; v < size(accumulators); ++v) sm.tile[get<0>(coord(v)) * kLd + get<1>(coord(v))] = accumulators(v);
-    sm.scale[t] = t < rows_here ? a.scale[a.row0 + tile_r0 + t] : 0.0f;
+    sm.tile[t * kLd + kScaleCol] = t < rows_here ? a.scale[a.row0 + tile_r0 + t] : 0.0f;
     // The two math warp groups take turns in the epilogue (the kernel's order barrier), so one buffer serves both;
     // this barrier joins the 128 threads of the group that is here now (ids past CUTLASS's reserved ones).
     const cutlass::arch::NamedBarrier group(kTileM, cutlass::canonical_warp_group_idx());
@@ -97,21 +99,23 @@ class TileEpilogue {
     if constexpr (E == Epi::kFold) {
       const float b = a.bias_value();
       if (t < rows_here) {  // row t: its positive is key positive[i] (maybe in another tile)
-        const float ti = sm.scale[t];
+        const float ti = sm.tile[t * kLd + kScaleCol];
         const Acc<float> acc = fold_line<true>(&sm.tile[t * kLd], 1, cols_here, [ti](int) { return ti; }, b,
                                                a.positive_of(a.row0 + tile_r0 + t) - tile_c0);
         store_line(acc, prob.row_part + (nt * a.rows + tile_r0 + t) * kLineStats);
       }
       if (a.symmetric && t < cols_here) {  // column t: its positive is the row with the same global index
         const int64_t j = tile_c0 + t;
-        const Acc<float> acc = fold_line<true>(&sm.tile[t], kLd, rows_here, [&sm](int r) { return sm.scale[r]; },
-                                               b, j - (a.row0 + tile_r0));
+        const Acc<float> acc = fold_line<true>(&sm.tile[t], kLd, rows_here,
+                                               [&sm](int r) { return sm.tile[r * kLd + kScaleCol]; }, b,
+                                               j - (a.row0 + tile_r0));
         store_line(acc, prob.col_part + (mt * a.M + j) * kLineStats);
       }
     } else {
       if (t < rows_here)  // row t: t_i G_ij in place of its raw products, and its partial sums
         grad_line<true, E == Epi::kGradFwd>(&sm.tile[t * kLd], cols_here, tile_c0, a.row0 + tile_r0 + t,
-                                            sm.scale[t], a, prob.row_part + (nt * a.rows + tile_r0 + t) * kGradPart);
+                                            sm.tile[t * kLd + kScaleCol], a,
+                                            prob.row_part + (nt * a.rows + tile_r0 + t) * kGradPart);
       group.arrive_and_wait();  // every row's t_i G_ij is in shared memory: write them out, a row per step
       if (t < cols_here) {
         O* out = static_cast<O*>(a.grad_out) + tile_r0 * a.M + tile_c0 + t;
