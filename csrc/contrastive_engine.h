@@ -161,11 +161,11 @@ inline bool fused_gemm_wanted() {
 }
 
 // Which problems the fused GEMMs take (both backends): not SupCon (labels per lane); the forward fold only the
-// plain softmax (no HCL, no self exclusion); the one-pass kGradFwd only the sigmoid loss.
+// softmax without HCL (one exp sum per record); the one-pass kGradFwd only the sigmoid loss.
 template <typename T>
 bool fused_kind_ok(const TileArgs<T>& a, Fused f) {
   if (a.kind == kSupCon) return false;
-  if (f == Fused::kFold) return a.kind == kSoftmax && !a.p.hcl() && !a.exclude_self;
+  if (f == Fused::kFold) return a.kind == kSoftmax && !a.p.hcl();
   if (f == Fused::kGradFwd) return a.kind == kSigmoid;
   return true;
 }

@@ -67,10 +67,10 @@ struct CpuBackend {
             const int64_t r0 = mt * TM, c0 = nt * TN;
             const int rh = int(std::min<int64_t>(TM, rows - r0)), ch = int(std::min<int64_t>(TN, M - c0));
             for (int r = 0; r < rh; ++r) {
-              const int64_t i = a.row0 + r0 + r;
+              const int64_t i = a.row0 + r0 + r, p = a.positive_of(i), self = a.self_lane(i, p);
               const T ti = a.scale[i];
-              store_line(fold_line<false>(S + (r0 + r) * M + c0, 1, ch, [ti](int) { return ti; }, b,
-                                          a.positive_of(i) - c0),
+              store_line(fold_line<false>(S + (r0 + r) * M + c0, 1, ch, [ti](int) { return ti; }, b, p - c0,
+                                          self >= 0 ? self - c0 : -1),
                          &row_part[size_t((nt * rows + r0 + r) * kLineStats)]);
             }
             if (a.symmetric)

@@ -416,8 +416,8 @@ struct CudaBackend {
   static void check_positive(const Inputs&) {}  // no host sync: a bad index makes its row NaN
 
   // The sm_90 fused GEMMs (contrastive_sm90.cu; opt-in while unverified): fp16 / bf16 features on an sm_90
-  // device, d % 8 == 0. kFold: the plain softmax (CLIP, InfoNCE, DCL, label smoothing; not HCL or self
-  // exclusion); kGrad: softmax and sigmoid with every option; kGradFwd: sigmoid. Not SupCon (labels per lane).
+  // device, d % 8 == 0. kFold: the softmax without HCL (CLIP, InfoNCE, DCL, label smoothing, NT-Xent); kGrad:
+  // softmax and sigmoid with every option; kGradFwd: sigmoid. Not SupCon (labels per lane); fused_kind_ok.
   template <typename T>
   static bool fused(const Inputs& in, const TileArgs<T>& a, Fused f) {
 #if FL_HAVE_SM90_FUSED

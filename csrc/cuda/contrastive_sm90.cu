@@ -99,9 +99,10 @@ class TileEpilogue {
     if constexpr (E == Epi::kFold) {
       const float b = a.bias_value();
       if (t < rows_here) {  // row t: its positive is key positive[i] (maybe in another tile)
+        const int64_t i = a.row0 + tile_r0 + t, p = a.positive_of(i), self = a.self_lane(i, p);
         const float ti = sm.tile[t * kLd + kScaleCol];
         const Acc<float> acc = fold_line<true>(&sm.tile[t * kLd], 1, cols_here, [ti](int) { return ti; }, b,
-                                               a.positive_of(a.row0 + tile_r0 + t) - tile_c0);
+                                               p - tile_c0, self >= 0 ? self - tile_c0 : -1);
         store_line(acc, prob.row_part + (nt * a.rows + tile_r0 + t) * kLineStats);
       }
       if (a.symmetric && t < cols_here) {  // column t: its positive is the row with the same global index

@@ -1,7 +1,7 @@
 // The contrastive engine's fused GEMMs for sm_90 (csrc/cuda/contrastive_sm90.cu, built with CUTLASS for sm_90a
 // only): S = Q_block Kᵀ on the tensor cores (TMA + wgmma, persistent ping-pong warp groups, fp32 accumulation),
 // with an epilogue that consumes each 128 x 128 tile of S on chip instead of storing it:
-//   kFold     the forward: partial row and column records of the plain softmax (fold_line);
+//   kFold     the forward: partial row and column records of the softmax without HCL (fold_line);
 //   kGrad     the backward: t_i G_ij written once in the operands' dtype (the dq / dk GEMM operand), and partial
 //             sums of d scale and d bias per row and tile;
 //   kGradFwd  SigLIP's one-pass gradient: kGrad plus the partial forward record (a sigmoid lane needs no row

@@ -177,13 +177,16 @@ FL_HD FL_INLINE Acc<T> acc_of_line(const T* part) {
 }
 
 // Folds one line (a row or a column) of n raw products x[k * stride]: s_k = scale(k) * x + b; lane pos_lane (any
-// value; outside [0, n) means the positive lies in another tile) is the positive, every other lane a negative.
-// Whole finite groups of 8 negatives fold at once (lse_group), the rest lane by lane: the CUDA row epilogue's maths.
+// value; outside [0, n) means the positive lies in another tile) is the positive, lane self_lane (likewise) is
+// left out (NT-Xent's own view), every other lane a negative. Whole finite groups of 8 negatives fold at once
+// (lse_group), the rest lane by lane: the CUDA row epilogue's maths.
 template <bool kFast, typename T, typename Scale>
-FL_HD FL_INLINE Acc<T> fold_line(const T* x, int64_t stride, int n, Scale&& scale, T b, int64_t pos_lane) {
+FL_HD FL_INLINE Acc<T> fold_line(const T* x, int64_t stride, int n, Scale&& scale, T b, int64_t pos_lane,
+                                 int64_t self_lane = -1) {
   constexpr int G = 8;
   Acc<T> acc = Acc<T>::empty();
   auto lane = [&](int k, T s) {
+    if (k == self_lane) return;
     acc.sum += s;
     if (k == pos_lane)
       acc.pos = s;
@@ -195,7 +198,7 @@ FL_HD FL_INLINE Acc<T> fold_line(const T* x, int64_t stride, int n, Scale&& scal
     T s[G];
 #pragma unroll
     for (int v = 0; v < G; ++v) s[v] = scale(k + v) * x[int64_t(k + v) * stride] + b;
-    if (uint64_t(pos_lane - k) >= uint64_t(G)) {
+    if (uint64_t(pos_lane - k) >= uint64_t(G) && uint64_t(self_lane - k) >= uint64_t(G)) {
       T oA, oB;
       const T gm = lse_group<false, kFast>(s, T(1), T(0), oA, oB);
       if (gm > neg_inf<T>() && gm < pos_inf<T>()) {  // NaN or infinite lanes: lane by lane below
@@ -485,18 +488,19 @@ FL_HD FL_INLINE Acc<T> fwd_of_grad_part(const T* part) {
   return {part[2], part[3], T(0), part[4], T(0), T(0), part[5]};
 }
 
-// Row i's record and loss from its merged forward partials (plain softmax, no self exclusion); an out-of-range
-// positive gives a NaN record and loss, as row_fwd_kernel.
+// Row i's record and loss from its merged forward partials (plain softmax); an out-of-range positive gives a NaN
+// record and loss, as row_fwd_kernel.
 template <typename T>
 FL_HD FL_INLINE void finish_fold_row(const TileArgs<T>& a, int64_t i, const Acc<T>& acc) {
   T* st = a.row_stats + i * kStats;
-  if (a.bad_positive(a.positive_of(i))) {
+  const int64_t p = a.positive_of(i);
+  if (a.bad_positive(p)) {
     const T nan = std::numeric_limits<T>::quiet_NaN();
     for (int k = 0; k < kStats; ++k) st[k] = nan;
     a.row_loss[i] = nan;
     return;
   }
-  a.row_loss[i] = finish_row(kSoftmax, acc, T(a.M - 1), st, a.p);
+  a.row_loss[i] = finish_row(kSoftmax, acc, T(a.M - 1 - (a.self_lane(i, p) >= 0 ? 1 : 0)), st, a.p);
 }
 
 // Row i's d scale / d bias (and, kFwd, SigLIP record and loss) from its merged backward partials; NaN for an
