@@ -10,6 +10,8 @@
 // forward_grad: a row-wise loss (not symmetric) has every row's record complete once its block is done, so the
 // forward can produce the gradient of sum_i L_i from the same tile: 3 GEMMs per block instead of the 4 of a
 // forward plus a recomputing backward (autograd then scales it by the upstream scalar).
+// Fused GEMMs (Backend::fused, opt-in): a backend may instead run a block's GEMM with an epilogue that consumes the
+// tile on chip (CUDA sm_90: csrc/cuda/contrastive_sm90.cu); no (rows x M) tile of S is allocated then.
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
