@@ -230,6 +230,13 @@ struct GradWork {
     a.grad_out = in.mixed ? gbuf.data_ptr() : static_cast<void*>(a.tile);
   }
 
+  // An unfused block: its S into the tile, and G's destination (the tile itself, or the fp16 / bf16 buffer).
+  template <typename T>
+  void gemm_tile(const Inputs& in, TileArgs<T>& a) {
+    gemm_block(in, tile_buffer(in), a);
+    point_grad_out(in, a);
+  }
+
   // A fused block writes t_i G_ij where the GEMMs below read it: the fp16 / bf16 buffer, or (fp32 / fp64 features,
   // the CPU twin) the tile, whose S the fused block computes itself.
   template <typename T>
@@ -342,8 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                           b.row_coef + b.row0, b.N);
         Backend::template fused_block<scalar_t>(in, b, Fused::kGrad);
       } else {
-        gemm_block(in, w.tile_buffer(in), b);
-        w.point_grad_out(in, b);
+        w.gemm_tile(in, b);
         Backend::template fwd_grad_tile<scalar_t>(b);
       }
       w.gemms(in, b.row0, b.rows);
@@ -393,8 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         w.point_fused_grad_out(in, b);
         Backend::template fused_block<scalar_t>(in, b, Fused::kGrad);
       } else {
-        gemm_block(in, w.tile_buffer(in), b);
-        w.point_grad_out(in, b);
+        w.gemm_tile(in, b);
         Backend::template bwd_tile<scalar_t>(b);
       }
       w.gemms(in, b.row0, b.rows);
