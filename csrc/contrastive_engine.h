@@ -15,11 +15,20 @@
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/ceil.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/exp2.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/log2.h>
+#include <ATen/ops/maximum.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/version.h>
@@ -82,12 +91,23 @@ inline Inputs prepare_inputs(const at::Tensor& query, const at::Tensor& key, con
                              const Options& o, int64_t tile_elems, bool mixed_gemm, const char* op) {
   TORCH_CHECK(query.dim() == 2 && key.dim() == 2, op, ": query and key must be 2-D");
   TORCH_CHECK(query.size(1) == key.size(1), op, ": query and key widths differ");
-  TORCH_CHECK(query.size(0) >= 1 && key.size(0) >= 1, op, ": query and key need at least one row");
+  TORCH_CHECK(query.size(0) >= 1 && key.size(0) >= 1 && query.size(1) >= 1, op,
+              ": query and key need at least one row and one column");
   TORCH_CHECK(query.scalar_type() == key.scalar_type(), op, ": query and key dtypes differ");
   auto st = query.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
               ": features must be float16, bfloat16, float32 or float64");
   TORCH_CHECK(o.kind >= kSoftmax && o.kind <= kSupCon, op, ": unknown kind ", o.kind);
+  TORCH_CHECK(o.beta >= 0 && std::isfinite(o.beta) && o.eps >= 0 && o.eps <= 1, op,
+              ": beta must be finite and >= 0, eps in [0, 1]");
+  TORCH_CHECK(o.kind == kSoftmax || (o.beta == 0 && o.eps == 0 && !o.decoupled), op,
+              ": beta, eps and decoupled apply to the softmax kind only");
+  // every tensor a kernel reads on the features' device (a host pointer in a CUDA kernel is an illegal address)
+  for (const auto* t : {&key, &scale, bias.has_value() ? &*bias : nullptr, positive.has_value() ? &*positive : nullptr,
+                        labels_q.has_value() ? &*labels_q : nullptr, labels_k.has_value() ? &*labels_k : nullptr}) {
+    TORCH_CHECK(t == nullptr || !t->defined() || t->device() == query.device(), op,
+                ": every tensor must be on the features' device (", query.device(), ")");
+  }
   Inputs in;
   in.N = query.size(0);
   in.M = key.size(0);
@@ -97,7 +117,6 @@ inline Inputs prepare_inputs(const at::Tensor& query, const at::Tensor& key, con
   in.q = in.mixed ? query.contiguous() : query.to(acc).contiguous();
   in.k = in.mixed ? key.contiguous() : key.to(acc).contiguous();
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == in.N, op, ": scale must have shape (N,)");
-  TORCH_CHECK(scale.device() == query.device() && key.device() == query.device(), op, ": tensors on other devices");
   in.scale = scale.to(acc).contiguous();
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == 1, op, ": bias must hold one value");
@@ -118,6 +137,7 @@ inline Inputs prepare_inputs(const at::Tensor& query, const at::Tensor& key, con
     TORCH_CHECK(o.kind == kSoftmax && in.N == in.M && !o.exclude_self, op,
                 ": symmetric needs the softmax loss, N == M, diagonal positives and no self exclusion");
   }
+  if (acc == at::kDouble) tile_elems /= 2;  // the budget is in fp32 elements (bytes / 4)
   in.rows = o.block_rows > 0 ? o.block_rows : std::max<int64_t>(16, tile_elems / std::max<int64_t>(in.M, 1));
   in.rows = std::min(in.rows, in.N);
   return in;
@@ -359,6 +379,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {row_loss.sum(), row_loss, row_stats, w.dq, w.dk, w.dscale, w.dbias_rows.sum()};
 }
 
+// The power of two nearest above the largest |upstream gradient| (a 0-dim tensor; 1 when that is 0 or not finite),
+// computed on the device (no host sync). The backward works with g / unit, so that t_i G_ij keeps its size
+// whatever the reduction: a mean over N = 65536 rows makes g ~ 1e-5, and t_i G_ij of a typical negative lane
+// ~ 1e-9, below fp16's smallest subnormal, in the fp16 copy of G that the dq / dk GEMMs read. Dividing by a
+// power of two is exact, so the results scaled back by `unit` are those of the unscaled maths.
+inline at::Tensor upstream_unit(const at::Tensor& grad_row, const at::Tensor& grad_col) {
+  at::Tensor big = grad_row.abs().amax();
+  if (grad_col.defined() && grad_col.numel() > 0) big = at::maximum(big, grad_col.abs().amax());
+  const at::Tensor e = at::ceil(at::log2(big)).clamp(-100, 100);  // fp32's range keeps 2^±100 and 1/2^100
+  const at::Tensor ok = at::isfinite(big).logical_and(big.gt(0));
+  return at::where(ok, at::exp2(e), at::ones_like(big));
+}
+
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& query, const at::Tensor& key,
@@ -376,6 +409,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                     col_stats.size(1) == kStats, "contrastive_bwd: grad_col / col_stats have wrong shapes");
   }
   at::Tensor rs = row_stats.to(acc).contiguous(), gr = grad_row.to(acc).contiguous();
+  at::Tensor gc = o.symmetric ? grad_col.to(acc).contiguous() : at::Tensor();
+  const at::Tensor unit = upstream_unit(gr, gc);  // g / unit, and the results * unit: exact
+  gr = gr.div(unit);
+  if (o.symmetric) gc = gc.div(unit);
   at::Tensor row_coef = at::empty({kCoefs, in.N}, opts);
   at::Tensor col_coef = at::empty({kCoefs, o.symmetric ? in.M : 0}, opts);
   GradWork w(in, o);
@@ -383,10 +420,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     TileArgs<scalar_t> a = base_args<scalar_t>(in, o);
     Backend::template coefs<scalar_t>(a.kind, rs.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), in.N, a.p,
                                       row_coef.data_ptr<scalar_t>(), in.N);
-    at::Tensor cs, gc;
+    at::Tensor cs;
     if (o.symmetric) {
       cs = col_stats.to(acc).contiguous();
-      gc = grad_col.to(acc).contiguous();
       Backend::template coefs<scalar_t>(a.kind, cs.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), in.M, a.p,
                                         col_coef.data_ptr<scalar_t>(), in.M);
       a.col_coef = col_coef.data_ptr<scalar_t>();
@@ -406,7 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     });
   });
   Backend::finish_backward(in, w.dq);
-  return {w.dq.to(query.scalar_type()), w.dk.to(key.scalar_type()), w.dscale, w.dbias_rows.sum()};
+  return {w.dq.mul(unit).to(query.scalar_type()), w.dk.mul(unit).to(key.scalar_type()), w.dscale.mul_(unit),
+          w.dbias_rows.sum().mul(unit)};
 }
 
 }  // namespace fastloss::contrastive

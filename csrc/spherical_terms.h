@@ -26,7 +26,7 @@ FL_HD FL_INLINE void spherical_terms_row(const SphericalTermsArgs<T>& a, int64_t
     return {true, c, a.oc[n * K + j], a.dev[n * K + j], a.weight ? a.weight[n * K + j] : T(1)};
   };
   SphericalRowGrad<T> g;
-  const T m2 = a.m2[n] > T(0) ? a.m2[n] : T(0);  // a Gram-form m2 can round below 0 for a constant row
+  const T m2 = a.m2[n] < T(0) ? T(0) : a.m2[n];  // a Gram-form m2 can round below 0 for a constant row; NaN stays
   a.out_loss[n] = spherical_row(a.loss, a.mu[n], m2, K, target, T(1), &g);
   T* c = a.coef + n * (2 + K);
   c[0] = g.beta / T(2);

@@ -652,6 +652,44 @@ def test_bad_wrapper_inputs():
         fastloss.clip_loss(x, torch.randn(4, 2), 1.0)
 
 
+@pytest.mark.parametrize("case", ["no columns", "sigmoid beta", "negative beta", "smoothing > 1", "bias device"])
+def test_direct_op_bad_options_raise(device, case):
+    """The C++ ops check what the Python API checks, so a direct torch.ops call cannot reach a kernel with
+    arguments it does not handle (d = 0 would hang the fused GEMM's pipeline; a host tensor in a CUDA kernel is an
+    illegal address)."""
+    kind = 1 if case == "sigmoid beta" else 0
+    args = list(_op_args(device, torch.float32, kind))
+    if case == "no columns":
+        args[0], args[1] = args[0][:, :0], args[1][:, :0]
+    elif case == "sigmoid beta" or case == "negative beta":
+        args[11] = 0.5 if case == "sigmoid beta" else -1.0
+    elif case == "smoothing > 1":
+        args[12] = 1.5
+    elif device == "cpu":
+        pytest.skip("needs a second device")
+    else:
+        args[3] = args[3].cpu()
+    msg = {"no columns": "one column", "sigmoid beta": "softmax kind only", "negative beta": "beta must be",
+           "smoothing > 1": "eps in", "bias device": "features' device"}[case]
+    with pytest.raises(RuntimeError, match=msg):
+        ops.contrastive_fwd(*args)
+
+
+def test_backward_is_exactly_linear_in_a_power_of_two_upstream(device):
+    """The recomputing backward divides the upstream gradient by a power of two near its largest magnitude and
+    multiplies the results back (so that fp16 copies of G do not underflow at large N): an upstream scaled by
+    2^-60 must give exactly the gradients scaled by 2^-60 (fp32: the scaled results stay normal numbers)."""
+    gen = torch.Generator().manual_seed(5)
+    q = F.normalize(torch.randn(70, 24, generator=gen), dim=1).to(device).requires_grad_()
+    k = F.normalize(torch.randn(70, 24, generator=gen), dim=1).to(device).requires_grad_()
+    scale = torch.tensor(14.0, device=device, requires_grad=True)
+    loss = fastloss.clip_loss(q, k, scale)
+    g1 = torch.autograd.grad(loss, (q, k, scale), torch.ones_like(loss), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (q, k, scale), torch.full_like(loss, 2.0**-60))
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(b * 2.0**60, a)
+
+
 def test_direct_op_bad_positive_raises_index_error():
     q, k = _good()
     args = list(_op_args("cpu", torch.float32, 0))
@@ -844,6 +882,23 @@ def test_cuda_mixed_backward_matches_upcast(dtype):
     for g, w in ((gq, wq), (gk, wk)):
         err = (g.double() - w.double()).abs().max()
         assert err <= 2e-2 * w.abs().max(), (err, w.abs().max())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+def test_cuda_fp16_backward_at_large_n_keeps_the_negatives():
+    """CLIP with fp16 features at N = 8192: with the mean's 1/N in the upstream gradient, t_i G_ij of a negative
+    lane is ~1e-7, fp16 subnormal (and below its smallest subnormal at N = 65536). The backward normalises the
+    upstream gradient first, so dq matches the float64 gradient of the same rounded features."""
+    gen = torch.Generator().manual_seed(21)
+    N, d = 8192, 32
+    q = F.normalize(torch.randn(N, d, generator=gen), dim=1).to("cuda", torch.float16).requires_grad_()
+    k = F.normalize(torch.randn(N, d, generator=gen), dim=1).to("cuda", torch.float16).requires_grad_()
+    (gq,) = torch.autograd.grad(fastloss.clip_loss(q, k, 14.0), (q,))
+    q64 = q.detach().double().requires_grad_()
+    (wq,) = torch.autograd.grad(reference.clip_loss(q64, k.detach().double(), 14.0), (q64,))
+    err = (gq.double() - wq).norm() / wq.norm()
+    assert err < 1e-2, err
 
 
 FUSED_SM90 = (HAS_CUDA_KERNELS and fastloss.build_info()["contrastive_fused_sm90"]

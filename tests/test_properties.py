@@ -1,5 +1,6 @@
 """Hypothesis property tests of the row engine: random shapes, logit scales up to 1e4, -inf lanes."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,3 +66,41 @@ def test_zloss_properties(xt, a, b):
     torch.testing.assert_close(g.double(), ref_g, rtol=1e-3, atol=1e-5 * (ref_g.abs().max().item() + term + 1e-6))
     # shift invariance of the gradient: rows sum to 0, up to fp32 rounding of the O(g / sigma) terms
     assert g.double().sum(-1).abs().max() <= 1e-4 * g.abs().sum(-1).max().item() + 1e-5 * term + 1e-12
+
+
+_ROW_LOSSES = {
+    "cross_entropy": lambda x, t: fastloss.cross_entropy(x, t, reduction="none"),
+    "cross_entropy_smooth": lambda x, t: fastloss.cross_entropy(x, t, reduction="none", label_smoothing=0.1),
+    "zloss": lambda x, t: fastloss.zloss(x, t, reduction="none"),
+    "spherical_softmax": lambda x, t: fastloss.spherical_softmax_loss(x, t, reduction="none"),
+    "spherical_mse": lambda x, t: fastloss.spherical_mse_loss(x, t, reduction="none"),
+    "taylor_softmax": lambda x, t: fastloss.taylor_softmax_loss(x, t, reduction="none"),
+    "stablemax": lambda x, t: fastloss.stablemax_cross_entropy(x, t, reduction="none"),
+    "softplus": lambda x, t: fastloss.softplus_cross_entropy(x, t, reduction="none"),
+    "zlpr": lambda x, t: fastloss.zlpr_loss(x, t[:, None], reduction="none"),
+    "decoupled_softmax": lambda x, t: fastloss.decoupled_softmax_loss(x, t[:, None], reduction="none"),
+    "sparsemax": lambda x, t: fastloss.sparsemax_loss(x, t, reduction="none"),
+    "entmax15": lambda x, t: fastloss.entmax15_loss(x, t, reduction="none"),
+}
+_MASKABLE = {"cross_entropy", "stablemax", "softplus", "zlpr", "decoupled_softmax"}  # -inf lanes allowed
+
+
+@pytest.mark.parametrize("name", sorted(_ROW_LOSSES))
+@pytest.mark.parametrize("C", [37, 4096])
+def test_nan_logit_poisons_its_row_only(device, name, C):
+    """A NaN logit anywhere in a row makes that row's loss NaN, as in torch, wherever it lands: a GPU row is split
+    over threads, and a thread whose share holds only NaN (and -inf) must still poison the row's reduction."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, C, generator=gen)
+    t = torch.tensor([0, 1, 2, 3, 4, 5])
+    nan = float("nan")
+    x[1, C - 1] = nan  # the last lane (a tail, on the GPU often a thread of its own)
+    x[2, C // 2 + 1] = nan  # an odd offset inside the row
+    x[3, 3] = nan  # an early lane
+    if name in _MASKABLE:
+        x[4, 16:] = float("-inf")  # a padded vocabulary: the threads past lane 16 see only -inf
+    x[4, C - 3] = nan  # NaN among masked lanes: that thread's maximum is -inf
+    x[5, 5] = nan  # the target itself
+    loss = _ROW_LOSSES[name](x.to(device), t.to(device)).cpu()
+    assert torch.isfinite(loss[0]), loss
+    assert torch.isnan(loss[1:]).all(), loss

@@ -12,7 +12,8 @@
 // whose epilogues consume the tile on chip (contrastive_sm90.cu); the kernels here then only merge their partials.
 // Reductions merge in a fixed order (no atomics): deterministic. A positive index outside [0, M) never indexes
 // memory and poisons only its own row: NaN loss, NaN dq row and dscale, a zero row of G (dk and the other rows
-// stay finite), without a host sync.
+// stay finite), without a host sync; the scalar d bias (and the d scale of a scalar logit_scale) sums that row,
+// so it is NaN too.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -192,7 +192,8 @@ auto dispatch(Epi e, bool bf16, F&& f) {
 }  // namespace
 
 bool supported(const Operands& x, int64_t rows, int64_t M) {
-  return x.d % 8 == 0 && rows <= INT32_MAX && M <= INT32_MAX && x.d <= INT32_MAX &&
+  // d >= 8: with K = 0 the producer issues no loads and the consumers would wait forever (NDEBUG: no CUTLASS assert)
+  return x.q && x.k && x.d >= 8 && x.d % 8 == 0 && rows >= 1 && M >= 1 && rows <= INT32_MAX && M <= INT32_MAX && x.d <= INT32_MAX &&
          reinterpret_cast<uintptr_t>(x.q) % 16 == 0 && reinterpret_cast<uintptr_t>(x.k) % 16 == 0;
 }
 

@@ -6,7 +6,8 @@
 //             sums of d scale and d bias per row and tile;
 //   kGradFwd  SigLIP's one-pass gradient: kGrad plus the partial forward record (a sigmoid lane needs no row
 //             statistic).
-// Partials have one slot per (row or column, tile), merged in tile order by the caller: deterministic.
+// Partials have one slot per (row or column, tile), merged in a fixed order by the caller: deterministic (the
+// grouping of the CUDA row merges differs from the CPU twin's sequential one, so the two agree to rounding).
 // Torch-free on purpose: CUTLASS and the torch headers want different half-precision macros.
 #pragma once
 #include <cuda_runtime.h>

@@ -135,7 +135,8 @@ __global__ void split_bf16_kernel(const scalar_t* __restrict__ x, const float* _
     const float s = scale ? scale[r] : 1.0f;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       const int64_t k = r * d + j;
-      split_bf16((static_cast<float>(x[k]) - (shift ? shift[j] : 0.0f)) * s, hi[k], lo[k]);
+      // __fmul_rn: never contracted with split_bf16's v - hi into one FMA (that would change lo's bits vs torch)
+      split_bf16(__fmul_rn(static_cast<float>(x[k]) - (shift ? shift[j] : 0.0f), s), hi[k], lo[k]);
     }
   }
 }

@@ -36,6 +36,32 @@ int check(const std::vector<T>& row, double rtol, const char* name) {
   return 1;
 }
 
+// The GPU kernels split a row over threads (strided packs) and merge the threads' states: merging the parts in
+// any order must give element-wise push's state, NaN included (a part of only NaN and -inf has maximum -inf).
+template <typename T>
+int check_merge(const std::vector<T>& row, double rtol, const char* name) {
+  LseState<T> one = LseState<T>::empty();
+  for (T x : row) one.push(x);
+  int fails = 0;
+  for (size_t parts : {2, 3, 8}) {
+    std::vector<LseState<T>> part(parts, LseState<T>::empty());
+    for (size_t k = 0; k < row.size(); ++k) part[k % parts].push(row[k]);
+    LseState<T> fwd = part[0], back = part[parts - 1];
+    for (size_t j = 1; j < parts; ++j) {
+      fwd.merge(part[j]);
+      back.merge(part[parts - 1 - j]);
+    }
+    for (const LseState<T>& merged : {fwd, back}) {
+      if (same_state(merged, one, rtol)) continue;
+      std::printf("FAIL merge %s (%s, %zu parts): push (m=%.17g r=%.17g) vs merged (m=%.17g r=%.17g)\n", name,
+                  sizeof(T) == 4 ? "float" : "double", parts, double(one.m), double(one.r), double(merged.m),
+                  double(merged.r));
+      ++fails;
+    }
+  }
+  return fails;
+}
+
 template <typename T>
 int check_all(double rtol) {
   const T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
@@ -43,7 +69,8 @@ int check_all(double rtol) {
   std::normal_distribution<double> normal(0.0, 3.0);
   int fails = 0;
   auto run = [&](const std::vector<T>& row, const char* name) {
-    fails += check<T, 8>(row, rtol, name) + check<T, 4>(row, rtol, name) + check<T, 2>(row, rtol, name);
+    fails += check<T, 8>(row, rtol, name) + check<T, 4>(row, rtol, name) + check<T, 2>(row, rtol, name) +
+             check_merge<T>(row, rtol, name);
   };
   for (int trial = 0; trial < 200; ++trial) {
     std::vector<T> row(1 + gen() % 300);
@@ -68,6 +95,8 @@ int check_all(double rtol) {
   run({nan, 2, 3, 4, 5, 6, 7, 8, 9}, "nan first");
   run({-inf, -inf, nan, -inf, -inf, -inf, -inf, -inf}, "nan among -inf");
   run({1, 2, inf, 3, 4, 5, 6, 7, 0}, "+inf");
+  run({1, nan}, "nan in the second part");
+  run({1, -inf, -inf, 2, nan, -inf, 3, -inf, -inf}, "nan among -inf in one part");
   LseState<T> s = LseState<T>::empty();
   T z[8];
   for (auto& x : z) x = T(-50);

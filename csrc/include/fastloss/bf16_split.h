@@ -1,7 +1,8 @@
 // An fp32 value as the sum of two bfloat16 values, hi = bf16(v) and lo = bf16(v - hi), so that a product with
 // a bf16 operand runs as two bf16 tensor-core GEMMs with fp32 accumulation and keeps about 16 mantissa bits
 // (|v - hi - lo| <= 2^-16 |v|). Bit-level rounding (to nearest, ties to even, as torch and the hardware convert),
-// so the CPU and CUDA kernels produce the same bits.
+// so the CPU and CUDA kernels produce the same bits (a NaN stays a quiet NaN with its sign and payload, where
+// torch's conversions give their canonical NaN: equal as values, not as bits).
 #pragma once
 #include "fastloss/macros.h"
 

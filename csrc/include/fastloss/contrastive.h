@@ -104,7 +104,8 @@ FL_HD FL_INLINE void lse_fold(T& m, T& dA, T& dB, T om, T oA, T oB, T a, T beta,
 // The part (gm, oA, oB) of a group of V finite lanes s[] for lse_fold: gm = their max, oA = sum exp(a (s - gm)),
 // oB = sum exp(beta (s - gm)) (kHcl; without HCL a = 1). One exp per lane and one rescale in the fold, instead
 // of the fold's selects per lane: the CUDA epilogues' common path, once a pack holds no masked, non-finite or
-// special lane (the caller checks gm, which is NaN or infinite otherwise, and falls back to lane-wise folds).
+// special lane (the caller checks gm, which is infinite otherwise, and falls back to lane-wise folds; fmax skips
+// a NaN lane, whose exp then makes oA NaN: the sums, and so the loss, are NaN as with lane-wise folds).
 // kFast: the hardware exp, for logits of fp16 / bf16 features (fl_exp_diff_if_fast; exact maths on the host).
 template <bool kHcl, bool kFast, int V, typename T>
 FL_HD FL_INLINE T lse_group(const T (&s)[V], T a, T beta, T& oA, T& oB) {
@@ -168,7 +169,7 @@ struct Acc {
 
 // Fused GEMM epilogue (CUDA sm_90, csrc/cuda/contrastive_sm90.cu): a tile of raw dot products that never leaves
 // the chip is reduced to one partial record per row and per column, (m, dA, pos, sum) as in Acc, for the plain
-// softmax kind (no HCL, no SupCon, no self exclusion). Partials merge with Acc::merge in tile order.
+// softmax kind (no HCL, no SupCon; NT-Xent's self lane is left out). Partials merge with Acc::merge.
 constexpr int kLineStats = 4;
 
 template <typename T>

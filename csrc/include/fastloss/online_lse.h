@@ -68,6 +68,8 @@ struct LseState {
       m = o.m;
     } else if (o.m != neg_inf<T>()) {
       r += (T(1) + o.r) * fl_exp(o.m - m);
+    } else if (o.r != o.r) {  // a part of NaN (and -inf) only: its max is -inf, yet it must poison the row
+      r = o.r;
     }
   }
 

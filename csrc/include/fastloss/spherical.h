@@ -47,7 +47,7 @@ struct CentredSums {
   FL_HD FL_INLINE static CentredSums from_shifted(const SphericalSums<T>& st, int64_t C) {
     const T d = st.s / T(C);
     const T m2 = st.q - st.s * d;
-    return {d, m2 > T(0) ? m2 : T(0)};
+    return {d, m2 < T(0) ? T(0) : m2};  // rounding below 0 -> 0; a NaN stays NaN
   }
 };
 
