@@ -105,14 +105,21 @@ class _Products:
         return (_mm32(x.t(), ones) if self.split else x.to(self.acc).t() @ ones)[:, 0]
 
     def centred_gram(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """(x - shift)ᵀ (x - shift) for an input operand x (n, d): with the split, the centred rows are split in one
-        pass and the Gram is hiᵀhi + hiᵀlo + (hiᵀlo)ᵀ (the lo·lo term is below the split's own error)."""
-        if not self.split:
-            xc = x.to(self.acc) - shift
-            return xc.t() @ xc
-        hi, lo = _split(x, shift.float())
-        cross = _mm32(hi.t(), lo)
-        return _mm32(hi.t(), hi, cross + cross.t())
+        """(x - shift)ᵀ (x - shift) for an input operand x (n, d), in row chunks accumulated in place (no d x d
+        temporary per chunk): with the split, each chunk's centred rows are split in one pass, and the Gram is
+        Σ hiᵀhi + C + Cᵀ with C = Σ hiᵀlo (the lo·lo term is below the split's own error)."""
+        d = x.shape[1]
+        gram = shift.new_zeros((d, d), dtype=self.acc)
+        cross = gram.clone() if self.split else None
+        for r0 in range(0, x.shape[0], _CHUNK_ROWS):
+            if not self.split:
+                xc = x[r0:r0 + _CHUNK_ROWS].to(self.acc) - shift
+                gram.addmm_(xc.t(), xc)
+                continue
+            hi, lo = _split(x[r0:r0 + _CHUNK_ROWS], shift.float())
+            _mm32(hi.t(), hi, gram, out=gram)
+            _mm32(hi.t(), lo, cross, out=cross)
+        return gram + (cross + cross.t()) if self.split else gram
 
     def weighted_gram(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """xᵀ diag(w) x for an input operand x (N, d) and accumulation-dtype w (N,), in row chunks."""
@@ -139,15 +146,13 @@ def _shard_stats(weight, bias, prod):
     m = wsum / Vs
     bsum = bias.sum(dtype=acc) if bias is not None else wsum.new_zeros(())
     bm = bsum / Vs
-    gram = weight.new_zeros((d, d), dtype=acc)
+    gram = prod.centred_gram(weight, m)
     u = weight.new_zeros((d,), dtype=acc)
     beta = weight.new_zeros((), dtype=acc)
-    for r0 in range(0, Vs, _CHUNK_ROWS):
-        w = weight[r0:r0 + _CHUNK_ROWS]
-        gram += prod.centred_gram(w, m)
-        if bias is not None:  # u = W_cᵀ b_c = Wᵀ b_c - m Σ b_c (Σ b_c ≈ 0: no cancellation)
+    if bias is not None:  # u = W_cᵀ b_c = Wᵀ b_c - m Σ b_c (Σ b_c ≈ 0: no cancellation)
+        for r0 in range(0, Vs, _CHUNK_ROWS):
             bc = bias[r0:r0 + _CHUNK_ROWS].to(acc) - bm
-            u += prod.times(w.t(), bc[:, None])[:, 0] - m * bc.sum()
+            u += prod.times(weight[r0:r0 + _CHUNK_ROWS].t(), bc[:, None])[:, 0] - m * bc.sum()
             beta = beta + bc.square().sum()
     return wsum, bsum, gram, u, beta
 
