@@ -36,7 +36,7 @@ def _loss_grad(fn, x, t, **kw):
 @pytest.mark.parametrize("name", list(LOSSES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("K", [0, 1, 3])  # 0: (...) targets; K: (..., K) targets with random weights
+@pytest.mark.parametrize("K", [0, 1, 3, 40])  # 0: (...) targets; K: (..., K) targets with random weights
 def test_matches_reference(device, name, dtype, reduction, K):
     fn, ref, kw = LOSSES[name]
     gen = torch.Generator().manual_seed(5)

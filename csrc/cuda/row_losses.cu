@@ -261,8 +261,11 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     const acc_t x0 = static_cast<acc_t>(x[0]);
     const acc_t d = stats[2 * row], m2 = stats[2 * row + 1];
     const SphericalRowTargets<scalar_t, acc_t> tg{x, t, tw ? tw + row * K : nullptr, ignore_index, x0, d};
-    SphericalRowGrad<acc_t> g;
-    spherical_row(sl, x0 + d, m2, K, tg, gloss[row], &g);
+    // the row's coefficients once (O(K) target reads; O(K^2) for squared error's duplicate classes), shared
+    __shared__ SphericalRowGrad<acc_t> s_g;
+    if (threadIdx.x == 0) spherical_row(sl, x0 + d, m2, K, tg, gloss[row], &s_g);
+    __syncthreads();
+    const SphericalRowGrad<acc_t> g = s_g;
     // dense part beta (x - mean) + alpha, then the target classes, whole in acc_t and rounded once
     const acc_t off = g.alpha - g.beta * d;
     auto dense = [&](acc_t v) { return static_cast<scalar_t>(g.beta * (v - x0) + off); };
