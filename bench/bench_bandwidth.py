@@ -48,14 +48,15 @@ def measure_cases(x, t, iters):
     nb = x.numel() * x.element_size()
     parts, stats = ops.cross_entropy_fwd(x, t, None, None, 0.0, 1.0, 0.0, -100, False)
     g = torch.ones_like(parts)
-    zl, zst = ops.zloss_fwd(x, t, 1.0, 0.0, -100)
+    t1 = t.view(-1, 1)  # the spherical ops take (N, K) targets; kind 0 = Z-loss (a=1, b=0, eps unused)
+    zl, zst = ops.spherical_fwd(x, t1, None, 0, 1.0, 0.0, 0.0, -100)
     gz = torch.ones_like(zl)
     ce_opts = (1.0, 0.0, -100, False)  # logit_scale, softcap, ignore_index, with_smoothing
     cases = [
         ("cross_entropy", "fwd", nb, lambda: ops.cross_entropy_fwd(x, t, None, None, 0.0, *ce_opts)),
         ("cross_entropy", "bwd", 2 * nb, lambda: ops.cross_entropy_bwd(g, x, t, None, stats, *ce_opts)),
-        ("zloss", "fwd", nb, lambda: ops.zloss_fwd(x, t, 1.0, 0.0, -100)),
-        ("zloss", "bwd", 2 * nb, lambda: ops.zloss_bwd(gz, x, t, zst, 1.0, 0.0, -100)),
+        ("zloss", "fwd", nb, lambda: ops.spherical_fwd(x, t1, None, 0, 1.0, 0.0, 0.0, -100)),
+        ("zloss", "bwd", 2 * nb, lambda: ops.spherical_bwd(gz, x, t1, None, zst, 0, 1.0, 0.0, 0.0, -100)),
     ]
     return [(op, mode, time_ms(fn, iters), nbytes) for op, mode, nbytes, fn in cases]
 

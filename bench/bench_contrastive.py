@@ -75,10 +75,12 @@ def _inf_cl():
     # Inf-CL (DAMO-NLP-SG, Triton, CUDA only): one direction per call, scale applied to the queries
     from inf_cl import cal_inf_loss
 
+    # scale applied here, not as scale=: cal_inf_loss wraps a scale in GradientGather, whose backward all-reduces
+    # (ValueError without an initialised process group); cal_inf_loss(q, k, scale=s) == cal_inf_loss(s * q, k)
     def clip(x, y, s, b):
-        return (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s)) / 2
+        return (cal_inf_loss(s * x, y) + cal_inf_loss(s * y, x)) / 2
 
-    return {"clip_loss": clip, "infonce_loss": lambda x, y, s, b: cal_inf_loss(x, y, scale=s)}  # needs N = M
+    return {"clip_loss": clip, "infonce_loss": lambda x, y, s, b: cal_inf_loss(s * x, y)}  # needs N = M
 
 
 def _siglip_kernel():
@@ -212,20 +214,29 @@ def timing(args):
             for op in args.ops:
                 for mode in modes:
                     case = Case(op, {"N": n, "d": d}, DTYPES[dtype], args.device, mode)
-                    base = None
+                    base, medians = None, {}
                     for name, f in fns.items():
                         if op not in f:
                             continue
-                        with provider_env(f):
-                            r = measure(input_setup(f[op], case), case, min_run_time=0.1, min_samples=args.samples)
+                        try:
+                            with provider_env(f):
+                                r = measure(input_setup(f[op], case), case, min_run_time=0.1,
+                                            min_samples=args.samples)
+                        except Exception as exc:  # a failing provider must not end the run (nor lose the CSV)
+                            print(f"{op} {mode} {case.shape_str} {name}: failed: {type(exc).__name__}: "
+                                  f"{str(exc)[:200]}", flush=True)
+                            if case.device.startswith("cuda"):
+                                torch.cuda.empty_cache()
+                            continue
                         rows.append(csv_row(case, name, r, 0.0, info))
                         base = r.median_ms if name == "torch" else base
+                        medians[name] = r.median_ms
                         table.append([op, mode, dtype, case.shape_str, name, f"{r.median_ms:.1f}",
                                       f"{flops(case) / r.median_ms / 1e9:.2f}", f"{r.extra_mem_mb:.1f}",
                                       peak_share(case, r.median_ms, name)])
                         print(" ".join(table[-1]), flush=True)
-                    for row in table[-sum(op in f for f in fns.values()):]:
-                        row.append(f"{float(row[5]) / base:.2f}x" if base else "-")
+                    for row in (t for t in table if t[:4] == [op, mode, dtype, case.shape_str]):
+                        row.append(f"{medians[row[4]] / base:.2f}x" if base else "-")  # unrounded times
     append_csv(args.out, rows)
     print(format_table(("op", "mode", "dtype", "shape", "provider", "median ms", "TFLOP/s", "extra MB",
                         "bf16 peak (useful / performed)", "time vs torch"), table, "lllllrrrrr"))

@@ -134,8 +134,14 @@ def main(argv=None):
     append_csv(args.out, [])
     results, start = [], time.perf_counter()
     for case, name in tqdm([(c, n) for c in cases for n in providers], unit="run", dynamic_ncols=True):
-        r = measure(input_setup(providers[name][case.op], case), case, min_run_time=preset.min_run_time,
-                    min_samples=preset.min_samples)
+        try:
+            r = measure(input_setup(providers[name][case.op], case), case, min_run_time=preset.min_run_time,
+                        min_samples=preset.min_samples)
+        except Exception as exc:  # a failing provider must not end the sweep
+            print(f"\n{case.op} {case.shape_str} {name}: failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            continue
         append_csv(args.out, [csv_row(case, name, r, bytes_moved(case), info)])
         results.append((case, name, r))
     print(f"\n{len(results)} measurements in {time.perf_counter() - start:.0f} s -> {args.out}\n")

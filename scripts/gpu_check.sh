@@ -3,13 +3,13 @@
 # CUDA tests, compute-sanitizer memcheck on a small run of every CUDA op, the bandwidth roofline check and the
 # quick CUDA benchmark. Logs go to $OUT (default /tmp/fastloss_gpu; at most 8 files, the device tool's limit),
 # the rest to /tmp/fastloss_logs. Steps run on even if one fails; summary.txt lists each step's exit status.
-# Steps run in priority order (build, CUDA tests, sanitizer, then the issues' targets: bandwidth, contrastive,
-# Gram form, profile; then the other benchmarks and ncu): a run cut short by the device tool's 600 s limit still
+# Steps run in priority order (build, CUDA tests, the issues' targets: bandwidth, Gram form, contrastive; then
+# the sanitizer, the profile, the other benchmarks and ncu): a run cut short by the device tool's 600 s limit still
 # returns everything written so far.
 #   usage: bash scripts/gpu_check.sh            (from the repository root; peers and expecttest come from
 #          .whl/, filled by scripts/fetch_gpu_wheels.sh on a machine with network)
 #   a second call after a cut-short first one: GPU_SKIP="<the steps summary.txt lists as done>" (e.g.
-#          "pytest_cuda pytest_fused sanitizer sanitizer_fused bandwidth"), and FUSED_OK=1 if the first call's
+#          "pytest_cuda pytest_fused bandwidth bench_spherical"), and FUSED_OK=1 if the first call's
 #          pytest_fused passed: bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/fastloss_gpu}
@@ -47,20 +47,21 @@ step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda 
 FUSED=${FUSED_OK:-0}  # a second call that skips pytest_fused says FUSED_OK=1 when the first call's passed
 step pytest_fused "$OUT/pytest_cuda.log" 180 $PY -m pytest "$REPO/tests" -m cuda -k fused_matches_tile_loop -q \
   -p no:cacheprovider -rfE && FUSED=1
+step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
+  ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}
+# Gram form at the issue's GPU shape (N=32768, d=2048, V=131072, bf16) against torch, Liger and CCE; the table
+# lands in bench_quick.log (the $OUT file budget is spent), the CSV in $LOGS.
+step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \
+  --out "$LOGS/spherical_cuda.csv"
+# contrastive family: quick GPU bench (table appended to bench_quick.log; CSV kept on the machine)
+CONTRASTIVE_PROVIDERS=fastloss,$([ "$FUSED" = 1 ] && echo fastloss_fused,)fastloss_tile2x,torch,open_clip,inf_cl,siglip_kernel
+step bench_contrastive "$OUT/bench_quick.log" 240 $PY "$REPO/bench/bench_contrastive.py" --preset gpu --device cuda \
+  --dtype bf16 --ops clip_loss,siglip_loss,infonce_loss --providers "$CONTRASTIVE_PROVIDERS" \
+  --out "$LOGS/contrastive_cuda.csv"
+# memcheck after the three issue targets above (each short): a run cut at 600 s keeps the measurements
 step sanitizer "$OUT/sanitizer.log" 300 compute-sanitizer --tool memcheck --error-exitcode 9 $PY "$REPO/scripts/sanitizer_case.py"
 [ "$FUSED" = 1 ] && step sanitizer_fused "$OUT/sanitizer.log" 180 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY "$REPO/scripts/sanitizer_case.py" --fused
-step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
-  ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}
-# contrastive family: quick GPU bench (table appended to bench_quick.log; CSV kept on the machine)
-CONTRASTIVE_PROVIDERS=fastloss,$([ "$FUSED" = 1 ] && echo fastloss_fused,)fastloss_tile2x,torch,open_clip,inf_cl,siglip_kernel
-step bench_contrastive "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_contrastive.py" --preset gpu --device cuda \
-  --dtype bf16 --ops clip_loss,siglip_loss,infonce_loss --providers "$CONTRASTIVE_PROVIDERS" \
-  --out "$LOGS/contrastive_cuda.csv"
-# Gram form at the issue's GPU shape (N=32768, d=2048, V=131072, bf16) and the factored layer's SGD step; their
-# tables land in bench_quick.log (the $OUT file budget is spent), CSVs in $LOGS.
-step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \
-  --out "$LOGS/spherical_cuda.csv"
 # Where the time of the big targets goes (GEMMs vs fastloss kernels, per kernel name): torch.profiler
 step profile "$OUT/bench_quick.log" 240 $PY "$REPO/scripts/profile_case.py" \
   --cases "clip,siglip,infonce,gram$([ "$FUSED" = 1 ] && echo ,clip_fused,siglip_fused,infonce_fused)"

@@ -55,3 +55,22 @@ def test_fallback_without_extension():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+
+
+def test_scripts_call_registered_ops():
+    """bench/, scripts/ and examples/ run on a GPU machine only rarely: every fastloss op they call directly must
+    exist (an op renamed in the library once made the bandwidth benchmark die on its first case there)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    called = set()
+    for path in [*root.glob("bench/*.py"), *root.glob("scripts/*.py"), *root.glob("examples/*.py")]:
+        text = path.read_text()
+        if "torch.ops.fastloss" not in text:
+            continue
+        called |= {(path.name, name) for name in re.findall(r"\bops\.([a-z_0-9]+)\s*\(", text)}
+        called |= {(path.name, name) for name in re.findall(r"torch\.ops\.fastloss\.([a-z_0-9]+)", text)}
+    assert called, "no direct op calls found: the pattern is stale"
+    missing = [(f, name) for f, name in sorted(called) if not hasattr(torch.ops.fastloss, name)]
+    assert not missing, missing
