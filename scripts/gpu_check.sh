@@ -40,8 +40,10 @@ step build "$OUT/build.log" 420 $PY -m pip install --no-build-isolation --no-dep
 cd /tmp  # import the installed package, not the source tree
 step info "$OUT/info.log" 60 $PY -c "import fastloss, json; print(json.dumps(fastloss.build_info(), indent=1))"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # one GPU, 8 test processes (when .whl has xdist)
+# a hung test (a kernel that never returns) is killed alone and its worker replaced, instead of eating the step
+PER_TEST=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150 --timeout-method thread")
 step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda -k "not fused_matches_tile_loop" -q \
-  -p no:cacheprovider -rfE $XDIST
+  -p no:cacheprovider -rfE $XDIST $PER_TEST
 # The opt-in fused sm_90 GEMMs (FASTLOSS_CONTRASTIVE_FUSED=1, never run before): their own short steps, so that a
 # fault or a hang there costs no other step; the benchmarks and profiles take them only if their tests pass.
 FUSED=${FUSED_OK:-0}  # a second call that skips pytest_fused says FUSED_OK=1 when the first call's passed
