@@ -52,6 +52,9 @@ TORCH_LIBRARY(fastloss, m) {
   // float32), returned as bfloat16 (hi, lo) with hi = bf16(v), lo = bf16(v - hi): the operand split of the
   // Gram form's bf16 tensor-core products.
   m.def("spherical_split_bf16(Tensor x, Tensor? col_shift, Tensor? row_scale) -> (Tensor, Tensor)");
+  // The Gram form's weight gradient in the weight's dtype from its GEMM part gw (V, d) (accumulation dtype):
+  // out = gw + row (d) on every row + 2 bias (V) v (d)ᵀ, one pass (the rank-one terms never touch gw).
+  m.def("spherical_weight_grad(Tensor gw, Tensor row, Tensor? bias, Tensor v, ScalarType dtype) -> Tensor");
   // Hidden gradient (N, d): [2A (hq + u) + B m if with_dense] + sum_j gamma_j w_{c_j} over local targets,
   // with ab (N, 2) = [A, B] and gamma (N, K) already scaled by the upstream gradient.
   m.def(

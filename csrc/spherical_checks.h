@@ -193,6 +193,36 @@ inline SplitInputs prepare_split_bf16(const at::Tensor& x, const std::optional<a
   return in;
 }
 
+struct WeightGradInputs {
+  at::Tensor gw, row, bias, v, out;
+  int64_t R, d;
+};
+
+inline WeightGradInputs prepare_weight_grad(const at::Tensor& gw, const at::Tensor& row,
+                                            const std::optional<at::Tensor>& bias, const at::Tensor& v,
+                                            at::ScalarType dtype) {
+  constexpr const char* op = "fastloss.spherical_weight_grad";
+  TORCH_CHECK(gw.dim() == 2, op, ": gw must be 2-D, got ", gw.dim(), "-D");
+  const auto acc = gw.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, op, ": gw must be float32 or float64, got ", acc);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": dtype must be a floating dtype, got ", dtype);
+  WeightGradInputs in;
+  in.R = gw.size(0), in.d = gw.size(1);
+  auto vec = [&](const at::Tensor& t, int64_t n, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n, ",)");
+    TORCH_CHECK(t.device() == gw.device(), op, ": ", name, " is on ", t.device(), " but gw is on ", gw.device());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point");
+    return t.to(acc).contiguous();
+  };
+  in.gw = gw.contiguous();
+  in.row = vec(row, in.d, "row");
+  in.v = vec(v, in.d, "v");
+  if (bias.has_value() && bias->defined()) in.bias = vec(*bias, in.R, "bias");
+  in.out = at::empty({in.R, in.d}, gw.options().dtype(dtype));
+  return in;
+}
+
 inline GramRowInputs prepare_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
                                          const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
                                          int64_t offset) {

@@ -118,6 +118,29 @@ def test_split_bf16_op(device, dtype):
         torch.ops.fastloss.spherical_split_bf16(x, shift[:3], None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+def test_weight_grad_op(device, dtype, acc):
+    """spherical_weight_grad: gw + row on every row + 2 bias vᵀ, computed in the accumulation dtype and rounded
+    once into `dtype` (the rank-one terms of the Gram form's weight gradient, fused into its final cast)."""
+    gen = torch.Generator().manual_seed(12)
+    R, d = 53, 37
+    gw, row, v = (torch.randn(*shape, generator=gen, dtype=acc).to(device) for shape in ((R, d), (d,), (d,)))
+    bias = torch.randn(R, generator=gen).to(device, dtype)
+    for b in (None, bias):
+        out = torch.ops.fastloss.spherical_weight_grad(gw, row, b, v, dtype)
+        want = gw + row + (2 * b.to(acc)[:, None] * v if b is not None else 0)
+        assert out.dtype == dtype and out.shape == (R, d)
+        # one rounding of the sum (a fused multiply-add on the GPU may move a tie by one unit)
+        torch.testing.assert_close(out, want.to(dtype), rtol=torch.finfo(dtype).eps, atol=1e-30)
+    torch.library.opcheck(torch.ops.fastloss.spherical_weight_grad.default, (gw, row, bias, v, dtype))
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        torch.ops.fastloss.spherical_weight_grad(gw, row, bias[:3], v, dtype)
+    with pytest.raises(RuntimeError, match="gw must be float32 or float64"):
+        torch.ops.fastloss.spherical_weight_grad(gw.to(dtype) if dtype != torch.float32 else gw.half(), row, None,
+                                                 v, dtype)
+
+
 def test_bf16_split_products(device):
     """The hi/lo split products (bf16 operands, fp32 accumulation) are fp32-accurate: ~2^-16 relative, where one
     bf16 rounding of the fp32 operand alone would cost ~2^-9."""

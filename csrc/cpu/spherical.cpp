@@ -106,6 +106,30 @@ std::tuple<at::Tensor, at::Tensor> spherical_split_bf16(const at::Tensor& x,
   return {in.hi, in.lo};
 }
 
+at::Tensor spherical_weight_grad(const at::Tensor& gw, const at::Tensor& row, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& v, at::ScalarType dtype) {
+  auto in = prepare_weight_grad(gw, row, bias, v, dtype);
+  const int64_t d = in.d;
+  AT_DISPATCH_FLOATING_TYPES(in.gw.scalar_type(), "spherical_weight_grad", [&] {
+    using acc_t = scalar_t;
+    const acc_t* g = in.gw.data_ptr<acc_t>();
+    const acc_t* rw = in.row.data_ptr<acc_t>();
+    const acc_t* vv = in.v.data_ptr<acc_t>();
+    const acc_t* b = in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "spherical_weight_grad_out", [&] {
+      scalar_t* out = in.out.data_ptr<scalar_t>();
+      at::parallel_for(0, in.R, grain_rows(d), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const acc_t two_b = b ? acc_t(2) * b[r] : acc_t(0);
+          for (int64_t j = 0; j < d; ++j)
+            out[r * d + j] = static_cast<scalar_t>(gram_weight_grad_term(g[r * d + j], rw[j], two_b, vv[j]));
+        }
+      });
+    });
+  });
+  return in.out;
+}
+
 at::Tensor spherical_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, const at::Tensor& gamma,
                                  const at::Tensor& weight, const at::Tensor& target, const at::Tensor& stat,
                                  int64_t offset, int64_t ignore_index, bool with_dense) {
@@ -146,4 +170,5 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("spherical_row_stats", &fastloss::cpu::spherical_row_stats);
   m.impl("spherical_grad_hidden", &fastloss::cpu::spherical_grad_hidden);
   m.impl("spherical_split_bf16", &fastloss::cpu::spherical_split_bf16);
+  m.impl("spherical_weight_grad", &fastloss::cpu::spherical_weight_grad);
 }

@@ -160,6 +160,37 @@ std::tuple<at::Tensor, at::Tensor> spherical_split_bf16(const at::Tensor& x,
   return {in.hi, in.lo};
 }
 
+// Blocks stride over weight rows, threads over a row's columns (coalesced); memory-bound: 4 bytes in, 2-4 out.
+template <typename out_t, typename acc_t>
+__global__ void weight_grad_kernel(const acc_t* __restrict__ gw, const acc_t* __restrict__ row,
+                                   const acc_t* __restrict__ bias, const acc_t* __restrict__ v, int64_t R, int64_t d,
+                                   out_t* __restrict__ out) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const acc_t two_b = bias ? acc_t(2) * bias[r] : acc_t(0);
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+      out[r * d + j] = static_cast<out_t>(gram_weight_grad_term(gw[r * d + j], row[j], two_b, v[j]));
+  }
+}
+
+at::Tensor spherical_weight_grad(const at::Tensor& gw, const at::Tensor& row, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& v, at::ScalarType dtype) {
+  c10::cuda::CUDAGuard guard(gw.device());
+  auto in = prepare_weight_grad(gw, row, bias, v, dtype);
+  if (in.R == 0 || in.d == 0) return in.out;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(in.R, int64_t(1) << 16));
+  const int threads = in.d >= 256 ? 256 : (in.d >= 64 ? 64 : 32);
+  AT_DISPATCH_FLOATING_TYPES(in.gw.scalar_type(), "spherical_weight_grad", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "spherical_weight_grad_out", [&] {
+      weight_grad_kernel<scalar_t, acc_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          in.gw.data_ptr<acc_t>(), in.row.data_ptr<acc_t>(), in.bias.defined() ? in.bias.data_ptr<acc_t>() : nullptr,
+          in.v.data_ptr<acc_t>(), in.R, in.d, in.out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return in.out;
+}
+
 // One warp per row: each lane owns the elements i = lane + 32 k, first the dense part, then the targets'
 // weight rows in target order (a fixed order: reproducible).
 template <typename scalar_t, typename acc_t>
@@ -211,4 +242,5 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("spherical_row_stats", &fastloss::cuda::spherical_row_stats);
   m.impl("spherical_grad_hidden", &fastloss::cuda::spherical_grad_hidden);
   m.impl("spherical_split_bf16", &fastloss::cuda::spherical_split_bf16);
+  m.impl("spherical_weight_grad", &fastloss::cuda::spherical_weight_grad);
 }

@@ -51,6 +51,10 @@ if _ops.AVAILABLE:
     def _(x, col_shift, row_scale):
         return x.new_empty(x.shape, dtype=torch.bfloat16), x.new_empty(x.shape, dtype=torch.bfloat16)
 
+    @torch.library.register_fake("fastloss::spherical_weight_grad")
+    def _(gw, row, bias, v, dtype):
+        return gw.new_empty(gw.shape, dtype=dtype)
+
     @torch.library.register_fake("fastloss::spherical_grad_hidden")
     def _(hq, ab, gamma, weight, target, stat, offset, ignore_index, with_dense):
         return hq.new_empty(hq.shape)

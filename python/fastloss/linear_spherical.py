@@ -248,13 +248,20 @@ class _LinearSpherical(torch.autograd.Function):
                 row = vb[:, 1] / Vtot - 2 * (G @ m) - 2 * bm * v  # the same for every row of W
                 gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
                 g2 = prod.operand(2 * G)  # split once for every chunk of W
+                # fp16 / bf16 weights: the rank-one terms join in the pass that rounds gw into the weight's dtype
+                # (spherical_weight_grad), instead of a broadcast copy and an outer-product pass over gw each
+                finish = weight.dtype != acc
                 for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
-                    prod.times(weight[r0:r0 + _CHUNK_ROWS], g2, row, out=gw[r0:r0 + _CHUNK_ROWS])
-                if has_bias:
+                    prod.times(weight[r0:r0 + _CHUNK_ROWS], g2, None if finish else row, out=gw[r0:r0 + _CHUNK_ROWS])
+                if has_bias and not finish:
                     gw.addr_(bias.to(acc), v, alpha=2)
                 idx = safe.reshape(-1)
                 gw.index_put_((idx,), (gam[..., None] * hidden[:, None, :]).reshape(-1, d), accumulate=True)
-                grad_w = gw.to(weight.dtype)
+                if finish:
+                    grad_w = torch.ops.fastloss.spherical_weight_grad(gw, row, bias if has_bias else None, v,
+                                                                      weight.dtype)
+                else:
+                    grad_w = gw
                 if has_bias and ctx.needs_input_grad[2]:
                     bc = bias.to(acc) - bm
                     gb = 2 * (prod.times(weight, v[:, None])[:, 0] - (m @ v) + bc * A.sum()) + B.sum() / Vtot

@@ -216,4 +216,11 @@ FL_HD FL_INLINE T gram_grad_dense(T A, T B, T hq, T u, T m) {
   return T(2) * A * (hq + u) + B * m;
 }
 
+// One element of the weight gradient from its GEMM part g = (W 2G + target rows)_rj: + row_j (the same for every
+// weight row: the mean and centring terms) + 2 b_r v_j (the bias term), rounded once into the weight's dtype.
+template <typename T>
+FL_HD FL_INLINE T gram_weight_grad_term(T g, T row, T two_bias, T v) {
+  return g + row + two_bias * v;
+}
+
 }  // namespace fastloss
