@@ -152,7 +152,7 @@ def test_bf16_split_products(device):
     y = r(24, 24).float()
     prod = _Products(True, torch.float32)
     _close(prod.times(x, y), x.double() @ y.double(), 2e-5)
-    add = r(24).float()
+    add = r(300, 24).float()  # a full fp32 matrix (the split path accumulates into its output)
     _close(prod.times(x, y, add), x.double() @ y.double() + add.double(), 2e-5)
     out = torch.empty(300, 24, device=device)
     assert prod.times(x, y, add, out=out).data_ptr() == out.data_ptr()

@@ -63,14 +63,12 @@ def _split(x: torch.Tensor, col_shift: torch.Tensor | None = None, row_scale: to
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, out: torch.Tensor | None = None):
-    """add + a @ b for bf16 a, b with fp32 accumulation and output (bf16 tensor cores on CUDA); ``add`` may be a
-    row vector (broadcast) or ``out`` itself (accumulate in place). The CPU has no such GEMM and emulates it
-    exactly (bf16 products are exact in fp32), so the CPU tests run the same maths."""
+    """add + a @ b for bf16 a, b with fp32 accumulation and output (bf16 tensor cores on CUDA); ``add`` is a full
+    fp32 matrix, typically ``out`` itself (accumulate in place). The CPU has no such GEMM and emulates it exactly
+    (bf16 products are exact in fp32), so the CPU tests run the same maths."""
     if a.device.type == "cuda":
         if add is None:
             return torch.mm(a, b, out_dtype=torch.float32, out=out)
-        if add.dim() == 1:  # a row broadcast over the output rows
-            add = add.expand(a.shape[0], b.shape[1])
         return torch.addmm(add, a, b, out_dtype=torch.float32, out=out)
     a, b = a.float(), b.float()
     return torch.mm(a, b, out=out) if add is None else torch.addmm(add, a, b, out=out)
@@ -91,7 +89,7 @@ class _Products:
     def times(self, x: torch.Tensor, y, add: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
         """add + x @ y for an input operand x (n, k) and an accumulation-dtype y (k, p) or its `operand`, into
-        ``out`` if given."""
+        ``out`` if given; ``add`` may broadcast (a row) without the split, and is a full matrix with it."""
         if not self.split:
             x = x.to(self.acc)
             return torch.mm(x, y, out=out) if add is None else torch.addmm(add, x, y, out=out)
