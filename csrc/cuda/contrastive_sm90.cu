@@ -193,8 +193,8 @@ auto dispatch(Epi e, bool bf16, F&& f) {
 
 bool supported(const Operands& x, int64_t rows, int64_t M) {
   // d >= 8: with K = 0 the producer issues no loads and the consumers would wait forever (NDEBUG: no CUTLASS assert)
-  return x.q && x.k && x.d >= 8 && x.d % 8 == 0 && rows >= 1 && M >= 1 && rows <= INT32_MAX && M <= INT32_MAX && x.d <= INT32_MAX &&
-         reinterpret_cast<uintptr_t>(x.q) % 16 == 0 && reinterpret_cast<uintptr_t>(x.k) % 16 == 0;
+  return x.q && x.k && x.d >= 8 && x.d % 8 == 0 && rows >= 1 && M >= 1 && rows <= INT32_MAX && M <= INT32_MAX &&
+         x.d <= INT32_MAX && reinterpret_cast<uintptr_t>(x.q) % 16 == 0 && reinterpret_cast<uintptr_t>(x.k) % 16 == 0;
 }
 
 size_t workspace_bytes(Epi e, const Problem& p, int sm_count) {
