@@ -60,7 +60,8 @@ struct CpuBackend {
     T* S = s.data_ptr<T>();
     const T b = a.bias_value();
     if (f == Fused::kFold) {
-      std::vector<T> row_part(size_t(n_tiles * rows * kLineStats)), col_part(a.symmetric ? size_t(m_tiles * M * kLineStats) : 0);
+      std::vector<T> row_part(size_t(n_tiles * rows * kLineStats));
+      std::vector<T> col_part(a.symmetric ? size_t(m_tiles * M * kLineStats) : 0);
       at::parallel_for(0, m_tiles, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t mt = lo; mt < hi; ++mt)
           for (int64_t nt = 0; nt < n_tiles; ++nt) {

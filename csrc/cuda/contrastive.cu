@@ -217,8 +217,9 @@ struct BwdState<T, true> {
 
 // Reads row r of the fp32 / fp64 tile once and writes t_i G_ij once, as O (T in place, or fp16 / bf16, whose
 // features' rounding lets the exps take the hardware ex2). A pack without the row's special lanes skips the
-// per-lane index compares. kFwd (SigLIP in forward_grad only): a sigmoid lane's gradient needs no row statistic, so the same read also
-// folds the row's forward record and loss, and the coefficients are those of a unit upstream gradient.
+// per-lane index compares. kFwd (SigLIP in forward_grad only): a sigmoid lane's gradient needs no row statistic,
+// so the same read also folds the row's forward record and loss, and the coefficients are those of a unit upstream
+// gradient.
 template <typename T, typename O, bool kFwd = false>
 __global__ void __launch_bounds__(kMaxThreads) row_bwd_kernel(TileArgs<T> a) {
   using State = BwdState<T, kFwd>;
