@@ -98,6 +98,58 @@ def test_low_precision_no_worse_than_torch(device, dtype, opts):
         assert gerr <= 2 * tgerr + eps * truth_grad_max(s, kw) + 1e-6, (s.name, gerr, tgerr)
 
 
+def _wide_low_precision_rows(device, dtype):
+    """2-byte rows long enough for every CUDA thread to see full groups of packs (C = 70001: misaligned rows with
+    head and tail elements; C = 32768: aligned; an offset slice), with adversarial rows: ties of the maximum
+    inside and across groups, half the classes masked with -inf, a target 40 above the rest (Softmax Collapse
+    in a naive fp32 sum), targets at the first and last class, an ignored row."""
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for shape, cut in (((6, 70001), 0), ((4, 32768), 0), ((3, 40000), 5)):
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64) * 3
+        N, C = shape[0], shape[1] - cut
+        t = torch.randint(0, C, (N,), generator=gen)
+        t[0], t[1] = 0, C - 1
+        x[1, cut:] = torch.round(x[1, cut:])  # many lanes tie with the row maximum
+        if N > 3:
+            x[2, cut:] = 0.0
+            x[2, cut + t[2]] = 40.0  # confidently right: loss ~ C e^-40, must stay > 0
+            x[3, cut:][torch.rand(C, generator=gen) < 0.5] = float("-inf")
+            x[3, cut + t[3]] = 1.0
+            t[N - 1] = -100
+        x = x.to(dtype)[:, cut:]
+        out.append((x.to(device), t.to(device)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("opts", [{}, {"logit_scale": 0.37}, {"logit_scale": 3.0}, {"logit_scale": -0.5},
+                                  {"target_margin": 0.8}, {"label_smoothing": 0.1}, {"softcap": 5.0}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_low_precision_wide_rows(device, dtype, opts):
+    """Wide fp16/bf16 rows through both CUDA forward loops (the light loop takes the plain call and positive
+    scales; margin, smoothing, softcap and negative scales take the general loop): loss and gradient against
+    float64 of the same values, within one rounding to the output dtype."""
+    eps = torch.finfo(dtype).eps
+    for x, t in _wide_low_precision_rows(device, dtype):
+        xi = x.clone().requires_grad_()
+        loss = fastloss.cross_entropy(xi, t, reduction="none", **opts)
+        (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
+        x64 = x.double().requires_grad_()
+        ref = reference.cross_entropy(x64, t, reduction="none", **opts)
+        (g64,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
+        assert loss.dtype == dtype
+        rows = torch.arange(t.numel(), device=device)
+        if opts.get("logit_scale", 1.0) < 0 and t.numel() > 3:
+            rows = rows[rows != 3]  # -inf lanes scaled by a negative number are +inf (torch: NaN, ours: +inf)
+        torch.testing.assert_close(loss[rows].double(), ref[rows].detach(), rtol=2 * eps, atol=1e-6)
+        torch.testing.assert_close(g[rows].double(), g64[rows], rtol=2 * eps,
+                                   atol=eps * g64[rows].abs().max().item() + 1e-7)
+        if t.numel() > 3 and not opts and dtype == torch.bfloat16:
+            # the confident row keeps its rest mass (fp32 maths, rounded once to bf16, which has fp32's range)
+            assert loss[2] > 0 and g[2, t[2]] < 0
+
+
 EXTRAS = [
     {"lse_square_scale": 1e-2},
     {"logit_scale": 0.37},

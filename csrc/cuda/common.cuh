@@ -57,10 +57,13 @@ struct alignas(16) Pack {
   T v[N];
 };
 
-// Visits a row: element(k, x_k) for the unaligned head and the tail, pack(k0, Pack) for the 16-byte-aligned
-// body, each thread a strided share with U packs in flight.
-template <typename T, int U = 4, typename E, typename P>
-__device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, E&& element, P&& pack) {
+// Visits a row: element(k, x_k) for the unaligned head and the tail, and group(p, n, k0, step) for the
+// 16-byte-aligned body, each thread a strided share: its packs come U at a time (loaded together, in flight at
+// once), p[u] starting at element k0 + u * step. In the last group only p[0..n) are in the row and the others
+// hold `pad`; every other group is full, n == U, and runs without per-pack bounds checks.
+template <typename T, int U, typename E, typename G>
+__device__ __forceinline__ void for_each_pack_group(const T* row, int64_t C, const Pack<T>& pad, E&& element,
+                                                    G&& group) {
   constexpr int V = Pack<T>::N;
   const int tid = threadIdx.x, nt = blockDim.x;
   const int64_t mis = (reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T);
@@ -69,20 +72,38 @@ __device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, E&& ele
   for (int64_t k = tid; k < head; k += nt) element(k, row[k]);
   const int64_t n_vec = (C - head) / V;
   const Pack<T>* vp = reinterpret_cast<const Pack<T>*>(row + head);
-  for (int64_t v0 = tid; v0 < n_vec; v0 += int64_t(U) * nt) {
+  const int64_t step = int64_t(nt) * V;
+  int64_t v0 = tid;
+  for (; v0 + int64_t(U - 1) * nt < n_vec; v0 += int64_t(U) * nt) {
     Pack<T> p[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t v = v0 + int64_t(u) * nt;
-      if (v < n_vec) p[u] = vp[v];
-    }
+    for (int u = 0; u < U; ++u) p[u] = vp[v0 + int64_t(u) * nt];
+    group(p, U, head + v0 * V, step);
+  }
+  if (v0 < n_vec) {
+    Pack<T> p[U];
+    int n = 0;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t v = v0 + int64_t(u) * nt;
-      if (v < n_vec) pack(head + v * V, p[u]);
+      p[u] = v < n_vec ? vp[v] : pad;
+      n += v < n_vec;
     }
+    group(p, n, head + v0 * V, step);
   }
   for (int64_t k = head + n_vec * V + tid; k < C; k += nt) element(k, row[k]);
+}
+
+// Visits a row: element(k, x_k) for the unaligned head and the tail, pack(k0, Pack) for each 16-byte-aligned
+// pack of the body, each thread a strided share with U packs in flight.
+template <typename T, int U = 4, typename E, typename P>
+__device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, E&& element, P&& pack) {
+  for_each_pack_group<T, U>(row, C, Pack<T>{}, element,
+                            [&](const Pack<T>(&p)[U], int n, int64_t k0, int64_t step) {
+#pragma unroll
+                              for (int u = 0; u < U; ++u)
+                                if (u < n) pack(k0 + u * step, p[u]);
+                            });
 }
 
 // out[k] = g(k, x_k) for every element of a row; vectorised when input and output rows share alignment.

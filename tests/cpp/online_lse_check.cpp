@@ -36,6 +36,30 @@ int check(const std::vector<T>& row, double rtol, const char* name) {
   return 1;
 }
 
+// push_scaled_n (the CUDA forward's light loop: the maximum of the raw lanes, the scale folded into the exp)
+// must give element-wise push's state of the scaled lanes.
+template <typename T, int N>
+int check_scaled(const std::vector<T>& row, T s, double rtol, const char* name) {
+  LseState<T> one = LseState<T>::empty(), grouped = LseState<T>::empty();
+  for (T x : row) one.push(s * x);
+  size_t k = 0;
+  for (; k + N <= row.size(); k += N) {
+    T x[N];
+    T gx = row[k];
+    for (int j = 0; j < N; ++j) {
+      x[j] = row[k + j];
+      gx = std::fmax(gx, x[j]);
+    }
+    grouped.template push_scaled_n<false, N>(x, gx, s);
+  }
+  for (; k < row.size(); ++k) grouped.push(s * row[k]);
+  if (same_state(grouped, one, rtol)) return 0;
+  std::printf("FAIL scaled %s (%s, N=%d, s=%g): push (m=%.17g r=%.17g) vs push_scaled_n (m=%.17g r=%.17g)\n",
+              name, sizeof(T) == 4 ? "float" : "double", N, double(s), double(one.m), double(one.r),
+              double(grouped.m), double(grouped.r));
+  return 1;
+}
+
 // The GPU kernels split a row over threads (strided packs) and merge the threads' states: merging the parts in
 // any order must give element-wise push's state, NaN included (a part of only NaN and -inf has maximum -inf).
 template <typename T>
@@ -71,6 +95,8 @@ int check_all(double rtol) {
   auto run = [&](const std::vector<T>& row, const char* name) {
     fails += check<T, 8>(row, rtol, name) + check<T, 4>(row, rtol, name) + check<T, 2>(row, rtol, name) +
              check_merge<T>(row, rtol, name);
+    for (T s : {T(1), T(0.37), T(3), T(1e-3)})
+      fails += check_scaled<T, 32>(row, s, rtol, name) + check_scaled<T, 8>(row, s, rtol, name);
   };
   for (int trial = 0; trial < 200; ++trial) {
     std::vector<T> row(1 + gen() % 300);

@@ -123,6 +123,21 @@ FL_HD FL_INLINE T fl_exp_diff_if_fast(T z, T M) {
   return fl_exp(z - M);
 }
 
+// exp(s * x - M) for a lane s * x below a maximum M, s > 0. Fast: the scale rides in the FFMA's multiplier
+// (s * log2(e) is shared by all lanes), so scaled lanes cost what unscaled ones do.
+template <bool kFast, typename T>
+FL_HD FL_INLINE T fl_exp_scaled_diff_if_fast(T x, T s, T M) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kFast && std::is_same_v<T, float>) {
+    constexpr float kLog2e = 1.44269504088896341f;
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fmaf(x, s * kLog2e, -M * kLog2e)));
+    return y;
+  }
+#endif
+  return fl_exp(s * x - M);
+}
+
 // max(a, b) ignoring a NaN operand (IEEE maxNum): one FMNMX on the device.
 template <typename T>
 FL_HD FL_INLINE T fl_fmax(T a, T b) {

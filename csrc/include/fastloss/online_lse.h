@@ -33,31 +33,55 @@ struct LseState {
   // branch per case would make the warp run both paths' exps. kFast: see fl_exp_if_fast.
   template <bool kFast, int N>
   FL_HD FL_INLINE void push_n(const T (&z)[N]) {
-    T mx = z[0];  // NaN lanes are skipped here (a pack of NaN only gives NaN) and poison `other` below
+    T mx = z[0];  // NaN lanes are skipped here (a pack of NaN only gives NaN) and poison the rest below
 #pragma unroll
     for (int j = 1; j < N; ++j) mx = fl_fmax(mx, z[j]);
-    const T M = mx > m ? mx : m;
+    push_scaled_n<kFast>(z, mx, T(1));
+  }
+
+  // push_n of the N lanes z_j = s * x_j for a scale s > 0, given gx = max_j x_j (NaN lanes skipped, as fl_fmax
+  // does). Scaling keeps the order, so the group's maximum is s * gx and a lane ties with it exactly when
+  // x_j == gx: a kernel takes the maximum of the raw (even packed 2-byte) inputs and folds s into the exp's
+  // multiply instead of scaling every lane. (Distinct 2-byte x stay distinct after an fp32 scaling short of
+  // overflow or underflow; only there could lanes tie after scaling and not before, changing nothing but
+  // whether such a lane counts exactly 1 or its exp.)
+  template <bool kFast, int N>
+  FL_HD FL_INLINE void push_scaled_n(const T (&x)[N], T gx, T s) {
+    const T gz = s * gx;
+    const T M = gz > m ? gz : m;
     if (M == neg_inf<T>()) {  // everything so far is -inf: only a NaN can change the state
 #pragma unroll
       for (int j = 0; j < N; ++j)
-        if (z[j] != z[j]) r = z[j];
+        if (x[j] != x[j]) r = x[j];
       return;
     }
     // Lanes equal to M (the new maximum, or ties with the old one) count exactly 1 each; the others' masses are
-    // summed apart, so a tiny rest is never added to 1 first. NaN lanes are never equal to M and poison `other`.
-    T other = T(0), ties = T(0);
+    // summed apart, so a tiny rest is never added to 1 first. No lane ties when the old maximum is larger
+    // (tie = NaN matches nothing); NaN lanes never tie and poison `other`.
+    // P partial sums each: short dependency chains for wide groups.
+    const T tie = gz == M ? gx : std::numeric_limits<T>::quiet_NaN();
+    constexpr int P = N % 4 == 0 ? 4 : 1;
+    T part_other[P], part_ties[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q) part_other[q] = part_ties[q] = T(0);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const T e = fl_exp_diff_if_fast<kFast>(z[j], M);  // unused for the lanes equal to M
-      if (z[j] == M) {
-        ties += T(1);
+      const T e = fl_exp_scaled_diff_if_fast<kFast>(x[j], s, M);  // unused for the lanes equal to M
+      if (x[j] == tie) {
+        part_ties[j % P] += T(1);
       } else {
-        other += e;
+        part_other[j % P] += e;
       }
+    }
+    T other = part_other[0], ties = part_ties[0];
+#pragma unroll
+    for (int q = 1; q < P; ++q) {
+      other += part_other[q];
+      ties += part_ties[q];
     }
     // New maximum: r' = (1 + r) e^{m - M} + sum_{z != M} e^{z - M} + (ties - 1); the empty state gives 0 * 0.
     const T grown = (T(1) + r) * fl_exp_if_fast<kFast>(m - M) + other + (ties - T(1));
-    r = mx > m ? grown : r + (other + ties);
+    r = gz > m ? grown : r + (other + ties);
     m = M;
   }
 
