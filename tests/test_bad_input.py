@@ -53,6 +53,7 @@ def test_common_bad_inputs(name, case):
         ({"label_smoothing": -0.1}, ValueError, "label_smoothing must be >= 0"),
         ({"lse_square_scale": -1.0}, ValueError, "lse_square_scale must be >= 0"),
         ({"logit_scale": float("nan")}, ValueError, "logit_scale must be finite"),
+        ({"logit_scale": 1e39}, ValueError, "logit_scale must be within float32 range"),
         ({"target_margin": torch.ones(3)}, ValueError, r"target_margin must have shape \(5,\)"),
         ({"target_margin": "big"}, TypeError, "target_margin must be a number"),
     ],

@@ -150,6 +150,37 @@ def test_low_precision_wide_rows(device, dtype, opts):
             assert loss[2] > 0 and g[2, t[2]] < 0
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("opts", [{}, {"logit_scale": 0.37}, {"target_margin": 0.8}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_low_precision_rows_masked_with_finfo_min(device, dtype, opts):
+    """Classes masked with finfo(dtype).min (the masked_fill idiom) next to -inf lanes and the padding of a
+    thread's last group: for bf16 the fast exp's bias -M log2(e) overflows there and must not turn a -inf lane
+    into NaN. A few masked classes (C = 40), half a wide row, and a row masked entirely (loss log C)."""
+    low = torch.finfo(dtype).min
+    rows = []
+    x = torch.randn(3, 40, dtype=torch.float64)
+    x[:, 24:32] = low
+    rows.append((x, torch.tensor([0, 5, 39])))
+    x = torch.randn(2, 70001, dtype=torch.float64)
+    x[:, ::2] = low
+    x[1, 1::7] = float("-inf")
+    rows.append((x, torch.tensor([1, 3])))
+    rows.append((torch.full((2, 32000), low, dtype=torch.float64), torch.tensor([0, 31999])))
+    eps = torch.finfo(dtype).eps
+    for x, t in rows:
+        x, t = x.to(device=device, dtype=dtype), t.to(device)
+        xi = x.clone().requires_grad_()
+        loss = fastloss.cross_entropy(xi, t, reduction="none", **opts)
+        (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
+        x64 = x.double().requires_grad_()
+        ref = reference.cross_entropy(x64, t, reduction="none", **opts)
+        (g64,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
+        assert torch.isfinite(loss).all() and not g.isnan().any()
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=2 * eps, atol=1e-6)
+        torch.testing.assert_close(g.double(), g64, rtol=2 * eps, atol=eps * g64.abs().max().item() + 1e-7)
+
+
 EXTRAS = [
     {"lse_square_scale": 1e-2},
     {"logit_scale": 0.37},

@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
         const acc_t scale = o.pm.scale;
         for_each_pack_group<scalar_t, kLightPacks>(
             x_row, C, neg_inf_pack<scalar_t>(),
-            [&](int64_t, scalar_t x) { ts.st.push(scale * static_cast<acc_t>(x)); },
+            [&](int64_t, scalar_t x) { ts.st.push(__fmul_rn(scale, static_cast<acc_t>(x))); },
             [&](const Pack<scalar_t>(&p)[kLightPacks], int, int64_t, int64_t) {
               float x[kLightPacks * V];  // a -inf pad (past the row's end) adds nothing
               unpack(p, x);
@@ -216,7 +216,12 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     });
     if (threadIdx.x == 0) {
       const acc_t w_y = ignored ? acc_t(1) : o.weight_of(y);
-      const acc_t z_y = ignored ? acc_t(0) : light ? o.pm.scale * static_cast<acc_t>(x_row[y]) : s_zy;
+      acc_t z_y = ignored ? acc_t(0) : s_zy;
+      if constexpr (kFastExp<scalar_t> && !kSoftcap) {
+        // the rounded product the light loop saw: no FFMA contraction into m - z_y, which must be exactly 0
+        // when the target is the maximum
+        if (light && !ignored) z_y = __fmul_rn(o.pm.scale, static_cast<acc_t>(x_row[y]));
+      }
       const CeParts<acc_t> p =
           ce_finalize<acc_t>(ts.st, z_y, w_y, ts.sum_wz, o.sum_weights(C), ignored, o.with_smoothing);
       parts[3 * row] = p.nll;

@@ -72,6 +72,9 @@ def check_reduction(fn: str, reduction) -> None:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+_F32_MAX = 3.4028234663852886e38
+
+
 def check_finite(fn: str, name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
     try:
         v = float(value)
@@ -116,6 +119,8 @@ def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_in
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     lse_square_scale = check_finite(fn, "lse_square_scale", lse_square_scale, nonnegative=True)
     logit_scale = check_finite(fn, "logit_scale", logit_scale)
+    if not -_F32_MAX <= logit_scale <= _F32_MAX:  # the kernels hold it in fp32 (fp64 rows aside)
+        raise ValueError(f"{fn}: logit_scale must be within float32 range, got {logit_scale}")
     if softcap is not None:
         softcap = check_finite(fn, "softcap", softcap, positive=True)
     if isinstance(target_margin, torch.Tensor):

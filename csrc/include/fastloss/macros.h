@@ -123,15 +123,20 @@ FL_HD FL_INLINE T fl_exp_diff_if_fast(T z, T M) {
   return fl_exp(z - M);
 }
 
-// exp(s * x - M) for a lane s * x below a maximum M, s > 0. Fast: the scale rides in the FFMA's multiplier
-// (s * log2(e) is shared by all lanes), so scaled lanes cost what unscaled ones do.
+// exp(s * x - M) for a lane s * x strictly below a maximum M, s > 0 (the caller counts lanes equal to M
+// apart). Fast: the scale rides in the FFMA's multiplier (s * log2(e) is shared by all lanes), so scaled lanes
+// cost what unscaled ones do. The bias -M log2(e) overflows to +inf for M below about -2.36e38 (bf16 logits
+// masked with finfo.min), where a -inf lane would give -inf + inf = NaN: clamped to FLT_MAX, every lane below
+// such an M still gives 0, as it should (2-byte neighbours of M lie ~2^-9 |M| below it).
 template <bool kFast, typename T>
 FL_HD FL_INLINE T fl_exp_scaled_diff_if_fast(T x, T s, T M) {
 #if defined(__CUDA_ARCH__)
   if constexpr (kFast && std::is_same_v<T, float>) {
     constexpr float kLog2e = 1.44269504088896341f;
     float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fmaf(x, s * kLog2e, -M * kLog2e)));
+    asm("ex2.approx.ftz.f32 %0, %1;"
+        : "=f"(y)
+        : "f"(fmaf(x, s * kLog2e, fminf(-M * kLog2e, std::numeric_limits<float>::max()))));
     return y;
   }
 #endif

@@ -43,8 +43,8 @@ struct LseState {
   // does). Scaling keeps the order, so the group's maximum is s * gx and a lane ties with it exactly when
   // x_j == gx: a kernel takes the maximum of the raw (even packed 2-byte) inputs and folds s into the exp's
   // multiply instead of scaling every lane. (Distinct 2-byte x stay distinct after an fp32 scaling short of
-  // overflow or underflow; only there could lanes tie after scaling and not before, changing nothing but
-  // whether such a lane counts exactly 1 or its exp.)
+  // overflow or underflow. Past those, lanes that tie only after scaling count their exp instead of exactly 1:
+  // about 1 on underflow, 0 when s * x overflows to M = +inf, where the lse is +inf either way.)
   template <bool kFast, int N>
   FL_HD FL_INLINE void push_scaled_n(const T (&x)[N], T gx, T s) {
     const T gz = s * gx;
