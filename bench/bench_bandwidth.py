@@ -66,7 +66,9 @@ def run(args) -> list[dict]:
     peak = copy_bandwidth(args.elements * 2, args.iters)
     knob = os.environ.get("FASTLOSS_ROW_PACKS_PER_THREAD", "default")
     light = os.environ.get("FASTLOSS_CE_LIGHT", "default")
-    print(f"{dev}: device copy {peak:.0f} GB/s (read + write); packs per thread: {knob}; CE light loop: {light}")
+    prefetch = os.environ.get("FASTLOSS_ROW_PREFETCH", "default")
+    print(f"{dev}: device copy {peak:.0f} GB/s (read + write); packs per thread: {knob}; CE light loop: {light}; "
+          f"L2 prefetch: {prefetch}")
     rows = []
     for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
         for C in [int(c) for c in args.classes.split(",")]:
@@ -78,7 +80,8 @@ def run(args) -> list[dict]:
                 rows.append({"device": dev, "op": op, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
                              "N": N, "C": C, "median_ms": round(ms, 4), "gbps": round(gbps, 1),
                              "copy_gbps": round(peak, 1), "fraction_of_copy": round(gbps / peak, 3),
-                             "packs_per_thread": knob, "ce_light": light, "fastloss_version": fastloss.__version__,
+                             "packs_per_thread": knob, "ce_light": light, "row_prefetch": prefetch,
+                             "fastloss_version": fastloss.__version__,
                              "torch_version": torch.__version__})
                 print(f"{op:14s} {mode} {rows[-1]['dtype']:9s} N={N:6d} C={C:6d} {ms:8.3f} ms "
                       f"{gbps:7.0f} GB/s  {gbps / peak:6.1%} of copy")

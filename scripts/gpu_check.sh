@@ -51,8 +51,11 @@ step pytest_fused "$OUT/pytest_cuda.log" 180 $PY -m pytest "$REPO/tests" -m cuda
   -p no:cacheprovider -rfE && FUSED=1
 step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
   ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}
-# the bf16 CE forward's general loop (the light loop off) in the same CSV: what the light loop gains
+# bf16 again with the CE forward's light loop off, then with no L2 prefetch (CE light loop, zloss forward), in
+# the same CSV (columns ce_light, row_prefetch): what each gains
 FASTLOSS_CE_LIGHT=0 step bandwidth_general "$LOGS/bandwidth.log" 120 $PY "$REPO/bench/bench_bandwidth.py" \
+  --dtypes bfloat16 --out "$OUT/bandwidth.csv"
+FASTLOSS_ROW_PREFETCH=0 step bandwidth_noprefetch "$LOGS/bandwidth.log" 120 $PY "$REPO/bench/bench_bandwidth.py" \
   --dtypes bfloat16 --out "$OUT/bandwidth.csv"
 # Gram form at the GPU shape (N=32768, d=2048, V=131072, bf16) against torch, Liger and CCE; the table
 # lands in bench_quick.log (the $OUT file budget is spent), the CSV in $LOGS.

@@ -57,11 +57,28 @@ struct alignas(16) Pack {
   T v[N];
 };
 
+// Hint: bring the 128-byte line holding p into L2 (no registers held, nothing waits on it).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.L2 [%0];" ::"l"(p)); }
+
+// The first kAhead groups of a row (a block's next one, while it works on the current row): as prefetch_group,
+// at pack granularity from the row's start (its head alignment only shifts the lines by under 16 bytes).
+template <typename T, int U, int kAhead>
+__device__ __forceinline__ void prefetch_row_start(const T* row, int64_t C) {
+  constexpr int V = Pack<T>::N;
+#pragma unroll
+  for (int g = 0; g < kAhead; ++g) {
+    const int64_t k = (threadIdx.x + int64_t(g * U + threadIdx.x % U) * blockDim.x) * V;
+    if (k < C) prefetch_l2(row + k);
+  }
+}
+
 // Visits a row: element(k, x_k) for the unaligned head and the tail, and group(p, n, k0, step) for the
 // 16-byte-aligned body, each thread a strided share: its packs come U at a time (loaded together, in flight at
 // once), p[u] starting at element k0 + u * step. In the last group only p[0..n) are in the row and the others
-// hold `pad`; every other group is full, n == U, and runs without per-pack bounds checks.
-template <typename T, int U, typename E, typename G>
+// hold `pad`; every other group is full, n == U, and runs without per-pack bounds checks. kAhead > 0: each
+// full group first prefetches into L2 the lines of the group kAhead further on (its loads then wait on L2
+// rather than DRAM; U packs per thread in flight are not enough to cover DRAM latency while the warps compute).
+template <typename T, int U, int kAhead = 0, typename E, typename G>
 __device__ __forceinline__ void for_each_pack_group(const T* row, int64_t C, const Pack<T>& pad, E&& element,
                                                     G&& group) {
   constexpr int V = Pack<T>::N;
@@ -73,8 +90,17 @@ __device__ __forceinline__ void for_each_pack_group(const T* row, int64_t C, con
   const int64_t n_vec = (C - head) / V;
   const Pack<T>* vp = reinterpret_cast<const Pack<T>*>(row + head);
   const int64_t step = int64_t(nt) * V;
+  // kAhead: the pack whose line this thread prefetches, kAhead groups on; lane l takes its pack u = l % U of
+  // that group, so the 32 lanes of a warp cover every line of the warp's U * 512 bytes there.
+  int64_t v_ahead = tid + int64_t(kAhead * U + tid % U) * nt;
+  const Pack<T>* ahead = vp + v_ahead;  // advanced with v_ahead, so the row's base need not stay in registers
   int64_t v0 = tid;
   for (; v0 + int64_t(U - 1) * nt < n_vec; v0 += int64_t(U) * nt) {
+    if constexpr (kAhead > 0) {
+      if (v_ahead < n_vec) prefetch_l2(ahead);
+      v_ahead += int64_t(U) * nt;
+      ahead += int64_t(U) * nt;
+    }
     Pack<T> p[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) p[u] = vp[v0 + int64_t(u) * nt];
@@ -96,9 +122,9 @@ __device__ __forceinline__ void for_each_pack_group(const T* row, int64_t C, con
 
 // Visits a row: element(k, x_k) for the unaligned head and the tail, pack(k0, Pack) for each 16-byte-aligned
 // pack of the body, each thread a strided share with U packs in flight.
-template <typename T, int U = 4, typename E, typename P>
+template <typename T, int U = 4, int kAhead = 0, typename E, typename P>
 __device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, E&& element, P&& pack) {
-  for_each_pack_group<T, U>(row, C, Pack<T>{}, element,
+  for_each_pack_group<T, U, kAhead>(row, C, Pack<T>{}, element,
                             [&](const Pack<T>(&p)[U], int n, int64_t k0, int64_t step) {
 #pragma unroll
                               for (int u = 0; u < U; ++u)
@@ -141,6 +167,18 @@ __device__ __forceinline__ void map_row(const T* row, T* out, int64_t C, G&& g, 
     }
   }
   for (int64_t k = head + n_vec * V + tid; k < C; k += nt) out[k] = g(k, row[k]);
+}
+
+// An on/off switch from the environment, on unless the variable is "0" (tuning knobs for the benchmarks).
+inline bool env_flag(const char* name) {
+  const char* env = std::getenv(name);
+  return !(env && env[0] == '0' && env[1] == '\0');
+}
+
+// Whether the streaming row loops that take it prefetch into L2 (FASTLOSS_ROW_PREFETCH=0 turns it off).
+inline bool row_prefetch() {
+  static const bool on = env_flag("FASTLOSS_ROW_PREFETCH");
+  return on;
 }
 
 // Threads per row block: 64 to kMaxRowThreads, aiming at `packs_per_thread` 16-byte packs per thread (more

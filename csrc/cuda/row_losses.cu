@@ -11,9 +11,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "../row_checks.h"
 #include "common.cuh"
 #include "fastloss/row_losses.h"
@@ -42,6 +39,7 @@ struct CeOpts {
   PreMap<acc_t> pm;
   bool with_smoothing;
   bool light_ok;  // the forward may take its light loop (FASTLOSS_CE_LIGHT=0 turns it off, to measure it)
+  bool prefetch;  // the light loop prefetches into L2 (row_prefetch())
   int64_t ignore_index;
 
   __device__ __forceinline__ acc_t margin_of(int64_t y) const { return margin ? margin[y] : margin_scalar; }
@@ -169,14 +167,19 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       light = o.light_ok && o.pm.scale > acc_t(0) && margin_y == acc_t(0) && !o.with_smoothing;
       if (light) {
         const acc_t scale = o.pm.scale;
-        for_each_pack_group<scalar_t, kLightPacks>(
-            x_row, C, neg_inf_pack<scalar_t>(),
-            [&](int64_t, scalar_t x) { ts.st.push(__fmul_rn(scale, static_cast<acc_t>(x))); },
-            [&](const Pack<scalar_t>(&p)[kLightPacks], int, int64_t, int64_t) {
-              float x[kLightPacks * V];  // a -inf pad (past the row's end) adds nothing
-              unpack(p, x);
-              ts.st.template push_scaled_n<true>(x, packed_max(p, x), scale);
-            });
+        auto element = [&](int64_t, scalar_t x) { ts.st.push(__fmul_rn(scale, static_cast<acc_t>(x))); };
+        auto group = [&](const Pack<scalar_t>(&p)[kLightPacks], int, int64_t, int64_t) {
+          float x[kLightPacks * V];  // a -inf pad (past the row's end) adds nothing
+          unpack(p, x);
+          ts.st.template push_scaled_n<true>(x, packed_max(p, x), scale);
+        };
+        if (o.prefetch) {  // this row one group ahead, and the start of the block's next row
+          if (row + gridDim.x < N)
+            prefetch_row_start<scalar_t, kLightPacks, 1>(logits + (row + gridDim.x) * row_stride, C);
+          for_each_pack_group<scalar_t, kLightPacks, 1>(x_row, C, neg_inf_pack<scalar_t>(), element, group);
+        } else {
+          for_each_pack_group<scalar_t, kLightPacks, 0>(x_row, C, neg_inf_pack<scalar_t>(), element, group);
+        }
       }
     }
     // The target gets its margin and is recorded (in shared memory) by the thread that reads it.
@@ -310,7 +313,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     spherical_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
                          const int64_t* __restrict__ target, int64_t K, const acc_type<scalar_t>* __restrict__ tw,
-                         int64_t ignore_index, SphericalLoss<acc_type<scalar_t>> sl,
+                         int64_t ignore_index, SphericalLoss<acc_type<scalar_t>> sl, bool prefetch,
                          acc_type<scalar_t>* __restrict__ loss, acc_type<scalar_t>* __restrict__ stats) {
   using acc_t = acc_type<scalar_t>;
   constexpr int V = Pack<scalar_t>::N;
@@ -325,12 +328,17 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     }
     const acc_t x0 = static_cast<acc_t>(x[0]);  // shift by a value of the row itself
     SphericalSums<acc_t> st{0, 0};
-    for_each_in_row(
-        x, C, [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - x0); },
-        [&](int64_t, const Pack<scalar_t>& p) {
+    auto element = [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - x0); };
+    auto pack = [&](int64_t, const Pack<scalar_t>& p) {
 #pragma unroll
-          for (int j = 0; j < V; ++j) st.push(static_cast<acc_t>(p.v[j]) - x0);
-        });
+      for (int j = 0; j < V; ++j) st.push(static_cast<acc_t>(p.v[j]) - x0);
+    };
+    if (prefetch) {  // this row one group ahead, and the start of the block's next row
+      if (row + gridDim.x < N) prefetch_row_start<scalar_t, 4, 1>(logits + (row + gridDim.x) * row_stride, C);
+      for_each_in_row<scalar_t, 4, 1>(x, C, element, pack);
+    } else {
+      for_each_in_row<scalar_t, 4, 0>(x, C, element, pack);
+    }
     st = block_merge(st, smem, [](SphericalSums<acc_t>& p, const SphericalSums<acc_t>& q) { p.merge(q); });
     if (threadIdx.x == 0) {
       const auto cs = CentredSums<acc_t>::from_shifted(st, C);
@@ -400,11 +408,9 @@ CeOpts<acc_t> ce_opts(const std::optional<at::Tensor>& w, const std::optional<at
   o.margin_scalar = acc_t(margin_scalar);
   o.pm = {acc_t(logit_scale), acc_t(softcap), softcap > 0 ? acc_t(1.0 / softcap) : acc_t(0)};
   o.with_smoothing = with_smoothing;
-  static const bool light_ok = [] {
-    const char* env = std::getenv("FASTLOSS_CE_LIGHT");
-    return !(env && std::string(env) == "0");
-  }();
+  static const bool light_ok = env_flag("FASTLOSS_CE_LIGHT");
   o.light_ok = light_ok;
+  o.prefetch = row_prefetch();
   o.ignore_index = ignore_index;
   return o;
 }
@@ -490,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor> spherical_fwd(const at::Tensor& logits, const
     spherical_fwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
         static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, t.data_ptr<int64_t>(),
         t.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index, spherical_loss_of<acc_t>(kind, a, b, eps, C),
-        loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+        row_prefetch(), loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, stats};
