@@ -9,7 +9,8 @@
 #   usage: bash scripts/gpu_check.sh            (from the repository root; peers and expecttest come from
 #          .whl/, filled by scripts/fetch_gpu_wheels.sh on a machine with network)
 #   a second call after a cut-short first one: GPU_SKIP="<the steps summary.txt lists as done>" (e.g.
-#          "pytest_cuda pytest_fused bandwidth bench_spherical"), and FUSED_OK=1 if the first call's
+#          "pytest_cuda pytest_fused bandwidth bandwidth_general bandwidth_noprefetch bench_spherical"; the three
+#          bandwidth steps append to one CSV: skip all three or none), and FUSED_OK=1 if the first call's
 #          pytest_fused passed: bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/fastloss_gpu}

@@ -60,18 +60,6 @@ struct alignas(16) Pack {
 // Hint: bring the 128-byte line holding p into L2 (no registers held, nothing waits on it).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.L2 [%0];" ::"l"(p)); }
 
-// The first kAhead groups of a row (a block's next one, while it works on the current row): as prefetch_group,
-// at pack granularity from the row's start (its head alignment only shifts the lines by under 16 bytes).
-template <typename T, int U, int kAhead>
-__device__ __forceinline__ void prefetch_row_start(const T* row, int64_t C) {
-  constexpr int V = Pack<T>::N;
-#pragma unroll
-  for (int g = 0; g < kAhead; ++g) {
-    const int64_t k = (threadIdx.x + int64_t(g * U + threadIdx.x % U) * blockDim.x) * V;
-    if (k < C) prefetch_l2(row + k);
-  }
-}
-
 // Visits a row: element(k, x_k) for the unaligned head and the tail, and group(p, n, k0, step) for the
 // 16-byte-aligned body, each thread a strided share: its packs come U at a time (loaded together, in flight at
 // once), p[u] starting at element k0 + u * step. In the last group only p[0..n) are in the row and the others
@@ -91,9 +79,11 @@ __device__ __forceinline__ void for_each_pack_group(const T* row, int64_t C, con
   const Pack<T>* vp = reinterpret_cast<const Pack<T>*>(row + head);
   const int64_t step = int64_t(nt) * V;
   // kAhead: the pack whose line this thread prefetches, kAhead groups on; lane l takes its pack u = l % U of
-  // that group, so the 32 lanes of a warp cover every line of the warp's U * 512 bytes there.
+  // that group, so prefetches land every 64 bytes of the group (the block covers all its lines; a warp's edge
+  // line may come from its neighbour when the body is not 128-byte aligned). The pointer advances with
+  // v_ahead, so the row's base need not stay in registers; past the row it is never dereferenced.
   int64_t v_ahead = tid + int64_t(kAhead * U + tid % U) * nt;
-  const Pack<T>* ahead = vp + v_ahead;  // advanced with v_ahead, so the row's base need not stay in registers
+  const Pack<T>* ahead = vp + v_ahead;
   int64_t v0 = tid;
   for (; v0 + int64_t(U - 1) * nt < n_vec; v0 += int64_t(U) * nt) {
     if constexpr (kAhead > 0) {

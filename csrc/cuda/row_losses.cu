@@ -173,9 +173,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
           unpack(p, x);
           ts.st.template push_scaled_n<true>(x, packed_max(p, x), scale);
         };
-        if (o.prefetch) {  // this row one group ahead, and the start of the block's next row
-          if (row + gridDim.x < N)
-            prefetch_row_start<scalar_t, kLightPacks, 1>(logits + (row + gridDim.x) * row_stride, C);
+        if (o.prefetch) {  // one group ahead
           for_each_pack_group<scalar_t, kLightPacks, 1>(x_row, C, neg_inf_pack<scalar_t>(), element, group);
         } else {
           for_each_pack_group<scalar_t, kLightPacks, 0>(x_row, C, neg_inf_pack<scalar_t>(), element, group);
@@ -333,8 +331,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
 #pragma unroll
       for (int j = 0; j < V; ++j) st.push(static_cast<acc_t>(p.v[j]) - x0);
     };
-    if (prefetch) {  // this row one group ahead, and the start of the block's next row
-      if (row + gridDim.x < N) prefetch_row_start<scalar_t, 4, 1>(logits + (row + gridDim.x) * row_stride, C);
+    if (prefetch) {  // one group ahead
       for_each_in_row<scalar_t, 4, 1>(x, C, element, pack);
     } else {
       for_each_in_row<scalar_t, 4, 0>(x, C, element, pack);
