@@ -122,6 +122,23 @@ def _wide_low_precision_rows(device, dtype):
     return out
 
 
+def _check_low_precision_vs_float64(x, t, opts, rows):
+    """cross_entropy(reduction="none") of 2-byte logits and its gradient against the float64 reference of the
+    same values, on the given rows: within one rounding to the output dtype. Returns (loss, gradient)."""
+    eps = torch.finfo(x.dtype).eps
+    xi = x.clone().requires_grad_()
+    loss = fastloss.cross_entropy(xi, t, reduction="none", **opts)
+    (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
+    x64 = x.double().requires_grad_()
+    ref = reference.cross_entropy(x64, t, reduction="none", **opts)
+    (g64,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
+    assert loss.dtype == x.dtype
+    torch.testing.assert_close(loss[rows].double(), ref[rows].detach(), rtol=2 * eps, atol=1e-6)
+    torch.testing.assert_close(g[rows].double(), g64[rows], rtol=2 * eps,
+                               atol=eps * g64[rows].abs().max().item() + 1e-7)
+    return loss, g
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("opts", [{}, {"logit_scale": 0.37}, {"logit_scale": 3.0}, {"logit_scale": -0.5},
                                   {"target_margin": 0.8}, {"label_smoothing": 0.1}, {"softcap": 5.0}],
@@ -130,21 +147,11 @@ def test_low_precision_wide_rows(device, dtype, opts):
     """Wide fp16/bf16 rows through both CUDA forward loops (the light loop takes the plain call and positive
     scales; margin, smoothing, softcap and negative scales take the general loop): loss and gradient against
     float64 of the same values, within one rounding to the output dtype."""
-    eps = torch.finfo(dtype).eps
     for x, t in _wide_low_precision_rows(device, dtype):
-        xi = x.clone().requires_grad_()
-        loss = fastloss.cross_entropy(xi, t, reduction="none", **opts)
-        (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
-        x64 = x.double().requires_grad_()
-        ref = reference.cross_entropy(x64, t, reduction="none", **opts)
-        (g64,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
-        assert loss.dtype == dtype
         rows = torch.arange(t.numel(), device=device)
         if opts.get("logit_scale", 1.0) < 0 and t.numel() > 3:
             rows = rows[rows != 3]  # -inf lanes scaled by a negative number are +inf (torch: NaN, ours: +inf)
-        torch.testing.assert_close(loss[rows].double(), ref[rows].detach(), rtol=2 * eps, atol=1e-6)
-        torch.testing.assert_close(g[rows].double(), g64[rows], rtol=2 * eps,
-                                   atol=eps * g64[rows].abs().max().item() + 1e-7)
+        loss, g = _check_low_precision_vs_float64(x, t, opts, rows)
         if t.numel() > 3 and not opts and dtype == torch.bfloat16:
             # the confident row keeps its rest mass (fp32 maths, rounded once to bf16, which has fp32's range)
             assert loss[2] > 0 and g[2, t[2]] < 0
@@ -167,18 +174,10 @@ def test_low_precision_rows_masked_with_finfo_min(device, dtype, opts):
     x[1, 1::7] = float("-inf")
     rows.append((x, torch.tensor([1, 3])))
     rows.append((torch.full((2, 32000), low, dtype=torch.float64), torch.tensor([0, 31999])))
-    eps = torch.finfo(dtype).eps
     for x, t in rows:
         x, t = x.to(device=device, dtype=dtype), t.to(device)
-        xi = x.clone().requires_grad_()
-        loss = fastloss.cross_entropy(xi, t, reduction="none", **opts)
-        (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
-        x64 = x.double().requires_grad_()
-        ref = reference.cross_entropy(x64, t, reduction="none", **opts)
-        (g64,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))
+        loss, g = _check_low_precision_vs_float64(x, t, opts, torch.arange(t.numel(), device=device))
         assert torch.isfinite(loss).all() and not g.isnan().any()
-        torch.testing.assert_close(loss.double(), ref.detach(), rtol=2 * eps, atol=1e-6)
-        torch.testing.assert_close(g.double(), g64, rtol=2 * eps, atol=eps * g64.abs().max().item() + 1e-7)
 
 
 EXTRAS = [
