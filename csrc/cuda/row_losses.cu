@@ -66,27 +66,33 @@ constexpr bool kFastExp = sizeof(scalar_t) == 2;
 // instead of 11: the forward is bound by instruction issue, the backward by memory.
 constexpr int kLightPacks = 4;
 
-// Lanes of 2-byte packs as float. A bf16 lane is the high half of an fp32: one shift or one mask of its 32-bit
-// word (the generic conversion takes a byte permute and a shift per lane).
-template <int U>
-__device__ __forceinline__ void unpack(const Pack<c10::BFloat16> (&p)[U], float (&x)[U * 8]) {
+// Lanes of a pack in the accumulation type. A bf16 lane is the high half of an fp32: one shift or one mask of
+// its 32-bit word (the generic conversion takes a byte permute and a shift per lane).
+template <typename T, typename A>
+__device__ __forceinline__ void lanes(const Pack<T>& p, A (&x)[Pack<T>::N]) {
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    uint32_t w[4];
-    memcpy(w, &p[u], sizeof(w));
+  for (int j = 0; j < Pack<T>::N; ++j) x[j] = static_cast<A>(p.v[j]);
+}
+__device__ __forceinline__ void lanes(const Pack<c10::BFloat16>& p, float (&x)[8]) {
+  uint32_t w[4];
+  memcpy(w, &p, sizeof(w));
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      x[8 * u + 2 * i] = __uint_as_float(w[i] << 16);
-      x[8 * u + 2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = __uint_as_float(w[i] << 16);
+    x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
-template <int U>
-__device__ __forceinline__ void unpack(const Pack<c10::Half> (&p)[U], float (&x)[U * 8]) {
+
+// Lanes of U 2-byte packs as float, pack after pack.
+template <typename T, int U>
+__device__ __forceinline__ void unpack(const Pack<T> (&p)[U], float (&x)[U * 8]) {
 #pragma unroll
-  for (int u = 0; u < U; ++u)
+  for (int u = 0; u < U; ++u) {
+    float xu[8];
+    lanes(p[u], xu);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) x[8 * u + j] = static_cast<float>(p[u].v[j]);
+    for (int j = 0; j < 8; ++j) x[8 * u + j] = xu[j];
+  }
 }
 
 // max of two packed pairs, lane by lane; like fmaxf, a NaN lane yields the other operand (sm_80+).
@@ -328,8 +334,10 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     SphericalSums<acc_t> st{0, 0};
     auto element = [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - x0); };
     auto pack = [&](int64_t, const Pack<scalar_t>& p) {
+      acc_t xs[V];
+      lanes(p, xs);
 #pragma unroll
-      for (int j = 0; j < V; ++j) st.push(static_cast<acc_t>(p.v[j]) - x0);
+      for (int j = 0; j < V; ++j) st.push(xs[j] - x0);
     };
     if (prefetch) {  // one group ahead
       for_each_in_row<scalar_t, 4, 1>(x, C, element, pack);
