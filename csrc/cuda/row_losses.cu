@@ -267,24 +267,28 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
                                           ignored);
     const int64_t y_eff = ignored ? -1 : y;
     // dL/dx_k; z is taken before the margin (a constant shift, so dz/dx does not see it).
-    auto other = [&](int64_t k, scalar_t xv) {
+    auto other = [&](int64_t k, acc_t xv) {
       acc_t z, dz;
-      o.pm.template value_and_grad<kSoftcap>(static_cast<acc_t>(xv), z, dz);
+      o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
       return static_cast<scalar_t>(g.template other<kFastExp<scalar_t>>(z, o.weight_of(k)) * dz);
     };
-    auto target = [&](scalar_t xv) {
+    auto target = [&](acc_t xv) {
       acc_t z, dz;
-      o.pm.template value_and_grad<kSoftcap>(static_cast<acc_t>(xv), z, dz);
+      o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
       return static_cast<scalar_t>(g.target(z_y, w_y) * dz);
     };
-    auto dx = [&](int64_t k, scalar_t xv) { return k == y_eff ? target(xv) : other(k, xv); };
+    auto dx = [&](int64_t k, scalar_t xv) {
+      return k == y_eff ? target(static_cast<acc_t>(xv)) : other(k, static_cast<acc_t>(xv));
+    };
     map_row(x, out, C, dx, [&](int64_t k0, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
+      acc_t xs[V];
+      lanes(in, xs);
 #pragma unroll
-      for (int j = 0; j < V; ++j) res.v[j] = other(k0 + j, in.v[j]);
+      for (int j = 0; j < V; ++j) res.v[j] = other(k0 + j, xs[j]);
       if (static_cast<uint64_t>(y_eff - k0) < uint64_t(V)) {  // rare: this pack holds the target
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          if (k0 + j == y_eff) res.v[j] = target(in.v[j]);
+          if (k0 + j == y_eff) res.v[j] = target(xs[j]);
       }
     });
   }
