@@ -115,11 +115,11 @@ __device__ __forceinline__ void for_each_pack_group(const T* row, int64_t C, con
 template <typename T, int U = 4, int kAhead = 0, typename E, typename P>
 __device__ __forceinline__ void for_each_in_row(const T* row, int64_t C, E&& element, P&& pack) {
   for_each_pack_group<T, U, kAhead>(row, C, Pack<T>{}, element,
-                            [&](const Pack<T>(&p)[U], int n, int64_t k0, int64_t step) {
+                                    [&](const Pack<T>(&p)[U], int n, int64_t k0, int64_t step) {
 #pragma unroll
-                              for (int u = 0; u < U; ++u)
-                                if (u < n) pack(k0 + u * step, p[u]);
-                            });
+                                      for (int u = 0; u < U; ++u)
+                                        if (u < n) pack(k0 + u * step, p[u]);
+                                    });
 }
 
 // out[k] = g(k, x_k) for every element of a row; vectorised when input and output rows share alignment.
