@@ -7,6 +7,7 @@ Providers (op ``linear_zloss``):
                 F.cross_entropy(F.linear(h, W, b), t), which it is defined as)              ~ N·V·d
   materialised  fastloss.zloss(F.linear(h, W, b), t)  (same loss, logits formed)   ~ N·V·d
   fastloss_fp32 the Gram form with bf16_split=False (fp32 products; compares the bf16 hi/lo split on CUDA)
+  fastloss_uncentred  the Gram form with centred_gram=False (bf16: one GEMM over W for the Gram, not two)
   liger, cce    Liger's fused linear cross-entropy and Cut Cross-Entropy (CUDA), when importable
 
     python bench/bench_spherical.py                      # CPU fp32 N=8192 d=256 V=50000 (issue target shape)
@@ -52,6 +53,8 @@ PROVIDERS = {
     "fastloss": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss"),
     "fastloss_fp32": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss",
                                                                                bf16_split=False),
+    "fastloss_uncentred": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss",
+                                                                                    centred_gram=False),
     "torch": lambda: _torch_linear_ce(),
     "materialised": lambda: lambda h, W, b, t: fastloss.zloss(F.linear(h, W, b), t),
     "liger": _liger,
@@ -87,7 +90,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="fp32 (cpu default) or bf16 (cuda default)")
     p.add_argument("--shapes", default=None, help="comma list of NxdxV (default: the issue's target shape)")
     p.add_argument("--providers", default=None, help="comma list (default: fastloss,torch,materialised; on CUDA "
-                   "also fastloss_fp32, liger, cce)")
+                   "also fastloss_uncentred, fastloss_fp32, liger, cce)")
     p.add_argument("--sweep", action="store_true", help="N in 1k..64k at V=50k and V in 10k..500k at N=8192 "
                    "(d=256), fastloss only, plus the materialised path where it fits")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "spherical.csv")
@@ -96,7 +99,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     default = "32768x2048x131072" if args.device == "cuda" else "8192x256x50000"
     shapes = [tuple(map(int, s.split("x"))) for s in (args.shapes or default).split(",")]
-    gpu = "fastloss,fastloss_fp32,torch,materialised,liger,cce"
+    gpu = "fastloss,fastloss_uncentred,fastloss_fp32,torch,materialised,liger,cce"
     providers = (args.providers or (gpu if args.device == "cuda" else "fastloss,torch,materialised")).split(",")
     todo = [(n, d, v, prov) for n, d, v in shapes for prov in providers]
     if args.sweep:
@@ -120,14 +123,14 @@ def main(argv=None):
         try:
             r = measure(setup_for(fns[prov], case), case, min_run_time=0.5, min_samples=3)
         except torch.OutOfMemoryError:
-            print(f"{prov:13s} N={n:6d} d={d:5d} V={v:7d}: out of memory", flush=True)
+            print(f"{prov:18s} N={n:6d} d={d:5d} V={v:7d}: out of memory", flush=True)
             continue
         except Exception as e:  # a failing peer must not end the run
-            print(f"{prov:13s} N={n:6d} d={d:5d} V={v:7d}: failed: {type(e).__name__}: {e}", flush=True)
+            print(f"{prov:18s} N={n:6d} d={d:5d} V={v:7d}: failed: {type(e).__name__}: {e}", flush=True)
             continue
         append_csv(args.out, [csv_row(case, prov, r, 0.0, info)])
         results.append((case, prov, r))
-        print(f"{prov:13s} N={n:6d} d={d:5d} V={v:7d}: {r.median_ms:9.1f} ms  peak {r.peak_mem_mb:8.1f} MB  "
+        print(f"{prov:18s} N={n:6d} d={d:5d} V={v:7d}: {r.median_ms:9.1f} ms  peak {r.peak_mem_mb:8.1f} MB  "
               f"extra {r.extra_mem_mb:8.1f} MB", flush=True)
     base = {(c.shape_str, prov): r for c, prov, r in results}
     rows = []

@@ -41,7 +41,8 @@ TORCH_LIBRARY(fastloss, m) {
       "-> (Tensor loss, Tensor coef)");
   // Gram-form row kernels. hidden (N, d) and weight (V_s, d) rows of one shard holding classes
   // [offset, offset + V_s); results in the accumulation type (float64 for float64, float32 otherwise).
-  // Target outputs centred on center = [m (d), bm]: (w_c - m) . h + (b_c - bm) for local targets, else 0.
+  // Target outputs (N, K, 2): [..., 0] centred on center = [m (d), bm], (w_c - m) . h + (b_c - bm), and [..., 1]
+  // raw, w_c . h + b_c, both accumulated in double, for local targets; 0 for the others.
   m.def(
       "spherical_gather_dot(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor center, int offset, "
       "int ignore_index) -> Tensor");

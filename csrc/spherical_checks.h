@@ -148,7 +148,7 @@ inline GramRowInputs prepare_gather_dot(const at::Tensor& hidden, const at::Tens
   if (bias.has_value() && bias->defined())
     in.bias = gram_acc_input(bias->to(gram_acc_type(hidden)), hidden, {in.Vs}, op, "bias");
   in.hidden = hidden.contiguous(), in.weight = weight.contiguous(), in.target = tg.target;
-  in.out = at::empty({in.N, in.K}, hidden.options().dtype(gram_acc_type(hidden)));
+  in.out = at::empty({in.N, in.K, 2}, hidden.options().dtype(gram_acc_type(hidden)));
   return in;
 }
 

@@ -60,11 +60,14 @@ def test_float64_matches_materialised(device, loss, with_bias, reduction):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("case", ["plain", "large_mean", "ill_conditioned"])
+@pytest.mark.parametrize("case", ["plain", "mean_3", "large_mean", "ill_conditioned"])
 def test_float32_precision(device, loss, case):
     """fp32 inputs: loss and gradients within 1e-5 relative of the float64 materialised reference, also when W
-    has a large shared mean direction (centred Gram) or is ill-conditioned."""
-    kw = {"plain": {}, "large_mean": {"mean_shift": 30.0}, "ill_conditioned": {"cond": 1e4}}[case]
+    has a large shared mean direction (centred Gram; the target outputs o_c not taken as mu + (o_c - mu), which
+    would give the spherical softmax's 1/(o_c² + ε) the mean's rounding: 1.3e-5 at mean_3) or is
+    ill-conditioned."""
+    kw = {"plain": {}, "mean_3": {"mean_shift": 3.0}, "large_mean": {"mean_shift": 30.0},
+          "ill_conditioned": {"cond": 1e4}}[case]
     h, W, bias, t = _problem(device, torch.float32, N=64, d=16, V=301, **kw)
     got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, reduction="none", **OPTS[loss])
     want, gw = _run(reference.linear_spherical_loss, h.double(), W.double(), t, bias.double(), loss=loss,
@@ -186,6 +189,41 @@ def test_bf16_split_rows_fp32_accurate(device, loss, case):
     _close(rows, want, 1e-5)
 
 
+def _logit_mean_ratio(h, W, bias):
+    """max over rows of (μ² + σ²) / σ² of the float64 logits: what the uncentred Gram's subtraction amplifies."""
+    o = h.double() @ W.double().t() + bias.double()
+    return (o.square().mean(-1) / o.var(-1, correction=0)).max().item()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["plain", "mean_3", "mean_30", "ill_conditioned"])
+def test_uncentred_gram(device, loss, dtype, case):
+    """centred_gram=False (raw Gram minus V·m mᵀ; with the bf16 split one GEMM over W instead of two): fp32
+    losses and gradients within 1e-5 of the float64 reference when the logits' mean is small against their
+    spread, and within ~1e-6 times (μ² + σ²) / σ² (the cancellation of the subtraction, as documented) when not.
+    bf16 goes through the split products and is judged on the fp32 per-row losses before the output cast."""
+    from fastloss.linear_spherical import _LinearSpherical
+    from fastloss.spherical import KINDS
+
+    kw = {"plain": {}, "mean_3": {"mean_shift": 3.0}, "mean_30": {"mean_shift": 30.0},
+          "ill_conditioned": {"cond": 1e4}}[case]
+    h, W, bias, t = _problem(device, dtype, N=64, d=16, V=301, **kw)
+    tol = max(1e-5, 1e-6 * _logit_mean_ratio(h, W, bias))
+    want, gw = _run(reference.linear_spherical_loss, h.double(), W.double(), t, bias.double(), loss=loss,
+                    reduction="none", **OPTS[loss])
+    if dtype == torch.float32:
+        got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, reduction="none",
+                       centred_gram=False, **OPTS[loss])
+        for x, y in zip(gg, gw, strict=True):
+            _close(x, y, tol)
+    else:
+        o = {"a": 1.0, "b": 0.0, "eps": 1e-4} | OPTS[loss]
+        got, _ = _LinearSpherical.apply(h, W, bias, t[:, None], None, KINDS[loss], o["a"], o["b"], o["eps"], -100,
+                                        None, False, True, False)
+    _close(got, want, tol)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("split", [True, None])
 def test_bf16_split_end_to_end(device, loss, split):
@@ -259,13 +297,18 @@ def test_opcheck_row_kernels(device, dtype):
     for with_dense in (True, False):
         args = (r(N, d, t=acc), r(N, 2, t=acc), r(N, K, t=acc), w, t, r(2 * d + 2, t=acc), 5, -100, with_dense)
         torch.library.opcheck(ops.spherical_grad_hidden.default, args)
-    # the gather against a direct computation: only local targets contribute, centred on `center`
+    # the gather against a direct float64 computation: only local targets contribute, [centred on `center`, raw],
+    # each exact to its one rounding into fp32 (float64 inputs: double sums in another order)
     center = r(d + 1, t=acc)
     got = ops.spherical_gather_dot(h, w, b, t, center, 5, -100)
     local = (t >= 5) & (t < 5 + Vs)
-    rows = w.to(acc)[(t - 5).clamp(0, Vs - 1)] - center[:d]
-    want = (rows * h.to(acc)[:, None]).sum(-1) + b.to(acc)[(t - 5).clamp(0, Vs - 1)] - center[d]
-    torch.testing.assert_close(got, torch.where(local, want, torch.zeros_like(want)), rtol=1e-5, atol=1e-5)
+    rows, brow = w.double()[(t - 5).clamp(0, Vs - 1)], b.double()[(t - 5).clamp(0, Vs - 1)]
+    raw = (rows * h.double()[:, None]).sum(-1) + brow
+    dev = ((rows - center[:d].double()) * h.double()[:, None]).sum(-1) + brow - center[d].double()
+    want = torch.where(local[..., None], torch.stack([dev, raw], -1), 0.0).to(acc)
+    assert got.shape == (N, K, 2)
+    torch.testing.assert_close(got, want, rtol=torch.finfo(torch.float32).eps if acc == torch.float32 else 1e-13,
+                               atol=1e-30)
 
 
 def test_compile_fullgraph(device):
@@ -298,6 +341,8 @@ def test_bad_inputs(device):
         f(h, W, t, bf16_split=True)
     with pytest.raises(TypeError, match="bf16_split must be"):
         f(h, W, t, bf16_split="yes")
+    with pytest.raises(TypeError, match="centred_gram must be"):
+        f(h, W, t, centred_gram=None)
     t_bad = t.clone()
     t_bad[2] = W.shape[0]
     if device == "cpu":
@@ -375,9 +420,10 @@ h = torch.randn(N, d, generator=gen, dtype=torch.float64)
 t = torch.randint(0, V, (N, 2), generator=gen); t[0, 1] = -100; t[5] = -100
 sizes = [V // world + (1 if r < V % world else 0) for r in range(world)]
 lo = sum(sizes[:rank]); hi = lo + sizes[rank]
-for loss in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]:
+for loss, centred in [(k, True) for k in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]] + [("zloss", False)]:
     hl, Wl, bl = h.clone().requires_grad_(), W[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()
-    out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl, loss=loss, process_group=dist.group.WORLD)
+    out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl, loss=loss, process_group=dist.group.WORLD,
+                                         centred_gram=centred)
     out.backward()
     hr, Wr, br = h.clone().requires_grad_(), W.clone().requires_grad_(), b.clone().requires_grad_()
     ref = reference.linear_spherical_loss(hr, Wr, t, bias=br, loss=loss)

@@ -47,13 +47,16 @@ at::Tensor spherical_gather_dot(const at::Tensor& hidden, const at::Tensor& weig
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t j = 0; j < K; ++j) {
           const int64_t cls = tp[n * K + j], r = cls - offset;
-          acc_t s = acc_t(0);
+          double dev = 0.0, raw = 0.0;
           if (cls != ignore_index && r >= 0 && r < Vs) {
             const scalar_t *wr = wp + r * d, *hr = hp + n * d;
-            for (int64_t i = 0; i < d; ++i) s += gram_dev_term<acc_t>(wr[i], cp[i], hr[i]);
-            if (bp) s += bp[r] - cp[d];
+            for (int64_t i = 0; i < d; ++i)
+              gram_target_terms(static_cast<double>(wr[i]), static_cast<double>(cp[i]), static_cast<double>(hr[i]),
+                                dev, raw);
+            if (bp) dev += static_cast<double>(bp[r]) - static_cast<double>(cp[d]), raw += static_cast<double>(bp[r]);
           }
-          out[n * K + j] = s;
+          out[2 * (n * K + j)] = static_cast<acc_t>(dev);
+          out[2 * (n * K + j) + 1] = static_cast<acc_t>(raw);
         }
       }
     });

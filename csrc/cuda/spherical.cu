@@ -65,14 +65,19 @@ __global__ void gather_dot_kernel(const scalar_t* __restrict__ h, const scalar_t
   if (item >= NK) return;
   const int64_t n = item / K, cls = target[item], r = cls - offset;
   const bool local = cls != ignore_index && r >= 0 && r < Vs;
-  acc_t s = acc_t(0);
+  double dev = 0.0, raw = 0.0;
   if (local) {
     const scalar_t *wr = w + r * d, *hr = h + n * d;
     for (int64_t i = lane; i < d; i += kWarp)
-      s += gram_dev_term<acc_t>(static_cast<acc_t>(wr[i]), center[i], static_cast<acc_t>(hr[i]));
+      gram_target_terms(static_cast<double>(wr[i]), static_cast<double>(center[i]), static_cast<double>(hr[i]),
+                        dev, raw);
   }
-  s = warp_sum(s);
-  if (lane == 0) out[item] = local ? s + (bias ? bias[r] - center[d] : acc_t(0)) : acc_t(0);
+  dev = warp_sum(dev), raw = warp_sum(raw);
+  if (lane == 0) {
+    const double b = local && bias ? static_cast<double>(bias[r]) : 0.0;
+    out[2 * item] = local ? static_cast<acc_t>(dev + b - (bias ? static_cast<double>(center[d]) : 0.0)) : acc_t(0);
+    out[2 * item + 1] = local ? static_cast<acc_t>(raw + b) : acc_t(0);
+  }
 }
 
 at::Tensor spherical_gather_dot(const at::Tensor& hidden, const at::Tensor& weight,

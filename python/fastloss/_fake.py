@@ -41,7 +41,7 @@ if _ops.AVAILABLE:
 
     @torch.library.register_fake("fastloss::spherical_gather_dot")
     def _(hidden, weight, bias, target, center, offset, ignore_index):
-        return hidden.new_empty(target.shape, dtype=_gram_acc(hidden))
+        return hidden.new_empty((*target.shape, 2), dtype=_gram_acc(hidden))
 
     @torch.library.register_fake("fastloss::spherical_row_stats")
     def _(hidden, hq, stat):

@@ -77,10 +77,11 @@ def _mm32(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, out
 class _Products:
     """The matrix products of the Gram form in one of two precisions. ``split``: bf16 inputs stay bf16 and fp32
     operands are split (`_split`), two bf16 GEMMs per product, fp32 accumulation. Otherwise: operands upcast to
-    the accumulation dtype (fp32; fp64 for fp64 inputs)."""
+    the accumulation dtype (fp32; fp64 for fp64 inputs). ``centred``: how `centred_gram` forms the weight's Gram
+    (centred rows; or the raw Gram, one product fewer with the split, centred afterwards)."""
 
-    def __init__(self, split: bool, acc: torch.dtype):
-        self.split, self.acc = split, acc
+    def __init__(self, split: bool, acc: torch.dtype, centred: bool = True):
+        self.split, self.acc, self.centred = split, acc, centred
 
     def operand(self, y: torch.Tensor):
         """y (k, p) in the accumulation dtype, prepared once for several `times` calls (split into hi, lo)."""
@@ -103,11 +104,22 @@ class _Products:
         return (_mm32(x.t(), ones) if self.split else x.to(self.acc).t() @ ones)[:, 0]
 
     def centred_gram(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """(x - shift)ᵀ (x - shift) for an input operand x (n, d), in row chunks accumulated in place (no d x d
-        temporary per chunk): with the split, each chunk's centred rows are split in one pass, and the Gram is
-        Σ hiᵀhi + C + Cᵀ with C = Σ hiᵀlo (the lo·lo term is below the split's own error)."""
+        """(x - shift)ᵀ (x - shift) for an input operand x (n, d) and its mean ``shift``, in row chunks
+        accumulated in place (no d x d temporary per chunk): with the split, each chunk's centred rows are split
+        in one pass, and the Gram is Σ hiᵀhi + C + Cᵀ with C = Σ hiᵀlo (the lo·lo term is below the split's own
+        error). Not ``centred``: xᵀx - n·shift shiftᵀ, where the bf16 x needs no split (one GEMM, not two), but
+        the subtraction cancels: the error grows with (μ² + σ²) / σ² of the outputs (μ their row mean)."""
         d = x.shape[1]
         gram = shift.new_zeros((d, d), dtype=self.acc)
+        if not self.centred:
+            for r0 in range(0, x.shape[0], _CHUNK_ROWS):
+                xc = x[r0:r0 + _CHUNK_ROWS]
+                if self.split:
+                    _mm32(xc.t(), xc, gram, out=gram)
+                else:
+                    xc = xc.to(self.acc)
+                    gram.addmm_(xc.t(), xc)
+            return gram.addr_(shift, shift, alpha=-x.shape[0])
         cross = gram.clone() if self.split else None
         for r0 in range(0, x.shape[0], _CHUNK_ROWS):
             if not self.split:
@@ -158,9 +170,9 @@ def _shard_stats(weight, bias, prod):
 class _LinearSpherical(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, target_weight, kind, a, b, eps, ignore_index, group,
-                allow_tf32, split):
+                allow_tf32, split, centred=True):
         acc = _acc(hidden)
-        prod = _Products(split, acc)
+        prod = _Products(split, acc, centred)
         Vs = weight.shape[0]
         world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
                                                    torch.distributed.get_rank(group))
@@ -177,21 +189,22 @@ class _LinearSpherical(torch.autograd.Function):
             valid = target != ignore_index
             local = valid & (target >= lo) & (target < lo + Vs)
             safe = torch.where(local, target - lo, torch.zeros_like(target))
-            center = torch.cat([wsum_s, bsum_s.reshape(1)]) / Vs  # shard-centred target outputs
-            dev = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
+            center = torch.cat([wsum_s, bsum_s.reshape(1)]) / Vs  # shard-centred target outputs, and raw ones
+            dots = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
             d = weight.shape[1]
             if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum) slots | target outputs]
                 slots = wsum_s.new_zeros((world, d + 1))
                 slots[rank, :d] = wsum_s
                 slots[rank, d] = bsum_s
-                buf = torch.cat([gram.reshape(-1), u, beta.reshape(1), slots.reshape(-1), dev.reshape(-1)])
+                buf = torch.cat([gram.reshape(-1), u, beta.reshape(1), slots.reshape(-1), dots.reshape(-1)])
                 torch.distributed.all_reduce(buf, group=group)
-                sizes = [d * d, d, 1, world * (d + 1), dev.numel()]
-                gram, u, beta, slots, dev = buf.split(sizes)
+                sizes = [d * d, d, 1, world * (d + 1), dots.numel()]
+                gram, u, beta, slots, dots = buf.split(sizes)
                 gram, beta = gram.reshape(d, d), beta.reshape(())
-                slots, dev = slots.reshape(world, d + 1), dev.reshape(target.shape)
+                slots, dots = slots.reshape(world, d + 1), dots.reshape(*target.shape, 2)
             else:
                 slots = torch.cat([wsum_s, bsum_s.reshape(1)])[None]
+            dev, oc = dots[..., 0], dots[..., 1]
             mean = slots.sum(0) / Vtot  # global (m, bm)
             if world > 1:  # parallel-variance identity: pooled centred statistics from the shards'
                 cnt = torch.tensor(counts, dtype=acc, device=hidden.device)
@@ -210,7 +223,7 @@ class _LinearSpherical(torch.autograd.Function):
             row = torch.ops.fastloss.spherical_row_stats(hidden, hq, stat)
             bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
             mu, m2 = torch.where(bad, torch.nan, row[:, 0]), row[:, 1]
-        oc = mu[:, None] + dev
+            oc = torch.where(bad[:, None], torch.nan, oc)
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, dev, target, target_weight, kind, a, b, eps,
                                                             Vtot, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, target, hq, gram, stat, coef, local, safe)
@@ -265,7 +278,7 @@ class _LinearSpherical(torch.autograd.Function):
                     gb = 2 * (prod.times(weight, v[:, None])[:, 0] - (m @ v) + bc * A.sum()) + B.sum() / Vtot
                     gb = gb.index_put((idx,), gam.reshape(-1), accumulate=True)
                     grad_b = gb.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_spherical_loss(
@@ -284,6 +297,7 @@ def linear_spherical_loss(
     process_group=None,
     allow_tf32: bool = False,
     bf16_split: bool | None = None,
+    centred_gram: bool = True,
 ):
     """A spherical loss of the logits ``hidden @ weight.T + bias`` computed without forming them.
 
@@ -305,6 +319,13 @@ def linear_spherical_loss(
     ``bf16_split``: ``None`` (default) uses bf16 tensor-core products with hi/lo-split fp32 operands for bfloat16
     inputs on CUDA and fp32 products otherwise; ``False`` always upcasts to fp32 products; ``True`` forces the
     split (bfloat16 inputs only; on CPU it is emulated, for testing). Both agree to about 1e-5 relative.
+
+    ``centred_gram``: ``True`` (default) forms the Gram from the centred weight rows, exact however large the
+    rows' shared mean is. ``False`` forms the raw Gram ``WᵀW`` and subtracts ``V·m mᵀ``: with the bf16 split
+    that is one bf16 GEMM over the weight instead of two (2·V·d² fewer flops per step), but the
+    subtraction cancels, so the statistics lose accuracy in proportion to ``(μ² + σ²) / σ²`` of each row's
+    logits (mean μ, spread σ): about ``2e-7`` times that ratio in fp32, far below bf16 rounding for typical
+    output layers, and 1e-3 when the logits' mean is 70 times their spread.
     """
     fn = "fastloss.linear_spherical_loss"
     hidden, weight, bias = _autocast_operands(hidden, weight, bias)
@@ -313,6 +334,8 @@ def linear_spherical_loss(
     a, b = V.check_zloss_args(fn, a, b)
     eps = V.check_finite(fn, "eps", eps, nonnegative=True)
     split = _use_split(fn, bf16_split, hidden)
+    if not isinstance(centred_gram, bool):
+        raise TypeError(f"{fn}: centred_gram must be True or False, got {centred_gram!r}")
     checkable = process_group is None and not torch.compiler.is_compiling()
     if checkable and (V.get_validation() or hidden.device.type == "cpu"):
         V.check_target_range(fn, target, weight.shape[0], ignore_index)
@@ -327,7 +350,7 @@ def linear_spherical_loss(
                                                target_weight=target_weight, ignore_index=ignore_index,
                                                reduction=reduction)
     rows, _ = _LinearSpherical.apply(h, weight, bias, t, w, kind, a, b, eps, ignore_index, process_group,
-                                     allow_tf32, split)
+                                     allow_tf32, split, centred_gram)
     out = reduce_rows(rows, (t != ignore_index).any(-1), reduction)
     if reduction == "none":
         out = out.reshape(target.shape[:-1] if multi else target.shape)

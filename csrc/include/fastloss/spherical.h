@@ -197,10 +197,13 @@ namespace fastloss {
 // d. stat = [m (d), bm, u (d), beta]: the centred-weight mean, bias mean, u = W_c' b_c and beta = |b_c|^2.
 // ---------------------------------------------------------------------------------------------------------
 
-// o_c - mu, one element: (w_ci - center_i) h_i.
-template <typename T>
-FL_HD FL_INLINE T gram_dev_term(T w, T center, T h) {
-  return (w - center) * h;
+// One element of a target output's two dot products, in double: the centred o_c - mu += (w_ci - center_i) h_i
+// and the raw o_c += w_ci h_i. Double keeps both exact to their final rounding: o_c near 0 beside a large row
+// mean must not inherit the mean's rounding (mu + (o_c - mu) would), since o_c^2 + eps divides in the spherical
+// softmax. The gather is N·K·d work, negligible next to the Gram's products.
+FL_HD FL_INLINE void gram_target_terms(double w, double center, double h, double& dev, double& raw) {
+  dev += (w - center) * h;
+  raw += w * h;
 }
 
 // [mu, m2] partial sums, one element: mu += h_i m_i, m2 += (hq_i + 2 u_i) h_i  (hq = H Q_c).
