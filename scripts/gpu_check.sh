@@ -7,7 +7,8 @@
 # the sanitizer, the profile, the other benchmarks and ncu): a run cut short by the device tool's 600 s limit still
 # returns everything written so far.
 #   usage: bash scripts/gpu_check.sh            (from the repository root; peers and expecttest come from
-#          .whl/, filled by scripts/fetch_gpu_wheels.sh on a machine with network)
+#          .whl/, filled by scripts/fetch_gpu_wheels.sh on a machine with network; the build is skipped when
+#          .prebuilt/ holds a wheel of these sources from scripts/prebuild_gpu.sh: carry [".whl", ".prebuilt"])
 #   a second call after a cut-short first one: GPU_SKIP="<the steps summary.txt lists as done>" (e.g.
 #          "pytest_cuda pytest_fused bandwidth bandwidth_general bandwidth_noprefetch bench_spherical"; the three
 #          bandwidth steps append to one CSV: skip all three or none), and FUSED_OK=1 if the first call's
@@ -37,7 +38,29 @@ step() {  # step NAME LOGFILE TIMEOUT_S CMD...   (GPU_SKIP="name ..." skips step
 }
 
 step env "$OUT/info.log" 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; nvcc --version | tail -2"
-step build "$OUT/build.log" 420 $PY -m pip install --no-build-isolation --no-deps -v "$REPO"
+# The wheel prebuilt on the CPU machine (scripts/prebuild_gpu.sh, carried in .prebuilt/) when it was built from
+# exactly these sources against this torch and its CUDA kernels load: seconds instead of minutes of device time.
+# Anything else builds from source.
+build_fastloss() {
+  local whl
+  whl=$(ls "$REPO"/.prebuilt/fastloss-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ] && [ "$(cat "$REPO"/.prebuilt/SOURCE_HASH)" = "$(bash "$REPO"/scripts/source_hash.sh)" ] &&
+     [ "$(cat "$REPO"/.prebuilt/TORCH_VERSION)" = "$($PY -c 'import torch; print(torch.__version__)')" ]; then
+    echo "installing the prebuilt $whl"
+    if $PY -m pip install --no-deps --force-reinstall "$whl" && (cd /tmp && $PY -c "import fastloss, sys
+i = fastloss.build_info(); print(i); sys.exit(0 if i['extension_loaded'] and i['cuda_archs'] else 1)"); then
+      return 0
+    fi
+    echo "the prebuilt wheel did not load its CUDA kernels here"
+  else
+    echo "no prebuilt wheel for these sources and this torch"
+  fi
+  echo "building from source"
+  $PY -m pip install --no-build-isolation --no-deps -v "$REPO"
+}
+export -f build_fastloss
+export PY REPO
+step build "$OUT/build.log" 420 bash -c build_fastloss
 cd /tmp  # import the installed package, not the source tree
 step info "$OUT/info.log" 60 $PY -c "import fastloss, json; print(json.dumps(fastloss.build_info(), indent=1))"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # one GPU, 8 test processes (when .whl has xdist)

@@ -30,6 +30,19 @@ def test_build_info():
         assert not info["contrastive_fused_sm90"]
 
 
+def test_extension_uses_the_stable_python_abi():
+    """_C is built against the limited API (one build for every CPython >= 3.10 with the same torch): its file is
+    _C.abi3.so and it needs no libpython symbol outside the stable ABI's PyModule_* set."""
+    from fastloss import _ops
+
+    path = os.path.realpath(_ops._C.__file__)
+    assert path.endswith(".abi3.so"), path
+    nm = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True)
+    if nm.returncode == 0:  # binutils present
+        py = {line.split()[-1] for line in nm.stdout.splitlines() if line.split()[-1].startswith("Py")}
+        assert py and py <= {"PyModule_Create2", "PyModule_AddStringConstant", "PyModule_AddIntConstant"}, py
+
+
 def test_fallback_without_extension():
     """With fastloss._C unloadable, import still works, warns once, and every function runs the reference."""
     code = textwrap.dedent(
