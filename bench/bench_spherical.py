@@ -136,12 +136,14 @@ def main(argv=None):
     rows = []
     for c, prov, r in results:
         ref = base.get((c.shape_str, "fastloss"))
+        unc = base.get((c.shape_str, "fastloss_uncentred"))
         rows.append((c.shape_str, prov, f"{r.median_ms:.1f}", f"{r.extra_mem_mb:.0f}",
                      f"{r.median_ms / ref.median_ms:.1f}x" if ref else "-",
+                     f"{r.median_ms / unc.median_ms:.1f}x" if unc else "-",
                      f"{r.extra_mem_mb / max(ref.extra_mem_mb, 1e-9):.1f}x" if ref else "-"))
     print()
-    print(format_table(("shape", "provider", "fwd+bwd ms", "extra MB", "time / fastloss", "memory / fastloss"),
-                       rows, align="llrrrr"))
+    print(format_table(("shape", "provider", "fwd+bwd ms", "extra MB", "time / fastloss", "time / uncentred",
+                        "memory / fastloss"), rows, align="llrrrrr"))
     if args.plot and args.sweep:
         plot(results, args.out.with_suffix(".png"))
 
