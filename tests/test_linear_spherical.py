@@ -244,6 +244,26 @@ def test_bf16_split_end_to_end(device, loss, split):
         _close(x, z, 2 * eps)
 
 
+@pytest.mark.parametrize("kw", [{"loss": "zloss", "a": 1.3, "b": 0.2, "reduction": "sum"},
+                                {"loss": "spherical_softmax", "eps": 1e-3, "centred_gram": False},
+                                {"loss": "mse", "ignore_index": 3, "reduction": "none"}])
+def test_module_equals_functional(device, kw):
+    """fastloss.nn.LinearSphericalLoss(**options)(hidden, weight, target, bias, target_weight) is the functional
+    call with the same options, bit for bit, and passes gradients to all three operands."""
+    h, W, bias, t = _problem(device, torch.float32, lead=(5, 8))
+    t = t.clamp(min=0)
+    mod = fastloss.nn.LinearSphericalLoss(**kw)
+    got, gg = _run(lambda *a, **k: mod(a[0], a[1], a[2], k["bias"]), h, W, t, bias)
+    want, gw = _run(fastloss.linear_spherical_loss, h, W, t, bias, **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for x, y in zip(gg, gw, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    tw = torch.rand(*t.shape, 2, device=device)
+    t2 = torch.stack([t, (t + 1) % W.shape[0]], -1)
+    torch.testing.assert_close(mod(h, W, t2, bias, target_weight=tw),
+                               fastloss.linear_spherical_loss(h, W, t2, bias=bias, target_weight=tw, **kw))
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_multi_target(device, loss):
     h, W, bias, t = _problem(device, torch.float64)

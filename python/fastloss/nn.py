@@ -6,6 +6,7 @@ import torch
 from torch.nn import _reduction
 
 from . import functional as F
+from .spherical import DEFAULT_EPS
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -63,7 +64,7 @@ class ZLoss(torch.nn.Module):
 class LinearSphericalLoss(torch.nn.Module):
     """Module form of :func:`fastloss.linear_spherical_loss`: ``forward(hidden, weight, target, bias=None)``."""
 
-    def __init__(self, loss: str = "zloss", *, a: float = 1.0, b: float = 0.0, eps: float = 1e-4,
+    def __init__(self, loss: str = "zloss", *, a: float = 1.0, b: float = 0.0, eps: float = DEFAULT_EPS,
                  ignore_index: int = -100, reduction: str = "mean", process_group=None, allow_tf32: bool = False,
                  bf16_split: bool | None = None, centred_gram: bool = True):
         super().__init__()
