@@ -2,7 +2,7 @@
 # One call on a GPU machine (device tool): build fastloss from source against that machine's torch, run the
 # CUDA tests, compute-sanitizer memcheck on a small run of every CUDA op, the bandwidth roofline check and the
 # quick CUDA benchmark. Logs go to $OUT (default /tmp/fastloss_gpu; at most 8 files, the device tool's limit),
-# the rest to /tmp/fastloss_logs. Steps run on even if one fails; summary.txt lists each step's exit status.
+# the rest to /tmp/fastloss_logs. Steps run on even if one fails; summary.txt lists each step's exit status and seconds.
 # Steps run in priority order (build, CUDA tests, the issues' targets: bandwidth, Gram form, contrastive; then
 # the sanitizer, the profile, the other benchmarks and ncu): a run cut short by the device tool's 600 s limit still
 # returns everything written so far.
@@ -30,9 +30,10 @@ step() {  # step NAME LOGFILE TIMEOUT_S CMD...   (GPU_SKIP="name ..." skips step
   local name=$1 log=$2 limit=$3; shift 3
   case " ${GPU_SKIP:-} " in *" $name "*) echo "$name: skipped" >> "$OUT/summary.txt"; return 2;; esac
   echo "=== $name ($(date -u +%H:%M:%S))" | tee -a "$log"
+  local t0=$SECONDS
   timeout "$limit" "$@" >> "$log" 2>&1
   local rc=$?
-  echo "$name: exit $rc" >> "$OUT/summary.txt"
+  echo "$name: exit $rc ($((SECONDS - t0)) s)" >> "$OUT/summary.txt"
   tail -n 30 "$log"
   return $rc
 }
