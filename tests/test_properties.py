@@ -1,4 +1,4 @@
-"""Hypothesis property tests of the row engine: random shapes, logit scales up to 1e4, -inf lanes."""
+"""Hypothesis property tests of the row engine (random shapes, logit scales up to 1e4, -inf lanes) and the Gram form."""
 
 import pytest
 import torch
@@ -104,3 +104,37 @@ def test_nan_logit_poisons_its_row_only(device, name, C):
     loss = _ROW_LOSSES[name](x.to(device), t.to(device)).cpu()
     assert torch.isfinite(loss[0]), loss
     assert torch.isnan(loss[1:]).all(), loss
+
+
+@st.composite
+def gram_problems(draw):
+    """hidden (N, d), weight (V, d) with a shared mean of 0-10 spreads, optional bias, K targets per row (some
+    ignored), optional target weights: the Gram form's shapes from degenerate (d = 1, V = 2) to a few hundred."""
+    N, d, V, K = draw(st.integers(1, 40)), draw(st.integers(1, 48)), draw(st.integers(2, 400)), draw(st.integers(1, 3))
+    shift = draw(st.sampled_from([0.0, 1.0, 10.0]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    W = r(V, d) + shift * r(d)
+    b = r(V) if draw(st.booleans()) else None
+    t = torch.randint(0, V, (N, K), generator=gen)
+    t[torch.rand(N, K, generator=gen) < 0.2] = -100
+    tw = torch.rand(N, K, generator=gen, dtype=torch.float64) + 0.1 if draw(st.booleans()) else None
+    return r(N, d), W, b, t, tw
+
+
+@settings(max_examples=40, deadline=None)
+@given(gram_problems(), st.sampled_from(["zloss", "spherical_softmax", "taylor_softmax", "mse"]), st.booleans())
+def test_linear_spherical_properties(problem, loss, centred):
+    """The Gram form (both Gram modes) equals the materialised reference in float64, loss and the gradients of
+    hidden, weight and bias, on random shapes, multi-target rows and shared weight means."""
+    h, W, b, t, tw = problem
+    leaves = [x.clone().requires_grad_() for x in (h, W) + ((b,) if b is not None else ())]
+    outs = []
+    for fn, kw in ((fastloss.linear_spherical_loss, {"centred_gram": centred}), (reference.linear_spherical_loss, {})):
+        out = fn(leaves[0], leaves[1], t, bias=leaves[2] if b is not None else None, loss=loss, target_weight=tw,
+                 reduction="none", **kw)
+        outs.append((out.detach(), torch.autograd.grad(out, leaves, torch.linspace(0.5, 1.5, out.numel(),
+                                                                                    dtype=out.dtype))))
+    (got, gg), (want, gw) = outs
+    for x, y in zip((got, *gg), (want, *gw), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-8, atol=1e-8 * y.abs().max().item() + 1e-12)  # exact zeros too
