@@ -89,3 +89,25 @@ def test_scripts_call_registered_ops():
     assert called, "no direct op calls found: the pattern is stale"
     missing = [(f, name) for f, name in sorted(called) if not hasattr(torch.ops.fastloss, name)]
     assert not missing, missing
+
+
+def test_bandwidth_summary_without_gpu(tmp_path):
+    """bench_bandwidth.py --summary (read on the CPU machine after a GPU run): one column per variant, and each
+    variant's worst C judged against the 90 % target."""
+    import importlib.util as iu
+    from pathlib import Path
+
+    spec = iu.spec_from_file_location("bench_bandwidth", Path(__file__).parents[1] / "bench" / "bench_bandwidth.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    head = "device,op,mode,dtype,N,C,median_ms,gbps,copy_gbps,fraction_of_copy,packs_per_thread,ce_light,row_prefetch"
+    rows = [f"H,cross_entropy,fwd,bfloat16,1,{C},1,1,1,{f},default,{light},default"
+            for C, f, light in ((32768, 0.95, "default"), (65536, 0.85, "default"), (32768, 0.5, "0"),
+                                (65536, 0.6, "0"))]
+    path = tmp_path / "bw.csv"
+    path.write_text("\n".join([head, *rows]) + "\n")
+    out = mod.summary(str(path))
+    assert out[0] == "variants: [0] default; [1] ce_light=0"
+    assert "cross_entropy  fwd  bfloat16    65536  0.850  0.600" in out
+    assert out[-1].split() == ["cross_entropy", "fwd", "bfloat16", "[0]", "0.850", "(below),", "[1]", "0.500",
+                               "(below)"]
