@@ -40,8 +40,8 @@ step() {  # step NAME LOGFILE TIMEOUT_S CMD...   (GPU_SKIP="name ..." skips step
 
 step env "$OUT/info.log" 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; nvcc --version | tail -2"
 # The wheel prebuilt on the CPU machine (scripts/prebuild_gpu.sh, carried in .prebuilt/) when it was built from
-# exactly these sources against this torch and its CUDA kernels load: seconds instead of minutes of device time.
-# Anything else builds from source.
+# exactly these sources against this torch and its sm_90 kernels (the fused GEMMs too) load: seconds instead of
+# minutes of device time. Anything else builds from source.
 build_fastloss() {
   local whl
   whl=$(ls "$REPO"/.prebuilt/fastloss-*.whl 2>/dev/null | head -1)
@@ -49,10 +49,12 @@ build_fastloss() {
      [ "$(cat "$REPO"/.prebuilt/TORCH_VERSION)" = "$($PY -c 'import torch; print(torch.__version__)')" ]; then
     echo "installing the prebuilt $whl"
     if $PY -m pip install --no-deps --force-reinstall "$whl" && (cd /tmp && $PY -c "import fastloss, sys
-i = fastloss.build_info(); print(i); sys.exit(0 if i['extension_loaded'] and i['cuda_archs'] else 1)"); then
+i = fastloss.build_info(); print(i)
+sys.exit(0 if i['extension_loaded'] and any(a.startswith('90') for a in i['cuda_archs'])
+         and i['contrastive_fused_sm90'] else 1)"); then
       return 0
     fi
-    echo "the prebuilt wheel did not load its CUDA kernels here"
+    echo "the prebuilt wheel did not load its sm_90 kernels here"
   else
     echo "no prebuilt wheel for these sources and this torch"
   fi

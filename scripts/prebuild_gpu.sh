@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_TORCH=${GPU_TORCH:-torch==2.11.0}
 PY=${GPU_TORCH_PYTHON:-.venv-gpu/bin/python}
-if [ -z "${GPU_TORCH_PYTHON:-}" ] && [ ! -x "$PY" ]; then
+if [ -z "${GPU_TORCH_PYTHON:-}" ] && ! "$PY" -c "import torch, scikit_build_core" 2>/dev/null; then
   python3 -m venv .venv-gpu
   "$PY" -m pip install -q "$GPU_TORCH" numpy "scikit-build-core>=0.10" cmake ninja
   "$PY" -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
@@ -19,8 +19,10 @@ fi
 rm -rf .prebuilt
 mkdir -p .prebuilt
 TORCH_CUDA_ARCH_LIST=9.0 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-  "$PY" -m pip wheel -q --no-build-isolation --no-deps -w .prebuilt .
+  "$PY" -m pip wheel -q --no-build-isolation --no-deps -C build-dir=build/gpu-prebuilt -w .prebuilt .
 "$PY" -c "import torch; print(torch.__version__)" > .prebuilt/TORCH_VERSION
 bash scripts/source_hash.sh > .prebuilt/SOURCE_HASH
 ls -la .prebuilt
+[ "$(cat .prebuilt/TORCH_VERSION)" = "2.11.0+cu130" ] || echo "warning: every GPU run so far had torch 2.11.0+cu130;" \
+  "with this one gpu_check.sh would build from source (GPU_TORCH_PYTHON: an interpreter with that torch)"
 echo "prebuilt for torch $(cat .prebuilt/TORCH_VERSION), sources $(cut -c1-12 .prebuilt/SOURCE_HASH)"

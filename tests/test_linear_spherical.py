@@ -375,6 +375,26 @@ def test_bad_inputs(device):
             f(h, W.to("cuda" if device == "cpu" else "cpu"), t)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_out_of_range_target_poisons_its_row_only(device, loss):
+    """Without the host-side range check (CUDA skips it unless validation is on: it would sync), a target >= V or
+    < 0 other than ignore_index gives that row a NaN loss, for every loss, and no other row changes."""
+    from fastloss.linear_spherical import _LinearSpherical
+    from fastloss.spherical import KINDS
+
+    h, W, bias, t = _problem(device, torch.float32, N=12, d=8, V=30)
+    t = t.clamp(min=0)
+    bad = t.clone()
+    bad[2], bad[5] = W.shape[0] + 3, -7
+    o = {"a": 1.0, "b": 0.0, "eps": 1e-4} | OPTS[loss]
+    rows = [_LinearSpherical.apply(h, W, bias, x[:, None], None, KINDS[loss], o["a"], o["b"], o["eps"], -100, None,
+                                   False, False)[0] for x in (t, bad)]
+    assert torch.isnan(rows[1][[2, 5]]).all(), rows[1]
+    keep = torch.ones(12, dtype=torch.bool, device=device)
+    keep[[2, 5]] = False
+    torch.testing.assert_close(rows[1][keep], rows[0][keep], rtol=0, atol=0)
+
+
 def test_autocast_casts_like_a_matmul(device):
     """Inside torch.autocast the fp32 operands (fp32 master weights, bias, hidden) take the autocast dtype, as
     F.linear's would, and their gradients come back in fp32; outside autocast mixed dtypes stay an error."""

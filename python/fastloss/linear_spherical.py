@@ -222,7 +222,8 @@ class _LinearSpherical(torch.autograd.Function):
             hq = prod.times(hidden, gram)  # kept for the backward (N x d, the size of hidden's own gradient)
             row = torch.ops.fastloss.spherical_row_stats(hidden, hq, stat)
             bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
-            mu, m2 = torch.where(bad, torch.nan, row[:, 0]), row[:, 1]
+            # NaN into every statistic a loss may read (the Z-loss reads m2 and o_c - mu, not mu or o_c)
+            mu, m2 = torch.where(bad, torch.nan, row[:, 0]), torch.where(bad, torch.nan, row[:, 1])
             oc = torch.where(bad[:, None], torch.nan, oc)
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, dev, target, target_weight, kind, a, b, eps,
                                                             Vtot, ignore_index)
