@@ -10,6 +10,8 @@ print(f"TORCH_LIB_DIR={lib}")
 print(f"TORCH_VERSION={torch.__version__}")
 print(f"TORCH_CUDA_VERSION={torch.version.cuda or ''}")
 print(f"TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}")
+# free-threaded CPython (3.13t, ...) has no stable ABI: the module is then built for that interpreter only
+print(f"PY_FREE_THREADED={int(bool(__import__('sysconfig').get_config_var('Py_GIL_DISABLED')))}")
 # nvidia wheels ship headers (cusparse.h, ...) some torch headers include.
 nv = [os.path.join(p, "nvidia") for p in __import__("site").getsitepackages()]
 inc = [os.path.join(d, sub, "include") for d in nv if os.path.isdir(d) for sub in sorted(os.listdir(d))]
