@@ -3,11 +3,12 @@ materialised paths, forward + backward, with peak memory.
 
 Providers (op ``linear_zloss``):
   fastloss      linear_spherical_loss(h, W, t, bias=b, loss="zloss")           ~ V·d² + N·d², no N x V tensor
+                (bf16 on CUDA: the raw Gram, one bf16 GEMM over W; fp32: the centred Gram)
   torch         F.linear_cross_entropy(h, W, t, linear_bias=b) (torch's own linear + CE; on a torch without it,
                 F.cross_entropy(F.linear(h, W, b), t), which it is defined as)              ~ N·V·d
   materialised  fastloss.zloss(F.linear(h, W, b), t)  (same loss, logits formed)   ~ N·V·d
   fastloss_fp32 the Gram form with bf16_split=False (fp32 products; compares the bf16 hi/lo split on CUDA)
-  fastloss_uncentred  the Gram form with centred_gram=False (bf16: one GEMM over W for the Gram, not two)
+  fastloss_centred    the Gram form with centred_gram=True (bf16: the centred weight split, two GEMMs over W)
   liger, cce    Liger's fused linear cross-entropy and Cut Cross-Entropy (CUDA), when importable
 
     python bench/bench_spherical.py                      # CPU fp32 N=8192 d=256 V=50000 (issue target shape)
@@ -53,8 +54,8 @@ PROVIDERS = {
     "fastloss": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss"),
     "fastloss_fp32": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss",
                                                                                bf16_split=False),
-    "fastloss_uncentred": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss",
-                                                                                    centred_gram=False),
+    "fastloss_centred": lambda: lambda h, W, b, t: fastloss.linear_spherical_loss(h, W, t, bias=b, loss="zloss",
+                                                                                  centred_gram=True),
     "torch": lambda: _torch_linear_ce(),
     "materialised": lambda: lambda h, W, b, t: fastloss.zloss(F.linear(h, W, b), t),
     "liger": _liger,
@@ -90,7 +91,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="fp32 (cpu default) or bf16 (cuda default)")
     p.add_argument("--shapes", default=None, help="comma list of NxdxV (default: the issue's target shape)")
     p.add_argument("--providers", default=None, help="comma list (default: fastloss,torch,materialised; on CUDA "
-                   "also fastloss_uncentred, fastloss_fp32, liger, cce)")
+                   "also fastloss_centred, fastloss_fp32, liger, cce)")
     p.add_argument("--sweep", action="store_true", help="N in 1k..64k at V=50k and V in 10k..500k at N=8192 "
                    "(d=256), fastloss only, plus the materialised path where it fits")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "spherical.csv")
@@ -99,7 +100,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     default = "32768x2048x131072" if args.device == "cuda" else "8192x256x50000"
     shapes = [tuple(map(int, s.split("x"))) for s in (args.shapes or default).split(",")]
-    gpu = "fastloss,fastloss_uncentred,fastloss_fp32,torch,materialised,liger,cce"
+    gpu = "fastloss,fastloss_centred,fastloss_fp32,torch,materialised,liger,cce"
     providers = (args.providers or (gpu if args.device == "cuda" else "fastloss,torch,materialised")).split(",")
     todo = [(n, d, v, prov) for n, d, v in shapes for prov in providers]
     if args.sweep:
@@ -136,14 +137,12 @@ def main(argv=None):
     rows = []
     for c, prov, r in results:
         ref = base.get((c.shape_str, "fastloss"))
-        unc = base.get((c.shape_str, "fastloss_uncentred"))
         rows.append((c.shape_str, prov, f"{r.median_ms:.1f}", f"{r.extra_mem_mb:.0f}",
                      f"{r.median_ms / ref.median_ms:.1f}x" if ref else "-",
-                     f"{r.median_ms / unc.median_ms:.1f}x" if unc else "-",
                      f"{r.extra_mem_mb / max(ref.extra_mem_mb, 1e-9):.1f}x" if ref else "-"))
     print()
-    print(format_table(("shape", "provider", "fwd+bwd ms", "extra MB", "time / fastloss", "time / uncentred",
-                        "memory / fastloss"), rows, align="llrrrrr"))
+    print(format_table(("shape", "provider", "fwd+bwd ms", "extra MB", "time / fastloss", "memory / fastloss"), rows,
+                       align="llrrrr"))
     if args.plot and args.sweep:
         plot(results, args.out.with_suffix(".png"))
 

@@ -298,7 +298,7 @@ def linear_spherical_loss(
     process_group=None,
     allow_tf32: bool = False,
     bf16_split: bool | None = None,
-    centred_gram: bool = True,
+    centred_gram: bool | None = None,
 ):
     """A spherical loss of the logits ``hidden @ weight.T + bias`` computed without forming them.
 
@@ -321,12 +321,15 @@ def linear_spherical_loss(
     inputs on CUDA and fp32 products otherwise; ``False`` always upcasts to fp32 products; ``True`` forces the
     split (bfloat16 inputs only; on CPU it is emulated, for testing). Both agree to about 1e-5 relative.
 
-    ``centred_gram``: ``True`` (default) forms the Gram from the centred weight rows, exact however large the
-    rows' shared mean is. ``False`` forms the raw Gram ``WᵀW`` and subtracts ``V·m mᵀ``: with the bf16 split
-    that is one bf16 GEMM over the weight instead of two (2·V·d² fewer flops per step), but the
-    subtraction cancels, so the statistics lose accuracy in proportion to ``(μ² + σ²) / σ²`` of each row's
-    logits (mean μ, spread σ): about ``2e-7`` times that ratio in fp32, far below bf16 rounding for typical
-    output layers, and 1e-3 when the logits' mean is 70 times their spread.
+    ``centred_gram``: how the weight's Gram is formed. ``True`` centres the weight rows first, exact however large
+    the rows' shared mean is. ``False`` forms the raw Gram ``WᵀW`` and subtracts ``V·m mᵀ``: with the bf16 split
+    that is one bf16 GEMM over the weight instead of two (2·V·d² fewer flops per step), but the subtraction
+    cancels, so the row statistics lose accuracy in proportion to ``(μ² + σ²) / σ²`` of each row's logits (mean
+    μ, spread σ): about ``2e-7`` times that ratio for the variance, less for the loss. ``None`` (default):
+    ``False`` on the bf16 split path, ``True`` otherwise. The split path returns bf16 losses and gradients
+    (rounding 4e-3); there a ratio of 1e4 (a logit mean 100 times the spread) moves the fp32 per-row losses by
+    3e-4 relative and 1e5 by 3e-3, while the same losses of bf16-materialised logits (``F.linear``, then the
+    loss) are off by 5e-2 and 2e-1 (``python bench/gram_accuracy.py``).
     """
     fn = "fastloss.linear_spherical_loss"
     hidden, weight, bias = _autocast_operands(hidden, weight, bias)
@@ -335,8 +338,9 @@ def linear_spherical_loss(
     a, b = V.check_zloss_args(fn, a, b)
     eps = V.check_finite(fn, "eps", eps, nonnegative=True)
     split = _use_split(fn, bf16_split, hidden)
-    if not isinstance(centred_gram, bool):
-        raise TypeError(f"{fn}: centred_gram must be True or False, got {centred_gram!r}")
+    if centred_gram is not None and not isinstance(centred_gram, bool):
+        raise TypeError(f"{fn}: centred_gram must be None, True or False, got {centred_gram!r}")
+    centred = not split if centred_gram is None else centred_gram
     checkable = process_group is None and not torch.compiler.is_compiling()
     if checkable and (V.get_validation() or hidden.device.type == "cpu"):
         V.check_target_range(fn, target, weight.shape[0], ignore_index)
@@ -351,7 +355,7 @@ def linear_spherical_loss(
                                                target_weight=target_weight, ignore_index=ignore_index,
                                                reduction=reduction)
     rows, _ = _LinearSpherical.apply(h, weight, bias, t, w, kind, a, b, eps, ignore_index, process_group,
-                                     allow_tf32, split, centred_gram)
+                                     allow_tf32, split, centred)
     out = reduce_rows(rows, (t != ignore_index).any(-1), reduction)
     if reduction == "none":
         out = out.reshape(target.shape[:-1] if multi else target.shape)

@@ -66,7 +66,7 @@ class LinearSphericalLoss(torch.nn.Module):
 
     def __init__(self, loss: str = "zloss", *, a: float = 1.0, b: float = 0.0, eps: float = DEFAULT_EPS,
                  ignore_index: int = -100, reduction: str = "mean", process_group=None, allow_tf32: bool = False,
-                 bf16_split: bool | None = None, centred_gram: bool = True):
+                 bf16_split: bool | None = None, centred_gram: bool | None = None):
         super().__init__()
         self.loss, self.a, self.b, self.eps = loss, a, b, eps
         self.ignore_index, self.reduction = ignore_index, reduction
