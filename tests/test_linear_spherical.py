@@ -255,29 +255,6 @@ def test_gram_accuracy_bench(device, loss):
     assert r["raw"] < r["materialised_bf16"] / 10
 
 
-def test_row_stats_m2_below_zero_is_zero(device):
-    """A Gram sum hᵀQh + 2uᵀh + β below 0 (rounding of a positive semidefinite Gram, or the raw Gram's cancellation)
-    is no resolvable spread: m2 = 0 (the Z-loss then takes z = 0), as the materialised rows clamp it; a NaN stays
-    NaN. Per row: m2 = Σ_i (hq_i + 2u_i) h_i + β, μ = Σ_i h_i m_i + bm."""
-    d = 2
-    h = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], device=device)
-    hq = torch.tensor([[-1e-3, 0.0], [2.0, 0.0], [0.0, float("nan")], [0.5, 0.5]], device=device)
-    stat = torch.zeros(2 * d + 2, device=device)  # [m (d), bm, u (d), beta]
-    stat[-1] = -0.5  # beta < 0 cannot occur in use; here it pushes the last row below 0 as well
-    got = torch.ops.fastloss.spherical_row_stats(h, hq, stat)[:, 1]
-    assert got[0].item() == 0.0 and got[1].item() == 1.5 and got[2].isnan() and got[3].item() == 0.5
-    h2 = h.clone()
-    h2[3] = torch.tensor([0.25, 0.25])
-    assert torch.ops.fastloss.spherical_row_stats(h2, hq, stat)[3, 1].item() == 0.0  # 0.25 - 0.5 < 0 -> 0
-    # downstream, m2 = 0 is the Z-loss's constant row: z = 0, a finite loss (a negative m2 would give NaN)
-    from fastloss.spherical import KINDS
-
-    one = torch.ones(1, 1, device=device)
-    rows, _ = torch.ops.fastloss.spherical_row_terms(one[0], one[0] * 0, one, one, (one * 0).long(), None,
-                                                     KINDS["zloss"], 1.0, 0.0, 0.0, 5, -100)
-    assert torch.isfinite(rows).all()
-
-
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("split", [True, None])
 def test_bf16_split_end_to_end(device, loss, split):
@@ -353,6 +330,25 @@ def test_opcheck_row_terms(device):
             for w in (None, torch.rand(7, 2, generator=gen).to(device=device, dtype=dtype)):
                 args = (mu, m2, mu[:, None] + dev, dev, t, w, kind, 1.2, 0.1, 1e-3, 11, -100)
                 torch.library.opcheck(torch.ops.fastloss.spherical_row_terms.default, args)
+
+
+def test_row_terms_m2_below_zero_is_a_constant_row(device):
+    """The Gram's m2 = hᵀQ_c h + 2uᵀh + β can round below 0 (a rank-deficient W, or the raw Gram's cancellation):
+    spherical_row_terms reads it as 0, the constant row (Z-loss z = 0: softplus(a·b)/a, zero gradient), as the
+    materialised rows clamp it, instead of a NaN from its square root; a NaN m2 stays NaN."""
+    import math
+
+    from fastloss.spherical import KINDS
+
+    f = lambda x: torch.tensor(x, device=device)  # noqa: E731
+    m2 = f([-1e-6, 0.0, float("nan")])
+    one = torch.ones(3, 1, device=device)
+    rows, coef = torch.ops.fastloss.spherical_row_terms(f([2.0, 2.0, 2.0]), m2, one * 2.5, one * 0.5,
+                                                        torch.zeros(3, 1, dtype=torch.long, device=device), None,
+                                                        KINDS["zloss"], 1.5, 0.2, 0.0, 7, -100)
+    want = math.log1p(math.exp(1.5 * 0.2)) / 1.5
+    assert rows[0].item() == pytest.approx(want) and rows[1].item() == rows[0].item() and rows[2].isnan()
+    assert (coef[:2] == 0).all() and coef[2].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -78,7 +78,7 @@ at::Tensor spherical_row_stats(const at::Tensor& hidden, const at::Tensor& hq, c
         for (int64_t i = 0; i < d; ++i)
           gram_stats_terms<acc_t>(static_cast<acc_t>(hp[n * d + i]), qp[n * d + i], sp[i], sp[d + 1 + i], mu, m2);
         out[2 * n] = mu + sp[d];
-        out[2 * n + 1] = gram_stats_m2(m2, sp[2 * d + 1]);
+        out[2 * n + 1] = m2 + sp[2 * d + 1];
       }
     });
   });

@@ -213,15 +213,6 @@ FL_HD FL_INLINE void gram_stats_terms(T h, T hq, T m, T u, T& mu, T& m2) {
   m2 += (hq + T(2) * u) * h;
 }
 
-// The row's m2 from its Gram partial sum and the bias square sum beta. The Gram is positive semidefinite only up
-// to rounding (a rank-deficient W; the raw Gram's subtraction when the logits' mean dwarfs their spread), so a
-// sum below 0 means "no spread resolvable": 0, as for the materialised rows. A NaN stays NaN.
-template <typename T>
-FL_HD FL_INLINE T gram_stats_m2(T m2, T beta) {
-  const T v = m2 + beta;
-  return v < T(0) ? T(0) : v;
-}
-
 // dL/dh_i without its target part: 2A (hq_i + u_i) + B m_i.
 template <typename T>
 FL_HD FL_INLINE T gram_grad_dense(T A, T B, T hq, T u, T m) {
