@@ -1,15 +1,21 @@
-"""Accuracy of the Gram form for bf16 inputs against the logits' shared mean: the centred Gram, the raw Gram
-(``centred_gram=False``, the bf16 default) and the loss of bf16-materialised logits, each against the float64
-reference on the same bf16 inputs.
+"""Accuracy of the Gram form against the logits' shared mean, each result against the float64 materialised
+reference on the same (rounded) inputs.
 
-    python bench/gram_accuracy.py                 # CPU (the bf16 split emulated exactly in fp32)
-    python bench/gram_accuracy.py --device cuda   # the bf16 tensor-core GEMMs
+    python bench/gram_accuracy.py                  # bf16 and fp32 tables, CPU (bf16 split emulated exactly)
+    python bench/gram_accuracy.py --device cuda    # the same on the GPU (bf16 tensor-core GEMMs)
 
-The raw Gram WᵀW − V·m mᵀ cancels when the logits' mean μ is large against their spread σ: its error grows with
-(μ² + σ²) / σ² (the ``ratio`` column, the worst row). Columns: the largest per-row loss error relative to the
-largest reference loss, for the Gram form's fp32 per-row losses (before the output's bf16 rounding, 4e-3) and for
-``loss(F.linear(h, W).float())``, which is what a bf16 model computes without fastloss. ``W`` has rows
-N(0, 1/d) plus ``shift`` times a shared random direction of the same norm.
+``W`` has rows N(0, 1/d) plus ``shift`` times a shared random direction of the same norm; ``ratio`` is the
+largest (μ² + σ²) / σ² over rows of the logits (mean μ, spread σ). Errors: largest absolute error relative to
+the largest reference value.
+
+bf16 table (N=256, d=256, V=32768; the per-row losses only): the Gram form's fp32 per-row losses (before the
+output's bf16 rounding, 4e-3) with the centred Gram and with the raw Gram WᵀW − V·m mᵀ (the bf16 default, whose
+subtraction cancels as the ratio grows), and ``loss(F.linear(h, W).float())``: what a bf16 model computes
+without fastloss.
+
+fp32 table (N=64, d=16, V=301, bias; loss and the hidden / weight gradients): ``linear_spherical_loss`` (the
+centred Gram) against the same loss of fp32 logits rounded once from exact values, the best a materialised fp32
+computation can do (its hidden gradient through an fp32 matmul, as autograd's would be).
 """
 
 from __future__ import annotations
@@ -26,51 +32,98 @@ from fastloss import reference
 from fastloss.linear_spherical import _LinearSpherical
 from fastloss.spherical import DEFAULT_EPS, KINDS
 
+LOSSES = ("zloss", "spherical_softmax", "taylor_softmax", "mse")
 MATERIALISED = {"zloss": fastloss.zloss, "spherical_softmax": fastloss.spherical_softmax_loss,
                 "taylor_softmax": fastloss.taylor_softmax_loss, "mse": fastloss.spherical_mse_loss}
 
 
-def measure(loss: str, shift: float, N: int, d: int, V: int, device: str, seed: int = 0) -> dict:
+def _problem(shift, N, d, V, dtype, device, seed=0, bias=False):
     gen = torch.Generator().manual_seed(seed)
     W = torch.randn(V, d, generator=gen, dtype=torch.float64) / d**0.5
-    W = (W + shift * torch.randn(d, generator=gen, dtype=torch.float64) / d**0.5).bfloat16().to(device)
-    h = torch.randn(N, d, generator=gen, dtype=torch.float64).bfloat16().to(device)
-    t = torch.randint(0, V, (N,), generator=gen).to(device)
-    o = h.double() @ W.double().t()
+    W = W + shift * torch.randn(d, generator=gen, dtype=torch.float64) / d**0.5
+    h = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    b = torch.randn(V, generator=gen, dtype=torch.float64) * 0.3 if bias else None
+    t = torch.randint(0, V, (N,), generator=gen)
+    cast = lambda x: None if x is None else x.to(dtype).to(device)  # noqa: E731
+    return cast(h), cast(W), cast(b), t.to(device)
+
+
+def _ratio(o):
+    return (o.square().mean(-1) / o.var(-1, correction=0)).max().item()
+
+
+def _err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def measure(loss: str, shift: float, N: int, d: int, V: int, device: str, seed: int = 0) -> dict:
+    """bf16 inputs: per-row loss errors of the centred Gram, the raw Gram and bf16-materialised logits."""
+    h, W, _, t = _problem(shift, N, d, V, torch.bfloat16, device, seed)
     want = reference.linear_spherical_loss(h.double(), W.double(), t, loss=loss, reduction="none")
-    scale = want.abs().max()
-    row = {"loss": loss, "shift": shift,
-           "ratio": (o.square().mean(-1) / o.var(-1, correction=0)).max().item()}
+    row = {"loss": loss, "shift": shift, "ratio": _ratio(h.double() @ W.double().t())}
     for name, centred in (("centred", True), ("raw", False)):
         got, _ = _LinearSpherical.apply(h, W, None, t[:, None], None, KINDS[loss], 1.0, 0.0, DEFAULT_EPS, -100,
                                         None, False, True, centred)
-        row[name] = ((got.double() - want).abs().max() / scale).item()
-    got = MATERIALISED[loss](F.linear(h, W).float(), t, reduction="none")
-    row["materialised_bf16"] = ((got.double() - want).abs().max() / scale).item()
+        row[name] = _err(got, want)
+    row["materialised_bf16"] = _err(MATERIALISED[loss](F.linear(h, W).float(), t, reduction="none"), want)
     return row
+
+
+def measure_fp32(loss: str, shift: float, N: int, d: int, V: int, device: str, seed: int = 0) -> dict:
+    """fp32 inputs: loss, hidden- and weight-gradient errors of linear_spherical_loss, and loss and hidden-gradient
+    errors of fp32 logits rounded once from exact values."""
+    h, W, b, t = _problem(shift, N, d, V, torch.float32, device, seed, bias=True)
+    up = torch.linspace(0.5, 1.5, N, dtype=torch.float64, device=device)
+
+    def run(fn, *xs):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        out = fn(*leaves)
+        return (out.detach(), *torch.autograd.grad(out, leaves, up.to(out.dtype)))
+
+    want, gh, gW = run(lambda x, w: reference.linear_spherical_loss(x, w, t, bias=b.double(), loss=loss,
+                                                                    reduction="none"), h.double(), W.double())
+    got, hh, hW = run(lambda x, w: fastloss.linear_spherical_loss(x, w, t, bias=b, loss=loss, reduction="none"), h, W)
+    o = h.double() @ W.double().t() + b.double()
+    lo, lg = run(lambda z: MATERIALISED[loss](z, t, reduction="none"), o.float())
+    return {"loss": loss, "shift": shift, "ratio": _ratio(o), "gram_loss": _err(got, want),
+            "gram_grad_hidden": _err(hh, gh), "gram_grad_weight": _err(hW, gW), "logits_fp32_loss": _err(lo, want),
+            "logits_fp32_grad_hidden": _err(lg @ W, gh)}
+
+
+def _write(rows, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _print(rows, title):
+    print(title)
+    keys = list(rows[0])
+    print("  ".join(f"{k:>18s}" if i else f"{k:18s}" for i, k in enumerate(keys)))
+    for r in rows:
+        print("  ".join(f"{r[k]:18s}" if i == 0 else f"{r[k]:18.3g}" for i, k in enumerate(keys)))
+    print()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--shape", default="256x256x32768", help="NxdxV")
-    p.add_argument("--out", type=Path, default=None, help="CSV (default bench/results/gram_accuracy_<device>.csv)")
+    p.add_argument("--shape", default="256x256x32768", help="NxdxV of the bf16 table")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV of the bf16 table (default bench/results/gram_accuracy_<device>.csv); the fp32 table "
+                        "goes beside it with the suffix _fp32")
     args = p.parse_args(argv)
     N, d, V = map(int, args.shape.split("x"))
     out = args.out or Path(__file__).parent / "results" / f"gram_accuracy_{args.device}.csv"
-    rows = [measure(loss, shift, N, d, V, args.device)
-            for loss in ("zloss", "spherical_softmax", "taylor_softmax", "mse")
-            for shift in (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"N={N} d={d} V={V} bf16, {args.device}: max per-row loss error / max loss vs float64 -> {out}")
-    print(f"{'loss':18s} {'shift':>6s} {'ratio':>9s} {'centred':>9s} {'raw':>9s} {'bf16 logits':>11s}")
-    for r in rows:
-        print(f"{r['loss']:18s} {r['shift']:6.1f} {r['ratio']:9.3g} {r['centred']:9.2e} {r['raw']:9.2e} "
-              f"{r['materialised_bf16']:11.2e}")
+    bf16 = [measure(loss, s, N, d, V, args.device) for loss in LOSSES for s in (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)]
+    fp32 = [measure_fp32(loss, s, 64, 16, 301, args.device) for loss in LOSSES
+            for s in (3.0, 30.0, 100.0, 300.0, 1000.0, 10000.0)]
+    _write(bf16, out)
+    _write(fp32, out.with_name(out.stem + "_fp32.csv"))
+    _print(bf16, f"bf16, N={N} d={d} V={V}, {args.device}: largest per-row loss error / largest loss")
+    _print(fp32, f"fp32, N=64 d=16 V=301 with bias, {args.device}: largest error / largest reference value")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ TORCH_LIBRARY(fastloss, m) {
       "float a, float b, float eps, int ignore_index) -> Tensor");
   // Per-row finalisation of the spherical Gram form (python/fastloss/linear_spherical.py): from each row's
   // mean mu (N,), centred square sum m2 (N,), target outputs o_c and o_c - mu (N, K), to the row loss (N,)
-  // and coef (N, 2 + K) = [dL/dm2, dL/dmu, dL/do_{c_1}, ...] (float32 or float64, like mu).
+  // and coef (N, 3 + K) = [dL/dm2, dL/dmu, B_m, dL/do_{c_1}, ...] (float32 or float64, like mu), where
+  // B_m = dL/dmu + sum_j dL/do_{c_j}, formed without cancellation, is the coefficient of the weight mean m in
+  // dL/dh once the target rows are taken relative to m (spherical_grad_hidden).
   m.def(
       "spherical_row_terms(Tensor mu, Tensor m2, Tensor target_out, Tensor target_dev, Tensor target, "
       "Tensor? target_weight, int kind, float a, float b, float eps, int num_classes, int ignore_index) "
@@ -56,8 +58,8 @@ TORCH_LIBRARY(fastloss, m) {
   // The Gram form's weight gradient in the weight's dtype from its GEMM part gw (V, d) (accumulation dtype):
   // out = gw + row (d) on every row + 2 bias (V) v (d)ᵀ, one pass (the rank-one terms never touch gw).
   m.def("spherical_weight_grad(Tensor gw, Tensor row, Tensor? bias, Tensor v, ScalarType dtype) -> Tensor");
-  // Hidden gradient (N, d): [2A (hq + u) + B m if with_dense] + sum_j gamma_j w_{c_j} over local targets,
-  // with ab (N, 2) = [A, B] and gamma (N, K) already scaled by the upstream gradient.
+  // Hidden gradient (N, d): [2A (hq + u) + B_m m if with_dense] + sum_j gamma_j (w_{c_j} - m) over local
+  // targets, with ab (N, 2) = [A, B_m] and gamma (N, K) already scaled by the upstream gradient, m = stat[:d].
   m.def(
       "spherical_grad_hidden(Tensor hq, Tensor ab, Tensor gamma, Tensor weight, Tensor target, Tensor stat, "
       "int offset, int ignore_index, bool with_dense) -> Tensor");

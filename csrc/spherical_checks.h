@@ -54,7 +54,7 @@ inline SphericalTermsInputs prepare_spherical_terms(const at::Tensor& mu, const 
           target.contiguous(),
           w,
           at::empty({N}, mu.options()),
-          at::empty({N, 2 + K}, mu.options())};
+          at::empty({N, 3 + K}, mu.options())};
 }
 
 template <typename T>

@@ -1,6 +1,8 @@
 // The per-row finalisation of the spherical Gram form (fastloss/spherical.h), shared by the CPU and CUDA
 // kernels of the op spherical_row_terms: from each row's mean, centred square sum and target outputs to the row
-// loss and its partial derivatives [dL/dm2, dL/dmu, dL/do_{c_j} ...].
+// loss and its partial derivatives [dL/dm2, dL/dmu, B_m, dL/do_{c_j} ...]. B_m = dL/dmu + sum_j dL/do_{c_j},
+// formed without cancellation (SphericalLoss::mean_grad), is the coefficient of the weight mean m in dL/dh once
+// the target rows are taken relative to m.
 #pragma once
 #include "fastloss/spherical.h"
 
@@ -14,7 +16,7 @@ struct SphericalTermsArgs {
   int64_t K, ignore_index;
   SphericalLoss<T> loss;
   T* out_loss;  // (N,)
-  T* coef;      // (N, 2 + K)
+  T* coef;      // (N, 3 + K)
 };
 
 template <typename T>
@@ -28,13 +30,16 @@ FL_HD FL_INLINE void spherical_terms_row(const SphericalTermsArgs<T>& a, int64_t
   SphericalRowGrad<T> g;
   const T m2 = a.m2[n] < T(0) ? T(0) : a.m2[n];  // a Gram-form m2 can round below 0 for a constant row; NaN stays
   a.out_loss[n] = spherical_row(a.loss, a.mu[n], m2, K, target, T(1), &g);
-  T* c = a.coef + n * (2 + K);
+  T* c = a.coef + n * (3 + K);
   c[0] = g.beta / T(2);
   c[1] = g.alpha * a.loss.C;
+  T mean = a.loss.averages_targets() ? T(0) : c[1];  // squared error: its R.d_mu once per row
   for (int64_t j = 0; j < K; ++j) {
     const SphericalTarget<T> t = target(j);
-    c[2 + j] = t.valid ? g.gw * t.w * a.loss.target_part(t.oc, t.dev, m2).d_oc : T(0);
+    c[3 + j] = t.valid ? g.gw * t.w * a.loss.target_part(t.oc, t.dev, m2).d_oc : T(0);
+    if (t.valid) mean += g.gw * t.w * a.loss.mean_grad(a.mu[n], m2, t.oc, t.dev);
   }
+  c[2] = mean;
 }
 
 }  // namespace fastloss

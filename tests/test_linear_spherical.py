@@ -60,14 +60,16 @@ def test_float64_matches_materialised(device, loss, with_bias, reduction):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("case", ["plain", "mean_3", "large_mean", "ill_conditioned"])
+@pytest.mark.parametrize("case", ["plain", "mean_3", "large_mean", "huge_mean", "ill_conditioned"])
 def test_float32_precision(device, loss, case):
     """fp32 inputs: loss and gradients within 1e-5 relative of the float64 materialised reference, also when W
-    has a large shared mean direction (centred Gram; the target outputs o_c not taken as mu + (o_c - mu), which
-    would give the spherical softmax's 1/(o_c² + ε) the mean's rounding: 1.3e-5 at mean_3) or is
-    ill-conditioned."""
+    has a large shared mean direction or is ill-conditioned. The large means need: the centred Gram; the target
+    outputs o_c not taken as mu + (o_c - mu) (the spherical softmax's 1/(o_c² + ε) got the mean's rounding:
+    1.3e-5 at mean_3); and, at huge_mean (the logits' mean ~200 times their spread), the fp32 mean's last bit
+    (h·δ in mu and o_c - mu, B·δ in the hidden gradient) and the targets' share of dL/dh taken about the mean
+    with its coefficient in closed form (before: hidden gradients 2e-5 to 6e-5 off)."""
     kw = {"plain": {}, "mean_3": {"mean_shift": 3.0}, "large_mean": {"mean_shift": 30.0},
-          "ill_conditioned": {"cond": 1e4}}[case]
+          "huge_mean": {"mean_shift": 100.0}, "ill_conditioned": {"cond": 1e4}}[case]
     h, W, bias, t = _problem(device, torch.float32, N=64, d=16, V=301, **kw)
     got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, loss=loss, reduction="none", **OPTS[loss])
     want, gw = _run(reference.linear_spherical_loss, h.double(), W.double(), t, bias.double(), loss=loss,
@@ -144,6 +146,25 @@ def test_weight_grad_op(device, dtype, acc):
                                                  v, dtype)
 
 
+def test_centred_gram_residual_mean(device):
+    """The fp32 centred Gram also returns the residual mean Σ (x - shift) / n: what the fp32 mean misses (its last
+    bit and the column sums' rounding), to fp32 accuracy of that residual itself; the split and raw Grams return
+    None (their precision is set elsewhere)."""
+    from fastloss.linear_spherical import _Products
+
+    gen = torch.Generator().manual_seed(3)
+    x64 = torch.randn(5000, 8, generator=gen, dtype=torch.float64) * 1e-2 + 1000.0 * torch.randn(8, generator=gen,
+                                                                                                  dtype=torch.float64)
+    x = x64.float().to(device)
+    shift = x.mean(0)
+    gram, resid = _Products(False, torch.float32).centred_gram(x, shift)
+    want = x.double().mean(0) - shift.double()  # up to ~1e-4 (the last bits of ~1000)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(resid.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+    assert _Products(True, torch.float32).centred_gram(x.bfloat16(), shift)[1] is None
+    assert _Products(False, torch.float32, centred=False).centred_gram(x, shift)[1] is None
+
+
 def test_bf16_split_products(device):
     """The hi/lo split products (bf16 operands, fp32 accumulation) are fp32-accurate: ~2^-16 relative, where one
     bf16 rounding of the fp32 operand alone would cost ~2^-9."""
@@ -163,7 +184,7 @@ def test_bf16_split_products(device):
     _close(prod.col_sums(x), x.double().sum(0), 1e-6)
     big = (r(300, 24) + 30.0).to(torch.bfloat16)  # a large shared offset, centred on its fp32 mean
     m = big.float().mean(0)
-    _close(prod.centred_gram(big, m), (big.double() - m.double()).t() @ (big.double() - m.double()), 2e-5)
+    _close(prod.centred_gram(big, m)[0], (big.double() - m.double()).t() @ (big.double() - m.double()), 2e-5)
     w = r(300).float()  # mixed-sign row weights
     _close(prod.weighted_gram(x, w), (x.double() * w.double()[:, None]).t() @ x.double(), 2e-5)
     rounded = x.double() @ y.to(torch.bfloat16).double()  # what a hi-only product would give
@@ -239,9 +260,10 @@ def test_centred_gram_default(device, dtype, split):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_gram_accuracy_bench(device, loss):
-    """bench/gram_accuracy.py (run on the GPU machine too) and the claim the default rests on: with a large shared
-    logit mean, the raw Gram's fp32 per-row losses stay within ~1e-8 × (μ² + σ²) / σ² of float64 and ten times
-    closer than the losses of bf16-materialised logits; the centred Gram within 1e-5 regardless."""
+    """bench/gram_accuracy.py (run on the GPU machine too) and the claims it measures: with a large shared logit
+    mean, the raw Gram's fp32 per-row losses (bf16 inputs) stay within ~1e-8 × (μ² + σ²) / σ² of float64 and ten
+    times closer than the losses of bf16-materialised logits, the centred Gram's within 1e-5 regardless; fp32
+    inputs keep loss and gradients within 1e-5 with the mean ~600 times the spread."""
     import importlib.util as iu
     from pathlib import Path
 
@@ -253,6 +275,9 @@ def test_gram_accuracy_bench(device, loss):
     assert r["centred"] < 1e-5
     assert r["raw"] < 1e-5 + 1e-7 * r["ratio"]
     assert r["raw"] < r["materialised_bf16"] / 10
+    f = bench.measure_fp32(loss, 300.0, 64, 16, 301, device)  # fp32, the logits' mean ~600 times their spread
+    assert f["ratio"] > 1e5
+    assert max(f["gram_loss"], f["gram_grad_hidden"], f["gram_grad_weight"]) < 1e-5
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -535,6 +560,23 @@ for loss in ["zloss", "mse"]:
     for got, want in ((out, ref), (hl.grad, hr.grad), (Wl.grad, Wr.grad[lo:hi]), (bl.grad, br.grad[lo:hi])):
         scale = want.double().abs().max().item()  # error relative to the tensor's size (bf16: 2 eps)
         torch.testing.assert_close(got.double(), want.double(), rtol=2 * 2.0**-8, atol=2 * 2.0**-8 * scale)
+# fp32 with a shared weight mean ~300 times the rows' spread: within 1e-5 of the float64 reference, loss and
+# gradients. The shards' residual sums about their rounded means give the exact mean's last bit (and the pooled
+# Gram's cross terms) as in one process; without them the hidden gradient was 3e-5 off.
+W32 = (torch.randn(V, d, generator=gen, dtype=torch.float64) + 300.0 * torch.randn(d, generator=gen,
+                                                                                   dtype=torch.float64)) / d**0.5
+h32, W32, b32 = h.float(), W32.float(), (0.3 * b).float()
+for loss in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]:
+    hl, Wl, bl = h32.clone().requires_grad_(), W32[lo:hi].clone().requires_grad_(), b32[lo:hi].clone().requires_grad_()
+    out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl, loss=loss, process_group=dist.group.WORLD,
+                                         reduction="none")
+    out.backward(torch.linspace(0.5, 1.5, N))
+    hr, Wr, br = (x.double().requires_grad_() for x in (h32, W32, b32))
+    ref = reference.linear_spherical_loss(hr, Wr, t, bias=br, loss=loss, reduction="none")
+    ref.backward(torch.linspace(0.5, 1.5, N, dtype=torch.float64))
+    for got, want in ((out, ref), (hl.grad, hr.grad), (Wl.grad, Wr.grad[lo:hi]), (bl.grad, br.grad[lo:hi])):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5 * scale)
 dist.destroy_process_group()
 print("ok", rank)
 """
@@ -543,7 +585,7 @@ print("ok", rank)
 def test_vocab_parallel_gloo(tmp_path):
     """Two processes (gloo, CPU), weight rows sharded: the loss equals the unsharded call on every rank, hidden
     gets the full gradient and each rank its shard's weight and bias gradients (float64 exactly; bf16 through the
-    split products to the output rounding)."""
+    split products to the output rounding; fp32 with a large shared mean within 1e-5 of float64)."""
     import subprocess
 
     script = tmp_path / "worker.py"

@@ -156,7 +156,7 @@ at::Tensor spherical_grad_hidden(const at::Tensor& hq, const at::Tensor& ab, con
           const acc_t g = gp[n * K + j];
           if (cls == ignore_index || r < 0 || r >= Vs || g == acc_t(0)) continue;
           const scalar_t* wr = wp + r * d;
-          for (int64_t i = 0; i < d; ++i) orow[i] += g * static_cast<acc_t>(wr[i]);
+          for (int64_t i = 0; i < d; ++i) orow[i] += gram_grad_target(g, static_cast<acc_t>(wr[i]), sp[i]);
         }
       }
     });

@@ -216,7 +216,7 @@ __global__ void grad_hidden_kernel(const acc_t* __restrict__ hq, const acc_t* __
     const acc_t g = gamma[n * K + j];
     if (cls == ignore_index || r < 0 || r >= Vs || g == acc_t(0)) continue;
     const scalar_t* wr = w + r * d;
-    for (int64_t i = lane; i < d; i += kWarp) orow[i] += g * static_cast<acc_t>(wr[i]);
+    for (int64_t i = lane; i < d; i += kWarp) orow[i] += gram_grad_target(g, static_cast<acc_t>(wr[i]), stat[i]);
   }
 }
 

@@ -34,7 +34,7 @@ if _ops.AVAILABLE:
     @torch.library.register_fake("fastloss::spherical_row_terms")
     def _(mu, m2, target_out, target_dev, target, target_weight, kind, a, b, eps, num_classes, ignore_index):
         n, k = target.shape
-        return mu.new_empty((n,)), mu.new_empty((n, 2 + k))
+        return mu.new_empty((n,)), mu.new_empty((n, 3 + k))
 
     def _gram_acc(t):
         return torch.float64 if t.dtype == torch.float64 else torch.float32

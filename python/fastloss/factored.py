@@ -63,7 +63,7 @@ class _FactoredLoss(torch.autograd.Function):
         h_a, hq, coef, w_t, mean, count, valid, target, _ = ctx.saved_tensors
         g = grad.to(torch.float64) / count
         A, B = coef[:, 0] * g, coef[:, 1] * g
-        gam = torch.where(valid, coef[:, 2:] * g, torch.zeros_like(coef[:, 2:]))
+        gam = torch.where(valid, coef[:, 3:] * g, torch.zeros_like(coef[:, 3:]))
         grad_h = 2 * A[:, None] * hq + B[:, None] * mean + (gam[:, :, None] * w_t).sum(1)
         ctx.stash.clear()
         ctx.stash.update(h_a=h_a, A=A, B=B, gamma=gam, target=target, valid=valid)

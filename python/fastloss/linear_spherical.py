@@ -103,12 +103,15 @@ class _Products:
         ones = x.new_ones((x.shape[0], 1), dtype=x.dtype if self.split else self.acc)
         return (_mm32(x.t(), ones) if self.split else x.to(self.acc).t() @ ones)[:, 0]
 
-    def centred_gram(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """(x - shift)ᵀ (x - shift) for an input operand x (n, d) and its mean ``shift``, in row chunks
+    def centred_gram(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x - shift)ᵀ (x - shift) for an input operand x (n, d) and its rounded mean ``shift``, in row chunks
         accumulated in place (no d x d temporary per chunk): with the split, each chunk's centred rows are split
         in one pass, and the Gram is Σ hiᵀhi + C + Cᵀ with C = Σ hiᵀlo (the lo·lo term is below the split's own
         error). Not ``centred``: xᵀx - n·shift shiftᵀ, where the bf16 x needs no split (one GEMM, not two), but
-        the subtraction cancels: the error grows with (μ² + σ²) / σ² of the outputs (μ their row mean)."""
+        the subtraction cancels: the error grows with (μ² + σ²) / σ² of the outputs (μ their row mean).
+        Also returns, from the fp32 / fp64 products, the residual mean Σ (x - shift) / n: what ``shift`` (the
+        mean rounded to the accumulation dtype) misses, of the order of its last bit. Beside a large shared mean
+        that bit, times μ/σ, is the precision of the target outputs and the hidden gradient (None elsewhere)."""
         d = x.shape[1]
         gram = shift.new_zeros((d, d), dtype=self.acc)
         if not self.centred:
@@ -119,17 +122,21 @@ class _Products:
                 else:
                     xc = xc.to(self.acc)
                     gram.addmm_(xc.t(), xc)
-            return gram.addr_(shift, shift, alpha=-x.shape[0])
+            return gram.addr_(shift, shift, alpha=-x.shape[0]), None
         cross = gram.clone() if self.split else None
+        resid = None if self.split else shift.new_zeros((d, 1), dtype=self.acc)
         for r0 in range(0, x.shape[0], _CHUNK_ROWS):
             if not self.split:
                 xc = x[r0:r0 + _CHUNK_ROWS].to(self.acc) - shift
                 gram.addmm_(xc.t(), xc)
+                resid.addmm_(xc.t(), xc.new_ones((xc.shape[0], 1)))  # a GEMV (a dim-0 sum is slower)
                 continue
             hi, lo = _split(x[r0:r0 + _CHUNK_ROWS], shift.float())
             _mm32(hi.t(), hi, gram, out=gram)
             _mm32(hi.t(), lo, cross, out=cross)
-        return gram + (cross + cross.t()) if self.split else gram
+        if self.split:
+            return gram + (cross + cross.t()), None
+        return gram, resid[:, 0] / x.shape[0]
 
     def weighted_gram(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """xᵀ diag(w) x for an input operand x (N, d) and accumulation-dtype w (N,), in row chunks."""
@@ -147,7 +154,8 @@ class _Products:
 
 
 def _shard_stats(weight, bias, prod):
-    """Sum, centred Gram, centred bias cross term and centred bias square sum of one shard of rows."""
+    """Sum, centred Gram, centred bias cross term, centred bias square sum and residual mean (or None, see
+    `_Products.centred_gram`) of one shard of rows."""
     acc = prod.acc
     Vs, d = weight.shape
     wsum = weight.new_zeros((d,), dtype=acc)
@@ -156,7 +164,7 @@ def _shard_stats(weight, bias, prod):
     m = wsum / Vs
     bsum = bias.sum(dtype=acc) if bias is not None else wsum.new_zeros(())
     bm = bsum / Vs
-    gram = prod.centred_gram(weight, m)
+    gram, resid = prod.centred_gram(weight, m)
     u = weight.new_zeros((d,), dtype=acc)
     beta = weight.new_zeros((), dtype=acc)
     if bias is not None:  # u = W_cᵀ b_c = Wᵀ b_c - m Σ b_c (Σ b_c ≈ 0: no cancellation)
@@ -164,7 +172,7 @@ def _shard_stats(weight, bias, prod):
             bc = bias[r0:r0 + _CHUNK_ROWS].to(acc) - bm
             u += prod.times(weight[r0:r0 + _CHUNK_ROWS].t(), bc[:, None])[:, 0] - m * bc.sum()
             beta = beta + bc.square().sum()
-    return wsum, bsum, gram, u, beta
+    return wsum, bsum, gram, u, beta, resid
 
 
 class _LinearSpherical(torch.autograd.Function):
@@ -177,7 +185,7 @@ class _LinearSpherical(torch.autograd.Function):
         world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
                                                    torch.distributed.get_rank(group))
         with _exact_products(hidden.device, allow_tf32):
-            wsum_s, bsum_s, gram, u, beta = _shard_stats(weight, bias, prod)
+            wsum_s, bsum_s, gram, u, beta, resid = _shard_stats(weight, bias, prod)
             counts = [Vs]
             if group is not None:  # shard boundaries as host ints: the one host sync of vocab-parallel mode
                 c = torch.zeros(world, dtype=torch.int64, device=hidden.device)
@@ -192,26 +200,32 @@ class _LinearSpherical(torch.autograd.Function):
             center = torch.cat([wsum_s, bsum_s.reshape(1)]) / Vs  # shard-centred target outputs, and raw ones
             dots = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
             d = weight.shape[1]
-            if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum) slots | target outputs]
-                slots = wsum_s.new_zeros((world, d + 1))
-                slots[rank, :d] = wsum_s
-                slots[rank, d] = bsum_s
+            # the shard's residual sum Σ (w - m_s) about its rounded mean m_s (centred fp32 / fp64 products; else 0)
+            rsum = resid * Vs if resid is not None else wsum_s.new_zeros((d,))
+            if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum, rsum) slots | targets]
+                slots = wsum_s.new_zeros((world, 2 * d + 1))
+                slots[rank] = torch.cat([wsum_s, bsum_s.reshape(1), rsum])
                 buf = torch.cat([gram.reshape(-1), u, beta.reshape(1), slots.reshape(-1), dots.reshape(-1)])
                 torch.distributed.all_reduce(buf, group=group)
-                sizes = [d * d, d, 1, world * (d + 1), dots.numel()]
+                sizes = [d * d, d, 1, world * (2 * d + 1), dots.numel()]
                 gram, u, beta, slots, dots = buf.split(sizes)
                 gram, beta = gram.reshape(d, d), beta.reshape(())
-                slots, dots = slots.reshape(world, d + 1), dots.reshape(*target.shape, 2)
+                slots, dots = slots.reshape(world, 2 * d + 1), dots.reshape(*target.shape, 2)
             else:
-                slots = torch.cat([wsum_s, bsum_s.reshape(1)])[None]
+                slots = torch.cat([wsum_s, bsum_s.reshape(1), rsum])[None]
+            slots, rsums = slots[:, :d + 1], slots[:, d + 1:]
             dev, oc = dots[..., 0], dots[..., 1]
             mean = slots.sum(0) / Vtot  # global (m, bm)
+            rsum = rsums.sum(0)
             if world > 1:  # parallel-variance identity: pooled centred statistics from the shards'
                 cnt = torch.tensor(counts, dtype=acc, device=hidden.device)
                 diff = slots / cnt[:, None] - mean  # per-shard (m_s - m, bm_s - bm)
-                gram = gram + (diff[:, :d] * cnt[:, None]).t() @ diff[:, :d]
-                u = u + (diff[:, :d] * cnt[:, None]).t() @ diff[:, d]
+                # with the cross terms of each shard's residual sum r_s: its Gram and u are about its rounded mean
+                cross = diff[:, :d].t() @ rsums
+                gram = gram + (diff[:, :d] * cnt[:, None]).t() @ diff[:, :d] + cross + cross.t()
+                u = u + (diff[:, :d] * cnt[:, None]).t() @ diff[:, d] + rsums.t() @ diff[:, d]
                 beta = beta + (cnt * diff[:, d].square()).sum()
+                rsum = rsum + (diff[:, :d] * cnt[:, None]).sum(0)  # the shard means' offsets from m
                 # shard-centred target outputs -> globally centred: + (m_s - m) . h + (bm_s - bm) of the owner
                 starts = torch.tensor(offsets, device=hidden.device)
                 owner = torch.searchsorted(starts, target.clamp(min=0), right=True) - 1
@@ -221,6 +235,11 @@ class _LinearSpherical(torch.autograd.Function):
             stat = torch.cat([m, bm.reshape(1), u, beta.reshape(1)])
             hq = prod.times(hidden, gram)  # kept for the backward (N x d, the size of hidden's own gradient)
             row = torch.ops.fastloss.spherical_row_stats(hidden, hq, stat)
+            delta = rsum / Vtot if resid is not None else None  # m's last bit (centred fp32 / fp64 products)
+            if delta is not None:  # mu and o_c - mu about the exact mean: + h . delta and - h . delta
+                h_delta = prod.times(hidden, delta[:, None])[:, 0]
+                row = torch.stack([row[:, 0] + h_delta, row[:, 1]], 1)
+                dev = torch.where(valid, dev - h_delta[:, None], dev)
             bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
             # NaN into every statistic a loss may read (the Z-loss reads m2 and o_c - mu, not mu or o_c)
             mu, m2 = torch.where(bad, torch.nan, row[:, 0]), torch.where(bad, torch.nan, row[:, 1])
@@ -229,6 +248,7 @@ class _LinearSpherical(torch.autograd.Function):
                                                             Vtot, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, target, hq, gram, stat, coef, local, safe)
         ctx.opts = (group, rank, lo, ignore_index, allow_tf32, Vtot, bias is not None, split)
+        ctx.delta = delta
         ctx.mark_non_differentiable(coef)
         return rows, coef
 
@@ -242,14 +262,18 @@ class _LinearSpherical(torch.autograd.Function):
         d = gram.shape[0]
         m, bm = stat[:d], stat[d]
         g = grad_rows.to(acc)
-        ab = coef[:, :2] * g[:, None]
+        ab = coef[:, :2] * g[:, None]  # [A, B]: the weight and bias gradients
         A, B = ab[:, 0], ab[:, 1]
-        gam = torch.where(local, coef[:, 2:] * g[:, None], torch.zeros_like(coef[:, 2:]))
+        gam = torch.where(local, coef[:, 3:] * g[:, None], torch.zeros_like(coef[:, 3:]))
         grad_h = grad_w = grad_b = None
         with _exact_products(hidden.device, allow_tf32):
             if ctx.needs_input_grad[0]:  # the dense part once (rank 0), every rank's target rows, summed
-                gh = torch.ops.fastloss.spherical_grad_hidden(hq, ab, gam, weight, target, stat, lo, ignore_index,
+                # [A, B_m]: the target rows enter as w_c - m, and B_m = B + Σ_j γ_j is formed without cancelling
+                ab_h = torch.stack([A, coef[:, 2] * g], 1)
+                gh = torch.ops.fastloss.spherical_grad_hidden(hq, ab_h, gam, weight, target, stat, lo, ignore_index,
                                                               group is None or rank == 0)
+                if ctx.delta is not None and (group is None or rank == 0):  # dL/dmu times the mean's last bit
+                    gh.addr_(B, ctx.delta)
                 if group is not None:
                     torch.distributed.all_reduce(gh, group=group)
                 grad_h = gh.to(hidden.dtype)
@@ -308,12 +332,17 @@ def linear_spherical_loss(
     function on the materialised logits. Gradients for hidden, weight and bias are exact, so any optimizer works.
     Cost per call: ``V·d²`` for the centred Gram (fp32 products, or fp64 for fp64 inputs) plus ``O(N·d²)``.
 
-    Precision, fp32 inputs: loss and gradients within 1e-5 of the float64 materialised reference while the
-    logits' mean μ stays within ~60 times their spread σ ((μ² + σ²) / σ² up to ~4e3), whatever the weight's
-    conditioning. Beyond, the fp32 rounding of the weight mean m (~1e-7 relative) enters the target output and
-    the hidden gradient multiplied by μ/σ: at μ/σ ≈ 200 the hidden gradient is 2e-5 to 6e-5 off (loss 1e-5,
-    weight and bias gradients 1e-5 or better); fp32 logits rounded once from exact values and pushed through the
-    same loss are off by 3e-6 (spherical softmax) to 4e-5 (Z-loss) there.
+    Precision, fp32 inputs: loss and gradients within 1e-5 of the float64 materialised reference, also for an
+    ill-conditioned weight or a large shared mean: measured up to a logit mean ~2000 times the spread
+    ((μ² + σ²) / σ² ≈ 4e6) for the Z-loss and 2e4 times for the other losses, at least as close as fp32 logits
+    rounded once from exact values (``python bench/gram_accuracy.py``). That takes the centred Gram, the target
+    outputs gathered in double, the last bit δ of the fp32 weight mean put back into μ, o_c − μ and the hidden
+    gradient (vocab-parallel too: each shard's residual sum about its rounded mean is pooled), and the targets'
+    share of the hidden gradient taken about the mean with its coefficient in closed form. What the Gram
+    form cannot match: a row whose logits are nearly constant against |W_c||h| (h almost orthogonal to the
+    centred weight rows) gets its spread from hᵀQ_c h, relatively off by ~ε(|W_c||h|/σ)² where logits formed
+    directly are off by ~ε|W_c||h|/σ (the Gram squares that conditioning, as normal equations do); the Z-loss,
+    which divides by σ, feels it first.
 
     Gradient accumulation: use ``reduction="sum"`` and divide by the global count of counted rows yourself, e.g.
     ``loss = linear_spherical_loss(h, W, t, reduction="sum") / n_tokens_in_step``.

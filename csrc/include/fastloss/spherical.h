@@ -117,6 +117,25 @@ struct SphericalLoss {
     }
     return p;
   }
+
+  // The coefficient of the weight mean m in one target's share of dL/dh once its weight row is written
+  // w_c = m + (w_c - m) (Gram form): T.d_mu + T.d_oc, plus R.d_mu for the kinds that average their targets
+  // (their weights sum to 1). When the logits' mean dwarfs their spread (o_c ~ mu) these terms nearly cancel,
+  // and their fp32 sum times a large m would swamp the gradient; so each kind's sum is formed in closed form
+  // from dev = o_c - mu. Squared error: -2 (its R.d_mu = 2 C mu is added once per row).
+  FL_HD FL_INLINE T mean_grad(T mu, T m2, T oc, T dev) const {
+    if (kind == kSphericalSoftmax) {  // 2 C mu / z - 2 o_c / t = 2 (C dev (mu o_c - eps) - o_c m2) / (z t)
+      const T z = m2 + C * (mu * mu + eps), t = oc * oc + eps;
+      return T(2) * (C * dev * (mu * oc - eps) - oc * m2) / (z * t);
+    }
+    if (kind == kTaylorSoftmax) {  // C u / z - u_c / t = (C dev (u u_c - 1) - u_c m2) / (2 z t)
+      const T u = T(1) + mu, uc = T(1) + oc;
+      const T z = T(0.5) * (C * (u * u + T(1)) + m2), t = T(0.5) * (uc * uc + T(1));
+      return (C * dev * (u * uc - T(1)) - uc * m2) / (T(2) * z * t);
+    }
+    if (kind == kSquaredError) return T(-2);
+    return T(0) * m2;  // Z-loss: R = 0 and T depends on o_c - mu only (0; a NaN row stays NaN)
+  }
 };
 
 // Per-row gradient coefficients (scaled by the upstream gradient g):
@@ -213,7 +232,13 @@ FL_HD FL_INLINE void gram_stats_terms(T h, T hq, T m, T u, T& mu, T& m2) {
   m2 += (hq + T(2) * u) * h;
 }
 
-// dL/dh_i without its target part: 2A (hq_i + u_i) + B m_i.
+// One target's share of dL/dh_i: gamma (w_ci - m_i); its m_i share is in the dense part's B_m (mean_grad).
+template <typename T>
+FL_HD FL_INLINE T gram_grad_target(T gamma, T w, T m) {
+  return gamma * (w - m);
+}
+
+// dL/dh_i without its target part: 2A (hq_i + u_i) + B_m m_i.
 template <typename T>
 FL_HD FL_INLINE T gram_grad_dense(T A, T B, T hq, T u, T m) {
   return T(2) * A * (hq + u) + B * m;
