@@ -49,7 +49,7 @@ TORCH_LIBRARY(fastloss, m) {
       "spherical_gather_dot(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor center, int offset, "
       "int ignore_index) -> Tensor");
   // Row statistics [mu, m2] (N, 2) from hidden, hq = hidden @ Q_c and stat = [m (d), bm, u (d), beta]:
-  // mu = h . m + bm, m2 = (hq + 2u) . h + beta.
+  // mu = h . m + bm (accumulated in double), m2 = (hq + 2u) . h + beta.
   m.def("spherical_row_stats(Tensor hidden, Tensor hq, Tensor stat) -> Tensor");
   // v = (x - col_shift) * row_scale in fp32 (each optional; x (R, d) float, col_shift (d,), row_scale (R,)
   // float32), returned as bfloat16 (hi, lo) with hi = bf16(v), lo = bf16(v - hi): the operand split of the

@@ -74,10 +74,11 @@ at::Tensor spherical_row_stats(const at::Tensor& hidden, const at::Tensor& hq, c
     acc_t* out = in.out.data_ptr<acc_t>();
     at::parallel_for(0, in.N, grain_rows(d), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        acc_t mu = acc_t(0), m2 = acc_t(0);
+        double mu = 0.0;
+        acc_t m2 = acc_t(0);
         for (int64_t i = 0; i < d; ++i)
           gram_stats_terms<acc_t>(static_cast<acc_t>(hp[n * d + i]), qp[n * d + i], sp[i], sp[d + 1 + i], mu, m2);
-        out[2 * n] = mu + sp[d];
+        out[2 * n] = static_cast<acc_t>(mu + static_cast<double>(sp[d]));
         out[2 * n + 1] = m2 + sp[2 * d + 1];
       }
     });

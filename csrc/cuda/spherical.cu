@@ -105,13 +105,14 @@ __global__ void row_stats_kernel(const scalar_t* __restrict__ h, const acc_t* __
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (n >= N) return;
-  acc_t mu = acc_t(0), m2 = acc_t(0);
+  double mu = 0.0;
+  acc_t m2 = acc_t(0);
   for (int64_t i = lane; i < d; i += kWarp)
     gram_stats_terms<acc_t>(static_cast<acc_t>(h[n * d + i]), hq[n * d + i], stat[i], stat[d + 1 + i], mu, m2);
   mu = warp_sum(mu);
   m2 = warp_sum(m2);
   if (lane == 0) {
-    out[2 * n] = mu + stat[d];
+    out[2 * n] = static_cast<acc_t>(mu + static_cast<double>(stat[d]));
     out[2 * n + 1] = m2 + stat[2 * d + 1];
   }
 }

@@ -16,9 +16,10 @@ unless asked for. bfloat16 inputs on CUDA keep tensor-core speed with fp32 accur
 takes bf16 operands with fp32 accumulation, and an fp32 operand (the centred weight, the d×d statistics) is split
 into bf16 ``hi + lo`` parts (about 16 mantissa bits), so it costs two bf16 GEMMs instead of one fp32 GEMM.
 With a ``process_group`` the weight is sharded by rows (vocab parallel): each rank centres
-its shard on its own mean, and one all-reduce carries the shard Grams, the shard sums and the target outputs;
-the exact pooled Gram follows from the parallel-variance identity
-``Q_c = Σ_s Q_s + Σ_s V_s (m_s − m)(m_s − m)ᵀ``. The backward all-reduces the target part of ∇h.
+its shard on its own (rounded) mean, and one all-reduce carries the shard Grams, the shard sums, their residual
+sums ``r_s = Σ_{k∈s} (w_k − m_s)`` and the target outputs; the exact pooled Gram follows from the
+parallel-variance identity ``Q_c = Σ_s Q_s + Σ_s V_s (m_s − m)(m_s − m)ᵀ`` with the cross terms
+``(m_s − m) r_sᵀ + r_s (m_s − m)ᵀ`` that a rounded shard mean leaves. The backward all-reduces the target part of ∇h.
 """
 
 from __future__ import annotations
@@ -154,8 +155,10 @@ class _Products:
 
 
 def _shard_stats(weight, bias, prod):
-    """Sum, centred Gram, centred bias cross term, centred bias square sum and residual mean (or None, see
-    `_Products.centred_gram`) of one shard of rows."""
+    """Sums, centred Gram, centred bias cross term and centred bias square sum of one shard of rows, all about
+    its rounded means (m, bm); and the residual sums Σ (w - m), Σ (b - bm) (d + 1), what those means miss, with
+    whether the weight's is known (the fp32 / fp64 centred products; else its part is 0, see
+    `_Products.centred_gram`)."""
     acc = prod.acc
     Vs, d = weight.shape
     wsum = weight.new_zeros((d,), dtype=acc)
@@ -166,13 +169,15 @@ def _shard_stats(weight, bias, prod):
     bm = bsum / Vs
     gram, resid = prod.centred_gram(weight, m)
     u = weight.new_zeros((d,), dtype=acc)
-    beta = weight.new_zeros((), dtype=acc)
+    beta, bres = weight.new_zeros((), dtype=acc), weight.new_zeros((), dtype=acc)
     if bias is not None:  # u = W_cᵀ b_c = Wᵀ b_c - m Σ b_c (Σ b_c ≈ 0: no cancellation)
         for r0 in range(0, Vs, _CHUNK_ROWS):
             bc = bias[r0:r0 + _CHUNK_ROWS].to(acc) - bm
-            u += prod.times(weight[r0:r0 + _CHUNK_ROWS].t(), bc[:, None])[:, 0] - m * bc.sum()
-            beta = beta + bc.square().sum()
-    return wsum, bsum, gram, u, beta, resid
+            bcs = bc.sum()
+            u += prod.times(weight[r0:r0 + _CHUNK_ROWS].t(), bc[:, None])[:, 0] - m * bcs
+            beta, bres = beta + bc.square().sum(), bres + bcs
+    wres = resid * Vs if resid is not None else wsum.new_zeros((d,))
+    return wsum, bsum, gram, u, beta, torch.cat([wres, bres.reshape(1)]), resid is not None
 
 
 class _LinearSpherical(torch.autograd.Function):
@@ -185,7 +190,7 @@ class _LinearSpherical(torch.autograd.Function):
         world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
                                                    torch.distributed.get_rank(group))
         with _exact_products(hidden.device, allow_tf32):
-            wsum_s, bsum_s, gram, u, beta, resid = _shard_stats(weight, bias, prod)
+            wsum_s, bsum_s, gram, u, beta, rsum, exact_mean = _shard_stats(weight, bias, prod)
             counts = [Vs]
             if group is not None:  # shard boundaries as host ints: the one host sync of vocab-parallel mode
                 c = torch.zeros(world, dtype=torch.int64, device=hidden.device)
@@ -200,19 +205,18 @@ class _LinearSpherical(torch.autograd.Function):
             center = torch.cat([wsum_s, bsum_s.reshape(1)]) / Vs  # shard-centred target outputs, and raw ones
             dots = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
             d = weight.shape[1]
-            # the shard's residual sum Σ (w - m_s) about its rounded mean m_s (centred fp32 / fp64 products; else 0)
-            rsum = resid * Vs if resid is not None else wsum_s.new_zeros((d,))
             if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum, rsum) slots | targets]
-                slots = wsum_s.new_zeros((world, 2 * d + 1))
+                slots = wsum_s.new_zeros((world, 2 * d + 2))
                 slots[rank] = torch.cat([wsum_s, bsum_s.reshape(1), rsum])
                 buf = torch.cat([gram.reshape(-1), u, beta.reshape(1), slots.reshape(-1), dots.reshape(-1)])
                 torch.distributed.all_reduce(buf, group=group)
-                sizes = [d * d, d, 1, world * (2 * d + 1), dots.numel()]
+                sizes = [d * d, d, 1, world * (2 * d + 2), dots.numel()]
                 gram, u, beta, slots, dots = buf.split(sizes)
                 gram, beta = gram.reshape(d, d), beta.reshape(())
-                slots, dots = slots.reshape(world, 2 * d + 1), dots.reshape(*target.shape, 2)
+                slots, dots = slots.reshape(world, 2 * d + 2), dots.reshape(*target.shape, 2)
             else:
                 slots = torch.cat([wsum_s, bsum_s.reshape(1), rsum])[None]
+            # per shard: the sums of (w, b), and their residual sums about the shard's rounded means
             slots, rsums = slots[:, :d + 1], slots[:, d + 1:]
             dev, oc = dots[..., 0], dots[..., 1]
             mean = slots.sum(0) / Vtot  # global (m, bm)
@@ -220,12 +224,13 @@ class _LinearSpherical(torch.autograd.Function):
             if world > 1:  # parallel-variance identity: pooled centred statistics from the shards'
                 cnt = torch.tensor(counts, dtype=acc, device=hidden.device)
                 diff = slots / cnt[:, None] - mean  # per-shard (m_s - m, bm_s - bm)
-                # with the cross terms of each shard's residual sum r_s: its Gram and u are about its rounded mean
-                cross = diff[:, :d].t() @ rsums
-                gram = gram + (diff[:, :d] * cnt[:, None]).t() @ diff[:, :d] + cross + cross.t()
-                u = u + (diff[:, :d] * cnt[:, None]).t() @ diff[:, d] + rsums.t() @ diff[:, d]
-                beta = beta + (cnt * diff[:, d].square()).sum()
-                rsum = rsum + (diff[:, :d] * cnt[:, None]).sum(0)  # the shard means' offsets from m
+                dw, db, rw, rb = diff[:, :d], diff[:, d], rsums[:, :d], rsums[:, d]
+                # with the cross terms of each shard's residual sums: its statistics are about its rounded means
+                cross = dw.t() @ rw
+                gram = gram + (dw * cnt[:, None]).t() @ dw + cross + cross.t()
+                u = u + (dw * cnt[:, None]).t() @ db + rw.t() @ db + dw.t() @ rb
+                beta = beta + (cnt * db.square()).sum() + 2 * (db * rb).sum()
+                rsum = rsum + (diff * cnt[:, None]).sum(0)  # the shard means' offsets from the global ones
                 # shard-centred target outputs -> globally centred: + (m_s - m) . h + (bm_s - bm) of the owner
                 starts = torch.tensor(offsets, device=hidden.device)
                 owner = torch.searchsorted(starts, target.clamp(min=0), right=True) - 1
@@ -234,28 +239,31 @@ class _LinearSpherical(torch.autograd.Function):
             m, bm = mean[:d], mean[d]
             stat = torch.cat([m, bm.reshape(1), u, beta.reshape(1)])
             hq = prod.times(hidden, gram)  # kept for the backward (N x d, the size of hidden's own gradient)
-            row = torch.ops.fastloss.spherical_row_stats(hidden, hq, stat)
-            delta = rsum / Vtot if resid is not None else None  # m's last bit (centred fp32 / fp64 products)
-            if delta is not None:  # mu and o_c - mu about the exact mean: + h . delta and - h . delta
-                h_delta = prod.times(hidden, delta[:, None])[:, 0]
-                row = torch.stack([row[:, 0] + h_delta, row[:, 1]], 1)
-                dev = torch.where(valid, dev - h_delta[:, None], dev)
+            # [h·m, m2]: h·m (in double) apart from the bias mean, so that it stays exact to its own size
+            row = torch.ops.fastloss.spherical_row_stats(hidden, hq, torch.cat([m, m.new_zeros(1), stat[d + 1:]]))
+            # the rounded means' last bits (exact mean - rounded): mu and o_c - mu about the exact means
+            delta = rsum / Vtot
+            h_delta = prod.times(hidden, delta[:d, None])[:, 0] if exact_mean else delta.new_zeros(())
+            hm = row[:, 0] + h_delta  # h · (exact weight mean)
+            dev = torch.where(valid, dev - (h_delta + delta[d]).reshape(-1, 1), dev)
+            delta = (delta[:d] if exact_mean else None, delta[d])  # for the hidden gradient, the centred bias
             bad = (valid & ((target < 0) | (target >= Vtot))).any(-1)  # out-of-range target: NaN row, no sync
             # NaN into every statistic a loss may read (the Z-loss reads m2 and o_c - mu, not mu or o_c)
-            mu, m2 = torch.where(bad, torch.nan, row[:, 0]), torch.where(bad, torch.nan, row[:, 1])
+            mu = torch.where(bad, torch.nan, hm + (bm + delta[1]))
+            m2 = torch.where(bad, torch.nan, row[:, 1])
             oc = torch.where(bad[:, None], torch.nan, oc)
         rows, coef = torch.ops.fastloss.spherical_row_terms(mu, m2, oc, dev, target, target_weight, kind, a, b, eps,
                                                             Vtot, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, target, hq, gram, stat, coef, local, safe)
+        ctx.save_for_backward(hidden, weight, bias, target, hq, gram, stat, coef, local, safe, hm)
         ctx.opts = (group, rank, lo, ignore_index, allow_tf32, Vtot, bias is not None, split)
-        ctx.delta = delta
+        ctx.delta, ctx.delta_b = delta
         ctx.mark_non_differentiable(coef)
         return rows, coef
 
     @staticmethod
     @first_order  # first-order only: differentiating the result raises (fastloss._autograd)
     def backward(ctx, grad_rows, _grad_coef):
-        hidden, weight, bias, target, hq, gram, stat, coef, local, safe = ctx.saved_tensors
+        hidden, weight, bias, target, hq, gram, stat, coef, local, safe, hm = ctx.saved_tensors
         group, rank, lo, ignore_index, allow_tf32, Vtot, has_bias, split = ctx.opts
         acc = gram.dtype
         prod = _Products(split, acc)
@@ -278,29 +286,45 @@ class _LinearSpherical(torch.autograd.Function):
                     torch.distributed.all_reduce(gh, group=group)
                 grad_h = gh.to(hidden.dtype)
             if ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2]):
-                vb = prod.times(hidden.t(), ab)  # (d, 2): v = HᵀA and HᵀB in one pass over H
-                v = vb[:, 0]
+                # ∇W = 2 W_c G + 1 rowᵀ + 2 b_c vᵀ + target rows. fp32 / fp64 products centre each chunk of W as they
+                # convert it (w - m is exact beside a large mean; W G - 1 (G m)ᵀ would cancel), so row = HᵀB / V
+                # (- 2 G δ for the exact mean). The bf16 split keeps W as it is (exact in bf16) and takes
+                # row = HᵀB / V - 2 G m with G m = Hᵀ (A ⊙ h·m) from the exact h·m. v = HᵀA in the same pass.
+                centre = not split
+                vb = prod.times(hidden.t(), torch.stack([A, B / Vtot - (0 if centre else 2 * A * hm)], 1))
+                v, row = vb[:, 0], vb[:, 1]
                 G = prod.weighted_gram(hidden, A)
-                row = vb[:, 1] / Vtot - 2 * (G @ m) - 2 * bm * v  # the same for every row of W
+                if centre and ctx.delta is not None:
+                    row = row - 2 * (G @ ctx.delta)
+                # the bias about its exact mean: b - bm, then the rounded mean's last bit (b ~ bm cancels in fp32)
+                bc = (bias.to(acc) - bm) - ctx.delta_b if has_bias else None
+                want_b = has_bias and ctx.needs_input_grad[2]
+                wv = weight.new_empty((weight.shape[0],), dtype=acc) if want_b else None  # W_c v, for ∇b
                 gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
                 g2 = prod.operand(2 * G)  # split once for every chunk of W
                 # fp16 / bf16 weights: the rank-one terms join in the pass that rounds gw into the weight's dtype
                 # (spherical_weight_grad), instead of a broadcast copy and an outer-product pass over gw each
                 finish = weight.dtype != acc
                 for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
-                    prod.times(weight[r0:r0 + _CHUNK_ROWS], g2, None if finish else row, out=gw[r0:r0 + _CHUNK_ROWS])
+                    rows_w = slice(r0, r0 + _CHUNK_ROWS)
+                    x = weight[rows_w].to(acc) - m if centre else weight[rows_w]
+                    prod.times(x, g2, None if finish else row, out=gw[rows_w])
+                    if want_b:
+                        wv[rows_w] = prod.times(x, v[:, None])[:, 0]
                 if has_bias and not finish:
-                    gw.addr_(bias.to(acc), v, alpha=2)
+                    gw.addr_(bc, v, alpha=2)
                 idx = safe.reshape(-1)
                 gw.index_put_((idx,), (gam[..., None] * hidden[:, None, :]).reshape(-1, d), accumulate=True)
                 if finish:
-                    grad_w = torch.ops.fastloss.spherical_weight_grad(gw, row, bias if has_bias else None, v,
-                                                                      weight.dtype)
+                    grad_w = torch.ops.fastloss.spherical_weight_grad(gw, row, bc, v, weight.dtype)
                 else:
                     grad_w = gw
-                if has_bias and ctx.needs_input_grad[2]:
-                    bc = bias.to(acc) - bm
-                    gb = 2 * (prod.times(weight, v[:, None])[:, 0] - (m @ v) + bc * A.sum()) + B.sum() / Vtot
+                if want_b:
+                    if not centre:
+                        wv = wv - m @ v
+                    elif ctx.delta is not None:  # (w - m̃) v - δ v
+                        wv = wv - ctx.delta @ v
+                    gb = 2 * (wv + bc * A.sum()) + B.sum() / Vtot
                     gb = gb.index_put((idx,), gam.reshape(-1), accumulate=True)
                     grad_b = gb.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
@@ -333,16 +357,18 @@ def linear_spherical_loss(
     Cost per call: ``V·d²`` for the centred Gram (fp32 products, or fp64 for fp64 inputs) plus ``O(N·d²)``.
 
     Precision, fp32 inputs: loss and gradients within 1e-5 of the float64 materialised reference, also for an
-    ill-conditioned weight or a large shared mean: measured up to a logit mean ~2000 times the spread
-    ((μ² + σ²) / σ² ≈ 4e6) for the Z-loss and 2e4 times for the other losses, at least as close as fp32 logits
-    rounded once from exact values (``python bench/gram_accuracy.py``). That takes the centred Gram, the target
-    outputs gathered in double, the last bit δ of the fp32 weight mean put back into μ, o_c − μ and the hidden
-    gradient (vocab-parallel too: each shard's residual sum about its rounded mean is pooled), and the targets'
-    share of the hidden gradient taken about the mean with its coefficient in closed form. What the Gram
-    form cannot match: a row whose logits are nearly constant against |W_c||h| (h almost orthogonal to the
-    centred weight rows) gets its spread from hᵀQ_c h, relatively off by ~ε(|W_c||h|/σ)² where logits formed
-    directly are off by ~ε|W_c||h|/σ (the Gram squares that conditioning, as normal equations do); the Z-loss,
-    which divides by σ, feels it first.
+    ill-conditioned weight or large shared means: measured up to a logit mean ~2000 times the spread
+    ((μ² + σ²) / σ² ≈ 4e6) for the Z-loss and 2e4 times for the other losses, and no worse than ``F.linear`` in
+    fp32 followed by the loss where the hidden rows are nearly orthogonal to a large weight mean or the bias has
+    a large mean (``python bench/gram_accuracy.py``, ``test_float32_precision``). That takes the centred Gram;
+    the target outputs gathered and h·m accumulated in double; the last bits δ of the rounded weight and bias
+    means put back into μ, o_c − μ and the gradients (vocab-parallel too: each shard's residual sums about its
+    rounded means are pooled); the targets' share of the hidden gradient taken about the mean, with its
+    coefficient in closed form; and the weight gradient from centred chunks of W. What the Gram form cannot
+    match: a row whose logits are nearly constant against |W_c||h| (h almost orthogonal to the centred weight
+    rows) gets its spread from hᵀQ_c h, relatively off by ~ε(|W_c||h|/σ)² where logits formed directly are off
+    by ~ε|W_c||h|/σ (the Gram squares that conditioning, as normal equations do); the Z-loss, which divides by
+    σ, feels it first.
 
     Gradient accumulation: use ``reduction="sum"`` and divide by the global count of counted rows yourself, e.g.
     ``loss = linear_spherical_loss(h, W, t, reduction="sum") / n_tokens_in_step``.
@@ -365,7 +391,7 @@ def linear_spherical_loss(
     ``False`` on the bf16 split path, ``True`` otherwise. The split path returns bf16 losses and gradients
     (rounding 4e-3); there a ratio of 1e4 (a logit mean 100 times the spread) moves the fp32 per-row losses by
     3e-4 relative and 1e5 by 3e-3, while the same losses of bf16-materialised logits (``F.linear``, then the
-    loss) are off by 5e-2 and 2e-1 (``python bench/gram_accuracy.py``).
+    loss) are off by 4e-2 and 2e-1 for the Z-loss (``python bench/gram_accuracy.py``).
     """
     fn = "fastloss.linear_spherical_loss"
     hidden, weight, bias = _autocast_operands(hidden, weight, bias)

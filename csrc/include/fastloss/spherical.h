@@ -124,17 +124,18 @@ struct SphericalLoss {
   // and their fp32 sum times a large m would swamp the gradient; so each kind's sum is formed in closed form
   // from dev = o_c - mu. Squared error: -2 (its R.d_mu = 2 C mu is added once per row).
   FL_HD FL_INLINE T mean_grad(T mu, T m2, T oc, T dev) const {
+    // (the divisions one at a time: z t overflows long before either does)
     if (kind == kSphericalSoftmax) {  // 2 C mu / z - 2 o_c / t = 2 (C dev (mu o_c - eps) - o_c m2) / (z t)
       const T z = m2 + C * (mu * mu + eps), t = oc * oc + eps;
-      return T(2) * (C * dev * (mu * oc - eps) - oc * m2) / (z * t);
+      return T(2) * ((C * dev * (mu * oc - eps) - oc * m2) / z) / t;
     }
     if (kind == kTaylorSoftmax) {  // C u / z - u_c / t = (C dev (u u_c - 1) - u_c m2) / (2 z t)
       const T u = T(1) + mu, uc = T(1) + oc;
       const T z = T(0.5) * (C * (u * u + T(1)) + m2), t = T(0.5) * (uc * uc + T(1));
-      return (C * dev * (u * uc - T(1)) - uc * m2) / (T(2) * z * t);
+      return ((C * dev * (u * uc - T(1)) - uc * m2) / (T(2) * z)) / t;
     }
     if (kind == kSquaredError) return T(-2);
-    return T(0) * m2;  // Z-loss: R = 0 and T depends on o_c - mu only (0; a NaN row stays NaN)
+    return m2 != m2 ? m2 : T(0);  // Z-loss: R = 0 and T depends on o_c - mu only (a NaN row stays NaN)
   }
 };
 
@@ -225,10 +226,12 @@ FL_HD FL_INLINE void gram_target_terms(double w, double center, double h, double
   raw += w * h;
 }
 
-// [mu, m2] partial sums, one element: mu += h_i m_i, m2 += (hq_i + 2 u_i) h_i  (hq = H Q_c).
+// [mu, m2] partial sums, one element: mu += h_i m_i, m2 += (hq_i + 2 u_i) h_i  (hq = H Q_c). mu in double: with h
+// nearly orthogonal to a large weight mean m its terms reach |h||m| while mu stays small, and their rounding
+// would reach the hidden gradient through B_m (mean_grad).
 template <typename T>
-FL_HD FL_INLINE void gram_stats_terms(T h, T hq, T m, T u, T& mu, T& m2) {
-  mu += h * m;
+FL_HD FL_INLINE void gram_stats_terms(T h, T hq, T m, T u, double& mu, T& m2) {
+  mu += static_cast<double>(h) * static_cast<double>(m);
   m2 += (hq + T(2) * u) * h;
 }
 
