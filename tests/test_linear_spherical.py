@@ -89,6 +89,16 @@ def test_float32_precision(device, loss, case):
     _close(got, want, 1e-5)
     for x, y in zip(gg, gw, strict=False):
         _close(x, y, 1e-5)
+    if case in ("orthogonal_mean", "bias_mean"):  # and no worse than fp32 logits formed by F.linear
+        mat, gm = _run(lambda x, w, tt, bias: _MATERIALISED[loss](torch.nn.functional.linear(x, w, bias), tt,
+                                                                  reduction="none", **OPTS[loss]), h, W, t, bias)
+        rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+        for x, y, z in zip((got, *gg), (want, *gw), (mat, *gm), strict=True):
+            assert rel(x, y) <= 2 * rel(z, y) + 1e-6
+
+
+_MATERIALISED = {"zloss": fastloss.zloss, "spherical_softmax": fastloss.spherical_softmax_loss,
+                 "taylor_softmax": fastloss.taylor_softmax_loss, "mse": fastloss.spherical_mse_loss}
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -159,9 +169,10 @@ def test_weight_grad_op(device, dtype, acc):
 
 
 def test_centred_gram_residual_mean(device):
-    """The fp32 centred Gram also returns the residual mean Σ (x - shift) / n: what the fp32 mean misses (its last
-    bit and the column sums' rounding), to fp32 accuracy of that residual itself; the split and raw Grams return
-    None (their precision is set elsewhere)."""
+    """The fp32 centred Gram also returns (x - shift)ᵀ [1, cols] from the exactly centred rows: the residual sum
+    Σ (x - shift), what the fp32 mean misses (its last bit and the column sums' rounding), and the products with
+    given columns (the centred bias; Wᵀb_c - m Σ b_c would cancel), each to fp32 accuracy of its own size; the
+    split and raw Grams return None (their precision is set elsewhere)."""
     from fastloss.linear_spherical import _Products
 
     gen = torch.Generator().manual_seed(3)
@@ -169,10 +180,13 @@ def test_centred_gram_residual_mean(device):
                                                                                                   dtype=torch.float64)
     x = x64.float().to(device)
     shift = x.mean(0)
-    gram, resid = _Products(False, torch.float32).centred_gram(x, shift)
+    cols = torch.randn(5000, 1, generator=gen).to(device)
+    gram, side = _Products(False, torch.float32).centred_gram(x, shift, cols)
     want = x.double().mean(0) - shift.double()  # up to ~1e-4 (the last bits of ~1000)
-    assert want.abs().max() > 0
-    torch.testing.assert_close(resid.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+    assert want.abs().max() > 0 and side.shape == (8, 2)
+    torch.testing.assert_close(side[:, 0].double() / 5000, want, rtol=0, atol=1e-4 * want.abs().max().item())
+    u = (x.double() - shift.double()).t() @ cols.double()[:, 0]  # ~|x - shift|·√n ≈ 0.7, beside terms ~1000
+    torch.testing.assert_close(side[:, 1].double(), u, rtol=0, atol=1e-5 * u.abs().max().item())
     assert _Products(True, torch.float32).centred_gram(x.bfloat16(), shift)[1] is None
     assert _Products(False, torch.float32, centred=False).centred_gram(x, shift)[1] is None
 
@@ -573,12 +587,13 @@ for loss in ["zloss", "mse"]:
     for got, want in ((out, ref), (hl.grad, hr.grad), (Wl.grad, Wr.grad[lo:hi]), (bl.grad, br.grad[lo:hi])):
         scale = want.double().abs().max().item()  # error relative to the tensor's size (bf16: 2 eps)
         torch.testing.assert_close(got.double(), want.double(), rtol=2 * 2.0**-8, atol=2 * 2.0**-8 * scale)
-# fp32 with a shared weight mean ~300 times the rows' spread: within 1e-5 of the float64 reference, loss and
-# gradients. The shards' residual sums about their rounded means give the exact mean's last bit (and the pooled
-# Gram's cross terms) as in one process; without them the hidden gradient was 3e-5 off.
+# fp32 with a shared weight mean ~300 times the rows' spread and a bias mean 1e4 times its spread: within 1e-5 of
+# the float64 reference, loss and gradients. The shards' residual sums about their rounded means give the exact
+# means' last bits (and the pooled statistics' cross terms) as in one process; without them the hidden gradient
+# was 3e-5 off.
 W32 = (torch.randn(V, d, generator=gen, dtype=torch.float64) + 300.0 * torch.randn(d, generator=gen,
                                                                                    dtype=torch.float64)) / d**0.5
-h32, W32, b32 = h.float(), W32.float(), (0.3 * b).float()
+h32, W32, b32 = h.float(), W32.float(), (0.3 * b + 3000.0).float()
 for loss in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]:
     hl, Wl, bl = h32.clone().requires_grad_(), W32[lo:hi].clone().requires_grad_(), b32[lo:hi].clone().requires_grad_()
     out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl, loss=loss, process_group=dist.group.WORLD,

@@ -104,15 +104,17 @@ class _Products:
         ones = x.new_ones((x.shape[0], 1), dtype=x.dtype if self.split else self.acc)
         return (_mm32(x.t(), ones) if self.split else x.to(self.acc).t() @ ones)[:, 0]
 
-    def centred_gram(self, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def centred_gram(self, x: torch.Tensor, shift: torch.Tensor,
+                     cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x - shift)ᵀ (x - shift) for an input operand x (n, d) and its rounded mean ``shift``, in row chunks
         accumulated in place (no d x d temporary per chunk): with the split, each chunk's centred rows are split
         in one pass, and the Gram is Σ hiᵀhi + C + Cᵀ with C = Σ hiᵀlo (the lo·lo term is below the split's own
         error). Not ``centred``: xᵀx - n·shift shiftᵀ, where the bf16 x needs no split (one GEMM, not two), but
         the subtraction cancels: the error grows with (μ² + σ²) / σ² of the outputs (μ their row mean).
-        Also returns, from the fp32 / fp64 products, the residual mean Σ (x - shift) / n: what ``shift`` (the
-        mean rounded to the accumulation dtype) misses, of the order of its last bit. Beside a large shared mean
-        that bit, times μ/σ, is the precision of the target outputs and the hidden gradient (None elsewhere)."""
+        With the fp32 / fp64 products, also (x - shift)ᵀ [1, cols] (d, 1 + k) from the same exactly centred
+        rows (None elsewhere): the residual sum Σ (x - shift), what the rounded mean misses (its last bit,
+        times μ/σ, is the precision of the target outputs and the hidden gradient beside a large shared mean),
+        and the products with ``cols`` (n, k) (the centred bias: Wᵀb_c - m Σ b_c would cancel)."""
         d = x.shape[1]
         gram = shift.new_zeros((d, d), dtype=self.acc)
         if not self.centred:
@@ -125,19 +127,23 @@ class _Products:
                     gram.addmm_(xc.t(), xc)
             return gram.addr_(shift, shift, alpha=-x.shape[0]), None
         cross = gram.clone() if self.split else None
-        resid = None if self.split else shift.new_zeros((d, 1), dtype=self.acc)
+        side = None if self.split else shift.new_zeros((d, 1 + (cols.shape[1] if cols is not None else 0)),
+                                                       dtype=self.acc)
+        buf = None if self.split else x.new_empty((min(_CHUNK_ROWS, x.shape[0]), d), dtype=self.acc)
         for r0 in range(0, x.shape[0], _CHUNK_ROWS):
             if not self.split:
-                xc = x[r0:r0 + _CHUNK_ROWS].to(self.acc) - shift
+                xc = x[r0:r0 + _CHUNK_ROWS]
+                xc = torch.sub(xc, shift, out=buf[:xc.shape[0]])  # one chunk buffer for all chunks
                 gram.addmm_(xc.t(), xc)
-                resid.addmm_(xc.t(), xc.new_ones((xc.shape[0], 1)))  # a GEMV (a dim-0 sum is slower)
+                ones = xc.new_ones((xc.shape[0], 1))  # Σ as a GEMV (a dim-0 sum is slower)
+                side.addmm_(xc.t(), ones if cols is None else torch.cat([ones, cols[r0:r0 + _CHUNK_ROWS]], 1))
                 continue
             hi, lo = _split(x[r0:r0 + _CHUNK_ROWS], shift.float())
             _mm32(hi.t(), hi, gram, out=gram)
             _mm32(hi.t(), lo, cross, out=cross)
         if self.split:
             return gram + (cross + cross.t()), None
-        return gram, resid[:, 0] / x.shape[0]
+        return gram, side
 
     def weighted_gram(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """xᵀ diag(w) x for an input operand x (N, d) and accumulation-dtype w (N,), in row chunks."""
@@ -155,29 +161,27 @@ class _Products:
 
 
 def _shard_stats(weight, bias, prod):
-    """Sums, centred Gram, centred bias cross term and centred bias square sum of one shard of rows, all about
-    its rounded means (m, bm); and the residual sums Σ (w - m), Σ (b - bm) (d + 1), what those means miss, with
-    whether the weight's is known (the fp32 / fp64 centred products; else its part is 0, see
-    `_Products.centred_gram`)."""
+    """Of one shard of rows: its rounded means (m, bm) and, about them, the Gram, u = W_cᵀ b_c, β = ‖b_c‖² and the
+    residual sums Σ (w - m), Σ (b - bm) (d + 1: what the rounded means miss); and whether the weight's residual
+    is known (the fp32 / fp64 centred products; else its part is 0, see `_Products.centred_gram`)."""
     acc = prod.acc
     Vs, d = weight.shape
     wsum = weight.new_zeros((d,), dtype=acc)
     for r0 in range(0, Vs, _CHUNK_ROWS):
         wsum += prod.col_sums(weight[r0:r0 + _CHUNK_ROWS])
     m = wsum / Vs
-    bsum = bias.sum(dtype=acc) if bias is not None else wsum.new_zeros(())
-    bm = bsum / Vs
-    gram, resid = prod.centred_gram(weight, m)
-    u = weight.new_zeros((d,), dtype=acc)
-    beta, bres = weight.new_zeros((), dtype=acc), weight.new_zeros((), dtype=acc)
-    if bias is not None:  # u = W_cᵀ b_c = Wᵀ b_c - m Σ b_c (Σ b_c ≈ 0: no cancellation)
+    bm = bias.sum(dtype=acc) / Vs if bias is not None else wsum.new_zeros(())
+    bc = bias.to(acc) - bm if bias is not None else None
+    gram, side = prod.centred_gram(weight, m, bc[:, None] if bc is not None else None)
+    u = side[:, 1] if side is not None and bc is not None else weight.new_zeros((d,), dtype=acc)
+    if bc is not None and side is None:  # u = Wᵀ b_c - m Σ b_c (cancels like the raw Gram for a large mean)
         for r0 in range(0, Vs, _CHUNK_ROWS):
-            bc = bias[r0:r0 + _CHUNK_ROWS].to(acc) - bm
-            bcs = bc.sum()
-            u += prod.times(weight[r0:r0 + _CHUNK_ROWS].t(), bc[:, None])[:, 0] - m * bcs
-            beta, bres = beta + bc.square().sum(), bres + bcs
-    wres = resid * Vs if resid is not None else wsum.new_zeros((d,))
-    return wsum, bsum, gram, u, beta, torch.cat([wres, bres.reshape(1)]), resid is not None
+            bcc = bc[r0:r0 + _CHUNK_ROWS]
+            u += prod.times(weight[r0:r0 + _CHUNK_ROWS].t(), bcc[:, None])[:, 0] - m * bcc.sum()
+    beta = bc.square().sum() if bc is not None else wsum.new_zeros(())
+    bres = bc.sum() if bc is not None else wsum.new_zeros(())
+    wres = side[:, 0] if side is not None else wsum.new_zeros((d,))
+    return m, bm, gram, u, beta, torch.cat([wres, bres.reshape(1)]), side is not None
 
 
 class _LinearSpherical(torch.autograd.Function):
@@ -190,7 +194,7 @@ class _LinearSpherical(torch.autograd.Function):
         world, rank = (1, 0) if group is None else (torch.distributed.get_world_size(group),
                                                    torch.distributed.get_rank(group))
         with _exact_products(hidden.device, allow_tf32):
-            wsum_s, bsum_s, gram, u, beta, rsum, exact_mean = _shard_stats(weight, bias, prod)
+            m_s, bm_s, gram, u, beta, rsum, exact_mean = _shard_stats(weight, bias, prod)
             counts = [Vs]
             if group is not None:  # shard boundaries as host ints: the one host sync of vocab-parallel mode
                 c = torch.zeros(world, dtype=torch.int64, device=hidden.device)
@@ -202,12 +206,12 @@ class _LinearSpherical(torch.autograd.Function):
             valid = target != ignore_index
             local = valid & (target >= lo) & (target < lo + Vs)
             safe = torch.where(local, target - lo, torch.zeros_like(target))
-            center = torch.cat([wsum_s, bsum_s.reshape(1)]) / Vs  # shard-centred target outputs, and raw ones
+            center = torch.cat([m_s, bm_s.reshape(1)])  # shard-centred target outputs, and raw ones
             dots = torch.ops.fastloss.spherical_gather_dot(hidden, weight, bias, target, center, lo, ignore_index)
             d = weight.shape[1]
-            if group is not None:  # one all-reduce: [gram | u | beta | per-rank (wsum, bsum, rsum) slots | targets]
-                slots = wsum_s.new_zeros((world, 2 * d + 2))
-                slots[rank] = torch.cat([wsum_s, bsum_s.reshape(1), rsum])
+            if group is not None:  # one all-reduce: [gram | u | beta | per-rank (m, bm, rsum) slots | targets]
+                slots = m_s.new_zeros((world, 2 * d + 2))
+                slots[rank] = torch.cat([center, rsum])
                 buf = torch.cat([gram.reshape(-1), u, beta.reshape(1), slots.reshape(-1), dots.reshape(-1)])
                 torch.distributed.all_reduce(buf, group=group)
                 sizes = [d * d, d, 1, world * (2 * d + 2), dots.numel()]
@@ -215,15 +219,16 @@ class _LinearSpherical(torch.autograd.Function):
                 gram, beta = gram.reshape(d, d), beta.reshape(())
                 slots, dots = slots.reshape(world, 2 * d + 2), dots.reshape(*target.shape, 2)
             else:
-                slots = torch.cat([wsum_s, bsum_s.reshape(1), rsum])[None]
-            # per shard: the sums of (w, b), and their residual sums about the shard's rounded means
+                slots = torch.cat([center, rsum])[None]
+            # per shard: the rounded means (m_s, bm_s) its statistics are about, exactly as it used them, and its
+            # residual sums about them
             slots, rsums = slots[:, :d + 1], slots[:, d + 1:]
             dev, oc = dots[..., 0], dots[..., 1]
-            mean = slots.sum(0) / Vtot  # global (m, bm)
-            rsum = rsums.sum(0)
-            if world > 1:  # parallel-variance identity: pooled centred statistics from the shards'
+            rsum, mean = rsums.sum(0), slots[0]  # global (m, bm)
+            if world > 1:  # parallel-variance identity (exact for any global reference mean): pooled statistics
                 cnt = torch.tensor(counts, dtype=acc, device=hidden.device)
-                diff = slots / cnt[:, None] - mean  # per-shard (m_s - m, bm_s - bm)
+                mean = (slots * cnt[:, None]).sum(0) / Vtot
+                diff = slots - mean  # per-shard (m_s - m, bm_s - bm)
                 dw, db, rw, rb = diff[:, :d], diff[:, d], rsums[:, :d], rsums[:, d]
                 # with the cross terms of each shard's residual sums: its statistics are about its rounded means
                 cross = dw.t() @ rw
@@ -305,9 +310,12 @@ class _LinearSpherical(torch.autograd.Function):
                 # fp16 / bf16 weights: the rank-one terms join in the pass that rounds gw into the weight's dtype
                 # (spherical_weight_grad), instead of a broadcast copy and an outer-product pass over gw each
                 finish = weight.dtype != acc
+                buf = weight.new_empty((min(_CHUNK_ROWS, weight.shape[0]), d), dtype=acc) if centre else None
                 for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
                     rows_w = slice(r0, r0 + _CHUNK_ROWS)
-                    x = weight[rows_w].to(acc) - m if centre else weight[rows_w]
+                    x = weight[rows_w]
+                    if centre:  # one chunk buffer for all chunks
+                        x = torch.sub(x, m, out=buf[:x.shape[0]])
                     prod.times(x, g2, None if finish else row, out=gw[rows_w])
                     if want_b:
                         wv[rows_w] = prod.times(x, v[:, None])[:, 0]
@@ -357,14 +365,15 @@ def linear_spherical_loss(
     Cost per call: ``V·d²`` for the centred Gram (fp32 products, or fp64 for fp64 inputs) plus ``O(N·d²)``.
 
     Precision, fp32 inputs: loss and gradients within 1e-5 of the float64 materialised reference, also for an
-    ill-conditioned weight or large shared means: measured up to a logit mean ~2000 times the spread
-    ((μ² + σ²) / σ² ≈ 4e6) for the Z-loss and 2e4 times for the other losses, and no worse than ``F.linear`` in
-    fp32 followed by the loss where the hidden rows are nearly orthogonal to a large weight mean or the bias has
-    a large mean (``python bench/gram_accuracy.py``, ``test_float32_precision``). That takes the centred Gram;
-    the target outputs gathered and h·m accumulated in double; the last bits δ of the rounded weight and bias
-    means put back into μ, o_c − μ and the gradients (vocab-parallel too: each shard's residual sums about its
-    rounded means are pooled); the targets' share of the hidden gradient taken about the mean, with its
-    coefficient in closed form; and the weight gradient from centred chunks of W. What the Gram form cannot
+    ill-conditioned weight or large shared means: measured within 3e-7 up to a logit mean 2000 times the spread
+    ((μ² + σ²) / σ² ≈ 4e6) and within 1e-5 to 2e4 times (the Z-loss's hidden gradient 1.3e-5 there), and no
+    worse than ``F.linear`` in fp32 followed by the loss where the hidden rows are nearly orthogonal to a large
+    weight mean or the bias has a large mean (``python bench/gram_accuracy.py``, ``test_float32_precision``).
+    That takes the centred Gram, and u = W_cᵀb_c, from exactly centred rows; the target outputs gathered and h·m
+    accumulated in double; the last bits δ of the rounded weight and bias means put back into μ, o_c − μ and the
+    gradients (vocab-parallel too: each shard's residual sums about its rounded means are pooled); the targets'
+    share of the hidden gradient taken about the mean, with its coefficient in closed form; and the weight
+    gradient from centred chunks of W. What the Gram form cannot
     match: a row whose logits are nearly constant against |W_c||h| (h almost orthogonal to the centred weight
     rows) gets its spread from hᵀQ_c h, relatively off by ~ε(|W_c||h|/σ)² where logits formed directly are off
     by ~ε|W_c||h|/σ (the Gram squares that conditioning, as normal equations do); the Z-loss, which divides by
