@@ -373,11 +373,10 @@ def linear_spherical_loss(
     accumulated in double; the last bits δ of the rounded weight and bias means put back into μ, o_c − μ and the
     gradients (vocab-parallel too: each shard's residual sums about its rounded means are pooled); the targets'
     share of the hidden gradient taken about the mean, with its coefficient in closed form; and the weight
-    gradient from centred chunks of W. What the Gram form cannot
-    match: a row whose logits are nearly constant against |W_c||h| (h almost orthogonal to the centred weight
-    rows) gets its spread from hᵀQ_c h, relatively off by ~ε(|W_c||h|/σ)² where logits formed directly are off
-    by ~ε|W_c||h|/σ (the Gram squares that conditioning, as normal equations do); the Z-loss, which divides by
-    σ, feels it first.
+    gradient from centred chunks of W. What the Gram form cannot match: a row whose logits are nearly constant
+    against |W_c||h| (h almost orthogonal to the centred weight rows) gets its spread from hᵀQ_c h, relatively
+    off by ~ε(|W_c||h|/σ)² where logits formed directly are off by ~ε|W_c||h|/σ (the Gram squares that
+    conditioning, as normal equations do); the Z-loss, which divides by σ, feels it first.
 
     Gradient accumulation: use ``reduction="sum"`` and divide by the global count of counted rows yourself, e.g.
     ``loss = linear_spherical_loss(h, W, t, reduction="sum") / n_tokens_in_step``.
