@@ -590,19 +590,22 @@ for loss in ["zloss", "mse"]:
 # fp32 with a shared weight mean ~300 times the rows' spread and a bias mean 1e4 times its spread: within 1e-5 of
 # the float64 reference, loss and gradients. The shards' residual sums about their rounded means give the exact
 # means' last bits (and the pooled statistics' cross terms) as in one process; without them the hidden gradient
-# was 3e-5 off.
+# was 3e-5 off. Also without a bias.
 W32 = (torch.randn(V, d, generator=gen, dtype=torch.float64) + 300.0 * torch.randn(d, generator=gen,
                                                                                    dtype=torch.float64)) / d**0.5
 h32, W32, b32 = h.float(), W32.float(), (0.3 * b + 3000.0).float()
-for loss in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]:
+for loss, with_bias in [(k, True) for k in ["zloss", "spherical_softmax", "taylor_softmax", "mse"]] + [
+        ("zloss", False), ("spherical_softmax", False)]:
     hl, Wl, bl = h32.clone().requires_grad_(), W32[lo:hi].clone().requires_grad_(), b32[lo:hi].clone().requires_grad_()
-    out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl, loss=loss, process_group=dist.group.WORLD,
-                                         reduction="none")
+    out = fastloss.linear_spherical_loss(hl, Wl, t, bias=bl if with_bias else None, loss=loss,
+                                         process_group=dist.group.WORLD, reduction="none")
     out.backward(torch.linspace(0.5, 1.5, N))
     hr, Wr, br = (x.double().requires_grad_() for x in (h32, W32, b32))
-    ref = reference.linear_spherical_loss(hr, Wr, t, bias=br, loss=loss, reduction="none")
+    ref = reference.linear_spherical_loss(hr, Wr, t, bias=br if with_bias else None, loss=loss, reduction="none")
     ref.backward(torch.linspace(0.5, 1.5, N, dtype=torch.float64))
-    for got, want in ((out, ref), (hl.grad, hr.grad), (Wl.grad, Wr.grad[lo:hi]), (bl.grad, br.grad[lo:hi])):
+    pairs = [(out, ref), (hl.grad, hr.grad), (Wl.grad, Wr.grad[lo:hi])] + ([(bl.grad, br.grad[lo:hi])] if with_bias
+                                                                          else [])
+    for got, want in pairs:
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5 * scale)
 dist.destroy_process_group()
