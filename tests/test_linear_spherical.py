@@ -284,6 +284,34 @@ def test_centred_gram_default(device, dtype, split):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype,split,centred", [(torch.float64, False, True), (torch.float64, False, False),
+                                                  (torch.float32, False, True), (torch.float32, False, False),
+                                                  (torch.bfloat16, True, True), (torch.bfloat16, True, False)])
+@pytest.mark.parametrize("chunked", ["small", "forced"])
+def test_row_chunks(device, monkeypatch, dtype, split, centred, chunked):
+    """The products over W's rows (column sums, Gram, Wᵀb_c, the weight gradient) give the same losses and
+    gradients whether W is taken whole (a product reading it in place) or in chunks of _CHUNK_ROWS rows,
+    including a ragged last chunk; "forced" chunks even where the product would read W whole."""
+    from fastloss import linear_spherical as ls
+
+    h, W, bias, t = _problem(device, dtype, N=24, d=16, V=200, mean_shift=3.0)
+    kw = {"bf16_split": split, "centred_gram": centred}
+    want, gw = _run(fastloss.linear_spherical_loss, h, W, t, bias, **kw)
+    monkeypatch.setattr(ls, "_CHUNK_ROWS", 7)  # 200 = 28 * 7 + 4
+    if chunked == "forced":
+        monkeypatch.setattr(ls._Products, "row_step", lambda self, x, copies=False: ls._CHUNK_ROWS)
+    got, gg = _run(fastloss.linear_spherical_loss, h, W, t, bias, **kw)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    _close(got, want, tol)
+    for x, y in zip(gg, gw, strict=True):
+        _close(x, y, tol)
+    if dtype == torch.float64:  # and the float64 reference itself
+        ref, gr = _run(reference.linear_spherical_loss, h, W, t, bias)
+        _close(got, ref, 1e-10)
+        for x, y in zip(gg, gr, strict=True):
+            _close(x, y, 1e-10)
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_gram_accuracy_bench(device, loss):
     """bench/gram_accuracy.py (run on the GPU machine too) and the claims it measures: with a large shared logit

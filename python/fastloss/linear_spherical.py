@@ -84,6 +84,13 @@ class _Products:
     def __init__(self, split: bool, acc: torch.dtype, centred: bool = True):
         self.split, self.acc, self.centred = split, acc, centred
 
+    def row_step(self, x: torch.Tensor, copies: bool = False) -> int:
+        """Rows of x per product. A product that copies its chunk of x (centred, upcast, split, or the CPU's
+        emulated bf16 GEMM) takes _CHUNK_ROWS at a time, which bounds the temporary; one that reads x in place
+        takes it whole: one launch, and no partly filled last wave of GEMM tiles per chunk."""
+        in_place = not copies and (x.is_cuda if self.split else x.dtype == self.acc)
+        return max(x.shape[0], 1) if in_place else _CHUNK_ROWS
+
     def operand(self, y: torch.Tensor):
         """y (k, p) in the accumulation dtype, prepared once for several `times` calls (split into hi, lo)."""
         return _split(y) if self.split else y
@@ -118,8 +125,9 @@ class _Products:
         d = x.shape[1]
         gram = shift.new_zeros((d, d), dtype=self.acc)
         if not self.centred:
-            for r0 in range(0, x.shape[0], _CHUNK_ROWS):
-                xc = x[r0:r0 + _CHUNK_ROWS]
+            step = self.row_step(x)
+            for r0 in range(0, x.shape[0], step):
+                xc = x[r0:r0 + step]
                 if self.split:
                     _mm32(xc.t(), xc, gram, out=gram)
                 else:
@@ -167,17 +175,18 @@ def _shard_stats(weight, bias, prod):
     acc = prod.acc
     Vs, d = weight.shape
     wsum = weight.new_zeros((d,), dtype=acc)
-    for r0 in range(0, Vs, _CHUNK_ROWS):
-        wsum += prod.col_sums(weight[r0:r0 + _CHUNK_ROWS])
+    step = prod.row_step(weight)
+    for r0 in range(0, Vs, step):
+        wsum += prod.col_sums(weight[r0:r0 + step])
     m = wsum / Vs
     bm = bias.sum(dtype=acc) / Vs if bias is not None else wsum.new_zeros(())
     bc = bias.to(acc) - bm if bias is not None else None
     gram, side = prod.centred_gram(weight, m, bc[:, None] if bc is not None else None)
     u = side[:, 1] if side is not None and bc is not None else weight.new_zeros((d,), dtype=acc)
     if bc is not None and side is None:  # u = Wᵀ b_c - m Σ b_c (cancels like the raw Gram for a large mean)
-        for r0 in range(0, Vs, _CHUNK_ROWS):
-            bcc = bc[r0:r0 + _CHUNK_ROWS]
-            u += prod.times(weight[r0:r0 + _CHUNK_ROWS].t(), bcc[:, None])[:, 0] - m * bcc.sum()
+        for r0 in range(0, Vs, step):
+            bcc = bc[r0:r0 + step]
+            u += prod.times(weight[r0:r0 + step].t(), bcc[:, None])[:, 0] - m * bcc.sum()
     beta = bc.square().sum() if bc is not None else wsum.new_zeros(())
     bres = bc.sum() if bc is not None else wsum.new_zeros(())
     wres = side[:, 0] if side is not None else wsum.new_zeros((d,))
@@ -311,8 +320,9 @@ class _LinearSpherical(torch.autograd.Function):
                 # (spherical_weight_grad), instead of a broadcast copy and an outer-product pass over gw each
                 finish = weight.dtype != acc
                 buf = weight.new_empty((min(_CHUNK_ROWS, weight.shape[0]), d), dtype=acc) if centre else None
-                for r0 in range(0, weight.shape[0], _CHUNK_ROWS):
-                    rows_w = slice(r0, r0 + _CHUNK_ROWS)
+                step = prod.row_step(weight, copies=centre)
+                for r0 in range(0, weight.shape[0], step):
+                    rows_w = slice(r0, r0 + step)
                     x = weight[rows_w]
                     if centre:  # one chunk buffer for all chunks
                         x = torch.sub(x, m, out=buf[:x.shape[0]])
