@@ -16,6 +16,12 @@ without fastloss.
 fp32 table (N=64, d=16, V=301, bias; loss and the hidden / weight gradients): ``linear_spherical_loss`` (the
 centred Gram) against the same loss of fp32 logits rounded once from exact values, the best a materialised fp32
 computation can do (its hidden gradient through an fp32 matmul, as autograd's would be).
+
+bf16 weight-gradient table (N=256, d=256, V=8192, bf16 inputs, the split path): the weight gradient of
+``linear_spherical_loss`` with ``weight_grad_precision="fp32"`` (the default: split d×d factor) and ``"bf16"``
+(rounded once, one GEMM fewer over W and over the hidden states), and of bf16-materialised logits (``F.linear``,
+then the loss, autograd), as norm-wise relative errors (‖got − want‖ / ‖want‖): over the rows no target names
+(only the dense part 2·W_c·Hᵀdiag(a)H, where the two precisions differ) and over all rows.
 """
 
 from __future__ import annotations
@@ -90,6 +96,34 @@ def measure_fp32(loss: str, shift: float, N: int, d: int, V: int, device: str, s
             "logits_fp32_grad_hidden": _err(lg @ W, gh)}
 
 
+def _norm_err(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def measure_weight_grad(loss: str, shift: float, N: int, d: int, V: int, device: str, seed: int = 0) -> dict:
+    """bf16 inputs: weight-gradient errors of both weight_grad_precision settings and of bf16-materialised
+    logits, over the untargeted rows and over all rows."""
+    h, W, _, t = _problem(shift, N, d, V, torch.bfloat16, device, seed)
+
+    def grad_w(fn, w):
+        w = w.clone().requires_grad_()
+        return torch.autograd.grad(fn(w), w)[0]
+
+    want = grad_w(lambda w: reference.linear_spherical_loss(h.double(), w, t, loss=loss, reduction="sum"),
+                  W.double())
+    free = torch.ones(V, dtype=torch.bool, device=device)
+    free[t] = False
+    row = {"loss": loss, "shift": shift, "ratio": _ratio(h.double() @ W.double().t())}
+    for prec in ("fp32", "bf16"):
+        got = grad_w(lambda w, p=prec: fastloss.linear_spherical_loss(h, w, t, loss=loss, reduction="sum",
+                                                                      bf16_split=True, weight_grad_precision=p), W)
+        row[f"{prec}_untargeted"], row[f"{prec}_all"] = _norm_err(got[free], want[free]), _norm_err(got, want)
+    got = grad_w(lambda w: MATERIALISED[loss](F.linear(h, w), t, reduction="sum"), W)
+    row["materialised_bf16_untargeted"], row["materialised_bf16_all"] = _norm_err(got[free], want[free]), \
+        _norm_err(got, want)
+    return row
+
+
 def _write(rows, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -112,18 +146,21 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--shape", default="256x256x32768", help="NxdxV of the bf16 table")
     p.add_argument("--out", type=Path, default=None,
-                   help="CSV of the bf16 table (default bench/results/gram_accuracy_<device>.csv); the fp32 table "
-                        "goes beside it with the suffix _fp32")
+                   help="CSV of the bf16 table (default bench/results/gram_accuracy_<device>.csv); the fp32 and "
+                        "weight-gradient tables go beside it with the suffixes _fp32 and _wgrad")
     args = p.parse_args(argv)
     N, d, V = map(int, args.shape.split("x"))
     out = args.out or Path(__file__).parent / "results" / f"gram_accuracy_{args.device}.csv"
     bf16 = [measure(loss, s, N, d, V, args.device) for loss in LOSSES for s in (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)]
     fp32 = [measure_fp32(loss, s, 64, 16, 301, args.device) for loss in LOSSES
             for s in (3.0, 30.0, 100.0, 300.0, 1000.0, 10000.0)]
+    wgrad = [measure_weight_grad(loss, s, 256, 256, 8192, args.device) for loss in LOSSES for s in (0.0, 3.0, 30.0)]
     _write(bf16, out)
     _write(fp32, out.with_name(out.stem + "_fp32.csv"))
+    _write(wgrad, out.with_name(out.stem + "_wgrad.csv"))
     _print(bf16, f"bf16, N={N} d={d} V={V}, {args.device}: largest per-row loss error / largest loss")
     _print(fp32, f"fp32, N=64 d=16 V=301 with bias, {args.device}: largest error / largest reference value")
+    _print(wgrad, f"bf16 weight gradient, N=256 d=256 V=8192, {args.device}: norm-wise relative error")
 
 
 if __name__ == "__main__":

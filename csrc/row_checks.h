@@ -14,7 +14,8 @@ inline void check_row_inputs(const at::Tensor& logits, const at::Tensor& target,
                              bool multi_target = false) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, C), got ", logits.dim(), "-D");
   TORCH_CHECK(logits.size(1) >= 1, op, ": logits need at least one class");
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, op, ": logits need a contiguous class dimension");
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1 || logits.numel() == 0, op,
+              ": logits need a contiguous class dimension");
   auto st = logits.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
               ": logits must be float32, float64, float16 or bfloat16, got ", st);

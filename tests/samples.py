@@ -52,6 +52,8 @@ def row_samples(device: str, dtype: torch.dtype, *, big: bool = False) -> list[R
         RowSample("C1001", randn(13, 1001), _targets(13, 1001, gen, device)),
         RowSample("BTC", randn(2, 5, 37), _targets(10, 37, gen, device).reshape(2, 5)),
         RowSample("N0", randn(0, 7), torch.zeros(0, dtype=torch.long, device=device)),
+        # empty and class-strided: .contiguous() keeps an empty tensor's strides, the ops must take it anyway
+        RowSample("N0_class_strided", randn(0, 14)[:, ::2], torch.zeros(0, dtype=torch.long, device=device)),
         RowSample("row_strided", randn(11, 530)[:, 3:520], _targets(11, 517, gen, device)),
         RowSample("class_strided", randn(40, 6).t(), _targets(6, 40, gen, device)),
     ]

@@ -130,3 +130,27 @@ def test_cuda_bad_target_nan_without_sync_and_validation(fn):
     fastloss.set_validation(True)
     with pytest.raises(IndexError, match="target 9"):
         fn(x, t)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda x, t, v: fastloss.cross_entropy(x, t, weight=v), "weight"),
+    (lambda x, t, v: fastloss.cross_entropy(x, t, target_margin=v), "target_margin"),
+    (lambda x, t, v: reference.cross_entropy(x, t, weight=v), "weight"),
+    (lambda x, t, v: fastloss.zloss(x, torch.stack([t, t], -1), target_weight=torch.stack([v[:4], v[:4]], -1)),
+     "target_weight"),
+    (lambda x, t, v: fastloss.spherical_softmax_loss(x, t[:, None], target_weight=v[:4, None]), "target_weight"),
+    (lambda x, t, v: fastloss.linear_spherical_loss(x, torch.randn(5, 5), t[:, None], target_weight=v[:4, None]),
+     "target_weight"),
+], ids=["ce_weight", "ce_margin", "reference_ce_weight", "zloss_target_weight", "spherical_target_weight",
+        "linear_spherical_target_weight"])
+def test_options_without_a_gradient_refuse_requires_grad(call, name):
+    """Tensor options the kernels read but do not differentiate (torch's class weights raise the same way)
+    refuse requires_grad=True rather than return None or a partial gradient for them; under no_grad, or
+    detached, they run."""
+    x, t = _good()
+    v = (torch.rand(5) + 0.5).requires_grad_()
+    with pytest.raises(RuntimeError, match=f"{name} does not take a gradient"):
+        call(x, t, v)
+    with torch.no_grad():
+        assert torch.isfinite(call(x, t, v))
+    assert torch.isfinite(call(x, t, v.detach()))

@@ -1002,3 +1002,16 @@ def test_fused_matches_tile_loop(monkeypatch, device, dtype, case):
     if not cuda and dtype == torch.float64 and folds and N * M >= 10**4:
         # the twin really ran: its fold order (8-lane groups per 128-key tile) leaves other last bits in the sums
         assert not torch.equal(got["fwd"][1].lse, want["fwd"][1].lse)
+
+
+def test_supcon_mean_without_positives(device):
+    """No anchor has a positive: the mean over anchors is NaN (like torch's mean over nothing) and the gradients
+    are zero, not NaN, in both the fused path and the reference."""
+    f = torch.randn(5, 4, device=device, dtype=torch.float64)
+    t = torch.tensor(0.3, device=device, dtype=torch.float64)
+    for mod in (fastloss, reference):
+        leaves = [f.clone().requires_grad_(), t.clone().requires_grad_()]
+        out = mod.supcon_loss(leaves[0], torch.arange(5, device=device), temperature=leaves[1])
+        grads = torch.autograd.grad(out, leaves)
+        assert torch.isnan(out)
+        assert all((g == 0).all() for g in grads)

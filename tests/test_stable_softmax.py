@@ -578,3 +578,17 @@ def test_comp_sum_gradient_when_target_is_unlikely(device):
     (ga,) = torch.autograd.grad(fastloss.comp_sum_loss(xa, t, tau=1.5, reduction="sum"), xa)
     (gb,) = torch.autograd.grad(reference.comp_sum_loss(xb, t, tau=1.5, reduction="sum"), xb)
     torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=0)
+
+
+def test_reference_softplus_at_exact_zero():
+    """The float64 oracle's softplus has derivative 1/2 at exactly 0 (a zero logit in softplus normalisation, a
+    tie in the decoupled softmax), as the kernels and finite differences have."""
+    x = torch.tensor([[0.0, 1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[-50.0, -50.0]], dtype=torch.float64, requires_grad=True)
+    cases = [(lambda m, v: m.softplus_cross_entropy(v, torch.tensor([0])), x),
+             (lambda m, v: m.decoupled_softmax_loss(v, torch.tensor([[True, False]])), y)]
+    for call, v in cases:
+        want = torch.autograd.grad(call(fastloss, v), v)[0]
+        got = torch.autograd.grad(call(reference, v), v)[0]
+        torch.testing.assert_close(got, want)
+        assert torch.autograd.gradcheck(lambda z, c=call: c(reference, z), (v,))

@@ -98,3 +98,21 @@ def test_module_and_determinism(device):
         (g,) = torch.autograd.grad(loss, xi, grad_like(loss))
         runs.append((loss, g))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_reference_constant_row_and_zero_argument():
+    """The float64 oracle itself: a constant row whose mean does not round back to its value is still constant
+    (loss softplus(a·b)/a, gradient 0, as the kernel gives), and softplus' derivative at exactly 0 is 1/2 (a
+    z-score equal to b), matching the kernel and finite differences."""
+    c = torch.full((1, 13), -2.310411800234176, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([3])
+    for fn in (reference.zloss, fastloss.zloss):
+        loss = fn(c, t, a=2.0, b=0.5)
+        (g,) = torch.autograd.grad(loss, c)
+        torch.testing.assert_close(loss, F.softplus(torch.tensor(1.0, dtype=torch.float64)) / 2.0)
+        assert (g == 0).all()
+    x = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64, requires_grad=True)  # z_c = 0 = b
+    want = torch.autograd.grad(fastloss.zloss(x, torch.tensor([1])), x)[0]
+    got = torch.autograd.grad(reference.zloss(x, torch.tensor([1])), x)[0]
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda y: reference.zloss(y, torch.tensor([1])), (x,))

@@ -35,7 +35,8 @@ SparsemaxArgs sm_args(const at::Tensor& in, bool entmax15) {
 void check_act_input(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (N, C), got ", x.dim(), "-D");
   TORCH_CHECK(x.size(1) >= 1, op, ": ", name, " need at least one class");
-  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1, op, ": ", name, " need a contiguous class dimension");
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) == 1 || x.numel() == 0, op,
+              ": ", name, " need a contiguous class dimension");
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
               " must be float32, float64, float16 or bfloat16, got ", st);

@@ -74,14 +74,16 @@ at::Tensor additive_row_bwd(const at::Tensor& grad_loss, const at::Tensor& logit
 
 void check_mask(const at::Tensor& logits, const at::Tensor& mask, int64_t kind, const char* op) {
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) >= 1, op, ": logits must be 2-D (N, C) with C >= 1");
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, op, ": logits need a contiguous class dimension");
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1 || logits.numel() == 0, op,
+              ": logits need a contiguous class dimension");
   auto st = logits.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
               ": logits must be a floating type, got ", st);
   TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ", mask.scalar_type());
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == logits.size(0) && mask.size(1) == logits.size(1), op,
               ": mask must have the shape of logits ", logits.sizes(), ", got ", mask.sizes());
-  TORCH_CHECK(mask.stride(1) == 1 || mask.size(1) == 1, op, ": mask needs a contiguous class dimension");
+  TORCH_CHECK(mask.stride(1) == 1 || mask.size(1) == 1 || mask.numel() == 0, op,
+              ": mask needs a contiguous class dimension");
   TORCH_CHECK(mask.device() == logits.device(), op, ": mask is on ", mask.device(), ", logits on ",
               logits.device());
   TORCH_CHECK(kind == 0 || kind == 1, op, ": kind must be 0 (zlpr) or 1 (dexml), got ", kind);

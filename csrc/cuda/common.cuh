@@ -1,6 +1,7 @@
 // Small CUDA building blocks shared by fastloss kernels: deterministic warp/block merges of any trivially
 // copyable state, and a vectorised walk over one row.
 #pragma once
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -184,6 +185,13 @@ inline int row_block_threads(int64_t C, int elem_bytes) {
   int t = 64;
   while (t < kMaxRowThreads && int64_t(t) * packs_per_thread < packs) t *= 2;
   return t;
+}
+
+// A 1-D grid of `blocks` for kernels without a grid-stride loop: refuse more than a launch takes (2^31 - 1)
+// instead of truncating to unsigned and leaving the rows past it unwritten.
+inline unsigned grid_1d(int64_t blocks) {
+  TORCH_CHECK(blocks <= int64_t(INT32_MAX), "fastloss: ", blocks, " blocks exceed one CUDA launch (2^31 - 1)");
+  return static_cast<unsigned>(blocks);
 }
 
 }  // namespace fastloss::cuda

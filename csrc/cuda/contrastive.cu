@@ -406,7 +406,7 @@ __global__ void nan_bad_rows_kernel(T* dq, const int64_t* positive, int64_t M, i
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+unsigned blocks_for(int64_t n, int threads) { return cuda::grid_1d((n + threads - 1) / threads); }
 constexpr int kThreads = 256;  // element-wise kernels
 
 struct CudaBackend {
@@ -485,7 +485,7 @@ struct CudaBackend {
   template <typename T, int K, bool kHcl, bool kFast>
   static void launch_fwd(const TileArgs<T>& a) {
     const int threads = cuda::row_block_threads(a.M, int(sizeof(T)));
-    row_fwd_kernel<T, K, kHcl, kFast><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+    row_fwd_kernel<T, K, kHcl, kFast><<<cuda::grid_1d(a.rows), threads, 0, stream()>>>(a);
   }
 
   // Kind and HCL as template parameters; the hardware exp for float tiles of fp16 / bf16 features.
@@ -570,12 +570,12 @@ struct CudaBackend {
   static void launch_bwd(const TileArgs<T>& a) {
     const int threads = cuda::row_block_threads(a.M, int(sizeof(T)));
     if (a.grad_kind == kGradInPlace) {
-      row_bwd_kernel<T, T, kFwd><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+      row_bwd_kernel<T, T, kFwd><<<cuda::grid_1d(a.rows), threads, 0, stream()>>>(a);
     } else if constexpr (std::is_same_v<T, float>) {
       if (a.grad_kind == kGradHalf)
-        row_bwd_kernel<float, c10::Half, kFwd><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+        row_bwd_kernel<float, c10::Half, kFwd><<<cuda::grid_1d(a.rows), threads, 0, stream()>>>(a);
       else
-        row_bwd_kernel<float, c10::BFloat16, kFwd><<<unsigned(a.rows), threads, 0, stream()>>>(a);
+        row_bwd_kernel<float, c10::BFloat16, kFwd><<<cuda::grid_1d(a.rows), threads, 0, stream()>>>(a);
     } else {
       TORCH_CHECK(false, "contrastive_bwd: fp16 / bf16 gradient tiles need fp32 accumulation");
     }
@@ -585,7 +585,7 @@ struct CudaBackend {
   static void finish_backward(const Inputs& in, at::Tensor& dq) {
     if (!in.positive.defined() || dq.size(0) == 0) return;  // no positives, or no dq wanted
     AT_DISPATCH_FLOATING_TYPES(dq.scalar_type(), "contrastive_bwd_nan_rows", [&] {
-      nan_bad_rows_kernel<scalar_t><<<unsigned(in.N), 128, 0, stream()>>>(
+      nan_bad_rows_kernel<scalar_t><<<cuda::grid_1d(in.N), 128, 0, stream()>>>(
           dq.data_ptr<scalar_t>(), in.positive.data_ptr<int64_t>(), in.M, in.d);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

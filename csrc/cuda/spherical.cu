@@ -26,7 +26,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 unsigned warp_blocks(int64_t items) {
-  return static_cast<unsigned>((items + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  return grid_1d((items + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
 template <typename T>
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> spherical_row_terms(const at::Tensor& mu, con
   auto in = prepare_spherical_terms(mu, m2, oc, dev, target, target_weight, kind, num_classes, ignore_index);
   const int64_t N = in.N;
   if (N == 0) return {in.loss, in.coef};
-  const auto blocks = static_cast<unsigned>((N + kRowThreads - 1) / kRowThreads);
+  const auto blocks = grid_1d((N + kRowThreads - 1) / kRowThreads);
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "spherical_row_terms", [&] {
     auto args = spherical_terms_args<scalar_t>(in, kind, a, b, eps, num_classes, ignore_index);
     spherical_terms_kernel<scalar_t><<<blocks, kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(args, N);

@@ -55,13 +55,20 @@ def combine_cross_entropy(
     return loss
 
 
+def mean_over(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count: NaN when count is 0, like torch's mean over no rows, with a zero gradient then (a plain
+    division would send 1/0 = inf back, and inf times a row's zero coefficient is NaN)."""
+    count = count.to(total.dtype)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
 def reduce_rows(loss: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
     """none / sum / mean over counted rows (NaN when none is counted, like torch)."""
     if reduction == "none":
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / counted.sum().to(loss.dtype)
+    return mean_over(loss.sum(), counted.sum())
 
 
 def _to_output(loss: torch.Tensor, logits: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -67,6 +67,14 @@ def check_class_vector(fn: str, name: str, v, logits) -> None:
         raise ValueError(f"{fn}: {name} is on {v.device} but logits are on {logits.device}")
 
 
+def check_no_grad(fn: str, name: str, v) -> None:
+    """A tensor option the kernels read but give no gradient (class weights as in torch, margins, target
+    weights): raise rather than let autograd return None or a partial gradient for it."""
+    if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: {name} does not take a gradient (as torch's class weights do not); pass "
+                           f"{name}.detach()")
+
+
 def check_reduction(fn: str, reduction) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -112,6 +120,7 @@ def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_in
     """All argument checks of cross_entropy; returns the options as plain floats (softcap None or > 0)."""
     check_logits_target(fn, logits, target)
     check_class_vector(fn, "weight", weight, logits)
+    check_no_grad(fn, "weight", weight)
     check_reduction(fn, reduction)
     check_ignore_index(fn, ignore_index)
     label_smoothing = check_finite(fn, "label_smoothing", label_smoothing, nonnegative=True)
@@ -125,6 +134,7 @@ def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_in
         softcap = check_finite(fn, "softcap", softcap, positive=True)
     if isinstance(target_margin, torch.Tensor):
         check_class_vector(fn, "target_margin", target_margin, logits)
+        check_no_grad(fn, "target_margin", target_margin)
     else:
         target_margin = check_finite(fn, "target_margin", target_margin)
     return label_smoothing, lse_square_scale, logit_scale, softcap, target_margin
@@ -153,6 +163,7 @@ def check_spherical_args(fn, logits, target, target_weight, *, ignore_index, red
             raise TypeError(f"{fn}: target_weight must be a floating tensor, got {target_weight.dtype}")
         if target_weight.device != logits.device:
             raise ValueError(f"{fn}: target_weight is on {target_weight.device} but logits are on {logits.device}")
+        check_no_grad(fn, "target_weight", target_weight)
     check_reduction(fn, reduction)
     check_ignore_index(fn, ignore_index)
     return multi

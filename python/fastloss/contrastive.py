@@ -27,6 +27,7 @@ import torch
 
 from . import _ops
 from . import _validation as V
+from ._reduce import mean_over
 
 SOFTMAX, SIGMOID, SUPCON = 0, 1, 2
 _LOSSES = {"softmax": SOFTMAX, "sigmoid": SIGMOID}
@@ -168,7 +169,7 @@ def _reduce(parts: Parts, reduction: str, query: torch.Tensor) -> torch.Tensor:
         if reduction == "sum":
             out = total
         elif parts.counted is not None:  # SupCon: anchors without positives are left out of the mean
-            out = total / parts.counted.sum().to(total.dtype)
+            out = mean_over(total, parts.counted.sum())
         else:
             out = total / rows.shape[0]
     return out.to(query.dtype)

@@ -11,7 +11,8 @@ from .spherical import spherical_mse_loss, spherical_softmax_loss, zloss  # noqa
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor):
-    """(N, C) view of the logits with class stride 1 (copies only when the class dim is strided)."""
+    """(N, C) rows of the logits with class stride 1: a view (any row stride) unless the class dim is strided or
+    the leading dims do not merge (e.g. logits[:, :-1] of a (B, T, C) tensor), which copy."""
     C = logits.shape[-1]
     x = logits.reshape(-1, C)
     if x.stride(-1) != 1 and C > 1:

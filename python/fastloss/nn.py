@@ -66,12 +66,13 @@ class LinearSphericalLoss(torch.nn.Module):
 
     def __init__(self, loss: str = "zloss", *, a: float = 1.0, b: float = 0.0, eps: float = DEFAULT_EPS,
                  ignore_index: int = -100, reduction: str = "mean", process_group=None, allow_tf32: bool = False,
-                 bf16_split: bool | None = None, centred_gram: bool | None = None):
+                 bf16_split: bool | None = None, centred_gram: bool | None = None,
+                 weight_grad_precision: str = "fp32"):
         super().__init__()
         self.loss, self.a, self.b, self.eps = loss, a, b, eps
         self.ignore_index, self.reduction = ignore_index, reduction
         self.process_group, self.allow_tf32, self.bf16_split = process_group, allow_tf32, bf16_split
-        self.centred_gram = centred_gram
+        self.centred_gram, self.weight_grad_precision = centred_gram, weight_grad_precision
 
     def forward(self, hidden, weight, target, bias=None, target_weight=None):
         from .linear_spherical import linear_spherical_loss
@@ -80,7 +81,8 @@ class LinearSphericalLoss(torch.nn.Module):
                                      eps=self.eps, target_weight=target_weight, ignore_index=self.ignore_index,
                                      reduction=self.reduction, process_group=self.process_group,
                                      allow_tf32=self.allow_tf32, bf16_split=self.bf16_split,
-                                     centred_gram=self.centred_gram)
+                                     centred_gram=self.centred_gram,
+                                     weight_grad_precision=self.weight_grad_precision)
 
 
 # --- contrastive family: drop-ins for open_clip's single-device ClipLoss / SigLipLoss call signatures.

@@ -129,12 +129,16 @@ def spherical_loss(kind, logits, target, target_weight=None, *, a=1.0, b=0.0, ep
         rows = (x - y).square().sum(-1)
     else:
         if kind == 0:
-            mu = x.mean(-1, keepdim=True)
-            var = (x - mu).square().mean(-1, keepdim=True)
+            # about the row's first value, as the kernels do: a constant row is then exactly 0, not a
+            # mean's last bit away from it (a variance ~1e-34 would make its z-scores garbage)
+            x0 = x[..., :1]
+            xs, oc = x - x0, oc - x0
+            mu = xs.mean(-1, keepdim=True)
+            var = (xs - mu).square().mean(-1, keepdim=True)
             flat = var == 0
             sigma = torch.sqrt(torch.where(flat, torch.ones_like(var), var))
             u = a * (b - ((oc - mu) / sigma).masked_fill(flat, 0.0))
-            terms = (u.clamp(min=0) + torch.log1p(torch.exp(-u.abs()))) / a
+            terms = _softplus(u) / a
         elif kind == 1:
             terms = torch.log((x.square() + eps).sum(-1, keepdim=True)) - torch.log(oc.square() + eps)
         else:
@@ -402,7 +406,9 @@ from ._reduce import comp_sum_from_nll, weighted_row_output  # noqa: E402
 
 
 def _softplus(z):
-    return z.clamp(min=0) + torch.log1p(torch.exp(-z.abs()))
+    # log(1 + e^z) = -log σ(-z): exact at any z, and its derivative σ(z) is 1/2 at z = 0 (the form
+    # max(z, 0) + log1p(e^-|z|) has derivative 0 there under autograd)
+    return -torch.nn.functional.logsigmoid(-z)
 
 
 def _taylor(z, n):
