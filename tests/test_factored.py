@@ -115,3 +115,19 @@ def test_bad_inputs():
         layer(torch.randn(4), t)
     with pytest.raises(ValueError, match="loss must be one of"):
         fastloss.FactoredSphericalLinear(4, 10, loss="softmax")
+    with pytest.raises(RuntimeError, match="target_weight does not take a gradient"):
+        layer(h, t[:, None], target_weight=torch.ones(3, 1, requires_grad=True))
+
+
+def test_all_ignored_batch_leaves_the_weights():
+    """A batch with every target ignored: the mean loss is NaN (as torch's), the hidden gradient zero, and the
+    SGD step leaves the weights as they were (no NaN from 1/0 times a zero coefficient)."""
+    layer = fastloss.FactoredSphericalLinear(8, 20, dtype=torch.float64)
+    before = layer.weight.clone()
+    h = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    loss = layer(h, torch.full((5,), -100))
+    loss.backward()
+    layer.sgd_step(0.1)
+    assert torch.isnan(loss)
+    assert (h.grad == 0).all()
+    torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)

@@ -26,6 +26,7 @@ import torch
 from . import _ops
 from . import _validation as V
 from ._autograd import first_order
+from ._reduce import mean_over
 from .spherical import DEFAULT_EPS, KINDS
 
 
@@ -55,13 +56,14 @@ class _FactoredLoss(torch.autograd.Function):
         count = (valid | bad).any(-1).sum().to(rows.dtype)
         ctx.save_for_backward(h_a, hq, coef, w_t, mean, count, valid, target, hidden)  # hidden: for first_order
         ctx.stash, ctx.in_dtype, ctx.d = stash, hidden.dtype, hidden.shape[1]
-        return (rows.sum() / count).to(hidden.dtype)
+        return mean_over(rows.sum(), count).to(hidden.dtype)
 
     @staticmethod
     @first_order  # first-order only: differentiating the result raises (fastloss._autograd)
     def backward(ctx, grad):
         h_a, hq, coef, w_t, mean, count, valid, target, _ = ctx.saved_tensors
-        g = grad.to(torch.float64) / count
+        # a batch with nothing counted: zero coefficients (the loss is NaN), not inf * 0 into the weights
+        g = torch.where(count > 0, grad.to(torch.float64) / count.clamp(min=1), 0.0)
         A, B = coef[:, 0] * g, coef[:, 1] * g
         gam = torch.where(valid, coef[:, 3:] * g, torch.zeros_like(coef[:, 3:]))
         grad_h = 2 * A[:, None] * hq + B[:, None] * mean + (gam[:, :, None] * w_t).sum(1)
@@ -207,6 +209,7 @@ class FactoredSphericalLinear(torch.nn.Module):
         if target_weight is not None:
             if target_weight.shape != target.shape:
                 raise ValueError(f"{fn}: target_weight must have the shape of target {tuple(target.shape)}")
+            V.check_no_grad(fn, "target_weight", target_weight)
             tw = target_weight.reshape(t.shape).to(torch.float64)
         if not _ops.use_kernel("spherical_row_terms", hidden.device):
             raise RuntimeError(f"{fn}: needs the compiled extension (fastloss._C) on {hidden.device}")

@@ -327,8 +327,8 @@ class _LinearSpherical(torch.autograd.Function):
                 wv = weight.new_empty((weight.shape[0],), dtype=acc) if want_b else None  # W_c v, for ∇b
                 gw = torch.empty(weight.shape, dtype=acc, device=weight.device)
                 g2 = prod.operand(2 * G, coarse)  # split (or rounded) once for every chunk of W
-                if coarse:
-                    row = row - m @ g2[0].to(acc)
+                if coarse:  # mᵀM elementwise: a matmul could take TF32 (allow_tf32) and break the cancellation
+                    row = row - (m[:, None] * g2[0].to(acc)).sum(0)
                 # fp16 / bf16 weights: the rank-one terms join in the pass that rounds gw into the weight's dtype
                 # (spherical_weight_grad), instead of a broadcast copy and an outer-product pass over gw each
                 finish = weight.dtype != acc
