@@ -400,6 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o) {
   Inputs in = prepare_inputs(query, key, scale, bias, positive, labels_q, labels_k, o, Backend::kTileElems,
                              Backend::kMixedGemm, "contrastive_bwd");
+  Backend::check_positive(in);  // as in the forward: the op may be called directly, with any positives
   const auto acc = in.scale.scalar_type();
   const auto opts = in.scale.options();
   TORCH_CHECK(grad_row.numel() == in.N && row_stats.dim() == 2 && row_stats.size(0) == in.N &&

@@ -95,6 +95,21 @@ def test_ops_called_directly_stay_safe():
     with pytest.raises(RuntimeError, match="grad_parts has shape"):
         torch.ops.fastloss.cross_entropy_bwd(torch.ones(3, 3), x, t.clamp(0, 4), None, torch.ones(4, 3), 1.0, 0.0,
                                              -100, False)
+    # a meta tensor among CPU ones dispatches to the fake kernel: it must refuse, not return uninitialised memory
+    with pytest.raises(RuntimeError, match="every tensor must be on one device"):
+        torch.ops.fastloss.cross_entropy_fwd(x, t.clamp(0, 4).to("meta"), None, None, 0.0, 1.0, 0.0, -100, False)
+    with pytest.raises(RuntimeError, match="every tensor must be on one device"):
+        torch.ops.fastloss.cross_entropy_bwd(torch.ones(4, 3, device="meta"), x, t.clamp(0, 4), None,
+                                             torch.ones(4, 3), 1.0, 0.0, -100, False)
+    # the contrastive backward checks its positives as the forward does (a huge one read out of bounds)
+    q, k, s = torch.randn(4, 3), torch.randn(6, 3), torch.ones(4)
+    _, _, rs, cs = torch.ops.fastloss.contrastive_fwd(q, k, s, None, torch.arange(4), None, None, 0, False, False,
+                                                      False, 0.0, 0.0, 0)
+    for bad in (1000, -1, 2**40):
+        p = torch.tensor([0, bad, 1, 2])
+        with pytest.raises(IndexError, match="out of bounds"):
+            torch.ops.fastloss.contrastive_bwd(torch.ones(4), torch.ones(0), q, k, s, None, p, None, None, rs, cs,
+                                               0, False, False, False, 0.0, 0.0, 0, True, True)
 
 
 @pytest.mark.cuda

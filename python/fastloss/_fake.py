@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _ops
@@ -11,27 +13,41 @@ def _acc(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _fake(op: str):
+    """register_fake for fastloss::op, refusing tensors on different devices: a meta tensor among real ones
+    dispatches here, and outputs made on the real tensors' device would hold uninitialised memory."""
+    def register(fn):
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            devices = {str(a.device) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+            if len(devices) > 1:
+                raise RuntimeError(f"fastloss::{op}: every tensor must be on one device, got {sorted(devices)}")
+            return fn(*args, **kwargs)
+        return torch.library.register_fake(f"fastloss::{op}")(checked)
+    return register
+
+
 if _ops.AVAILABLE:
 
-    @torch.library.register_fake("fastloss::cross_entropy_fwd")
+    @_fake("cross_entropy_fwd")
     def _(logits, target, weight, target_margin, margin_scalar, logit_scale, softcap, ignore_index, with_smoothing):
         n = logits.shape[0]
         return logits.new_empty((n, 3), dtype=_acc(logits)), logits.new_empty((n, 3), dtype=_acc(logits))
 
-    @torch.library.register_fake("fastloss::cross_entropy_bwd")
+    @_fake("cross_entropy_bwd")
     def _(grad_parts, logits, target, weight, stats, logit_scale, softcap, ignore_index, with_smoothing):
         return logits.new_empty(logits.shape)
 
-    @torch.library.register_fake("fastloss::spherical_fwd")
+    @_fake("spherical_fwd")
     def _(logits, target, target_weight, kind, a, b, eps, ignore_index):
         n = logits.shape[0]
         return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
 
-    @torch.library.register_fake("fastloss::spherical_bwd")
+    @_fake("spherical_bwd")
     def _(grad_loss, logits, target, target_weight, stats, kind, a, b, eps, ignore_index):
         return logits.new_empty(logits.shape)
 
-    @torch.library.register_fake("fastloss::spherical_row_terms")
+    @_fake("spherical_row_terms")
     def _(mu, m2, target_out, target_dev, target, target_weight, kind, a, b, eps, num_classes, ignore_index):
         n, k = target.shape
         return mu.new_empty((n,)), mu.new_empty((n, 3 + k))
@@ -39,28 +55,28 @@ if _ops.AVAILABLE:
     def _gram_acc(t):
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
-    @torch.library.register_fake("fastloss::spherical_gather_dot")
+    @_fake("spherical_gather_dot")
     def _(hidden, weight, bias, target, center, offset, ignore_index):
         return hidden.new_empty((*target.shape, 2), dtype=_gram_acc(hidden))
 
-    @torch.library.register_fake("fastloss::spherical_row_stats")
+    @_fake("spherical_row_stats")
     def _(hidden, hq, stat):
         return hq.new_empty((hidden.shape[0], 2))
 
-    @torch.library.register_fake("fastloss::spherical_split_bf16")
+    @_fake("spherical_split_bf16")
     def _(x, col_shift, row_scale):
         return x.new_empty(x.shape, dtype=torch.bfloat16), x.new_empty(x.shape, dtype=torch.bfloat16)
 
-    @torch.library.register_fake("fastloss::spherical_weight_grad")
+    @_fake("spherical_weight_grad")
     def _(gw, row, bias, v, dtype):
         return gw.new_empty(gw.shape, dtype=dtype)
 
-    @torch.library.register_fake("fastloss::spherical_grad_hidden")
+    @_fake("spherical_grad_hidden")
     def _(hq, ab, gamma, weight, target, stat, offset, ignore_index, with_dense):
         return hq.new_empty(hq.shape)
 
     # --- contrastive family
-    @torch.library.register_fake("fastloss::contrastive_fwd")
+    @_fake("contrastive_fwd")
     def _(query, key, scale, bias, positive, labels_q, labels_k, kind, symmetric, exclude_self, decoupled, beta,
           label_smoothing, block_rows):
         n, m, acc = query.shape[0], key.shape[0] if symmetric else 0, _acc(query)
@@ -70,7 +86,7 @@ if _ops.AVAILABLE:
     def _wanted(x, want):  # a gradient the caller does not want comes back as (0, d)
         return x.shape if want else (0, x.shape[1])
 
-    @torch.library.register_fake("fastloss::contrastive_fwd_grad")
+    @_fake("contrastive_fwd_grad")
     def _(query, key, scale, bias, positive, labels_q, labels_k, kind, exclude_self, decoupled, beta,
           label_smoothing, block_rows, query_grad=True, key_grad=True):
         n, acc = query.shape[0], _acc(query)
@@ -79,7 +95,7 @@ if _ops.AVAILABLE:
         return (query.new_empty((), dtype=acc), query.new_empty((n,), dtype=acc), query.new_empty((n, 7), dtype=acc),
                 dq, dk, query.new_empty((n,), dtype=acc), query.new_empty((), dtype=acc))
 
-    @torch.library.register_fake("fastloss::contrastive_bwd")
+    @_fake("contrastive_bwd")
     def _(grad_row, grad_col, query, key, scale, bias, positive, labels_q, labels_k, row_stats, col_stats, kind,
           symmetric, exclude_self, decoupled, beta, label_smoothing, block_rows, query_grad=True, key_grad=True):
         acc = _acc(query)
@@ -87,38 +103,38 @@ if _ops.AVAILABLE:
                 query.new_empty((query.shape[0],), dtype=acc), query.new_empty((), dtype=acc))
 
     # sparsemax family
-    @torch.library.register_fake("fastloss::sparsemax_fwd")
+    @_fake("sparsemax_fwd")
     def _(logits, entmax15):
         return logits.new_empty(logits.shape)
 
-    @torch.library.register_fake("fastloss::sparsemax_bwd")
+    @_fake("sparsemax_bwd")
     def _(grad, probs, entmax15):
         return probs.new_empty(probs.shape)
 
-    @torch.library.register_fake("fastloss::sparsemax_loss_fwd")
+    @_fake("sparsemax_loss_fwd")
     def _(logits, target, ignore_index, entmax15):
         n = logits.shape[0]
         return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
 
-    @torch.library.register_fake("fastloss::sparsemax_loss_bwd")
+    @_fake("sparsemax_loss_bwd")
     def _(grad_loss, logits, target, stats, ignore_index, entmax15):
         return logits.new_empty(logits.shape)
 
     # stable-softmax family
-    @torch.library.register_fake("fastloss::additive_row_fwd")
+    @_fake("additive_row_fwd")
     def _(logits, target, kind, order, scale, margin, ignore_index):
         n = logits.shape[0]
         return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 2), dtype=_acc(logits))
 
-    @torch.library.register_fake("fastloss::additive_row_bwd")
+    @_fake("additive_row_bwd")
     def _(grad_loss, logits, target, stats, kind, order, scale, margin, ignore_index):
         return logits.new_empty(logits.shape)
 
-    @torch.library.register_fake("fastloss::multilabel_row_fwd")
+    @_fake("multilabel_row_fwd")
     def _(logits, mask, kind, scale, margin):
         n = logits.shape[0]
         return logits.new_empty((n,), dtype=_acc(logits)), logits.new_empty((n, 4), dtype=_acc(logits))
 
-    @torch.library.register_fake("fastloss::multilabel_row_bwd")
+    @_fake("multilabel_row_bwd")
     def _(grad_loss, logits, mask, stats, kind, scale, margin):
         return logits.new_empty(logits.shape)
