@@ -169,3 +169,22 @@ def test_options_without_a_gradient_refuse_requires_grad(call, name):
     with torch.no_grad():
         assert torch.isfinite(call(x, t, v))
     assert torch.isfinite(call(x, t, v.detach()))
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda x, t: fastloss.cross_entropy(x, t, softcap=1e39), "softcap must be within float32 range"),
+    (lambda x, t: fastloss.zloss(x, t, a=1e39), "a must be within float32 range"),
+    (lambda x, t: fastloss.spherical_softmax_loss(x, t, eps=1e39), "eps must be within float32 range"),
+    (lambda x, t: fastloss.softplus_cross_entropy(x, t, scale=-1e39), "scale must be within float32 range"),
+    (lambda x, t: fastloss.contrastive_loss(x, x, logit_scale=1e39), "logit_scale must be within float32 range"),
+    (lambda x, t: fastloss.contrastive_loss(x, x, logit_scale=1.0, hard_negative_beta=1e39),
+     "hard_negative_beta must be within float32 range"),
+    (lambda x, t: fastloss.zloss(x[0, 0], t[0]), r"logits must have shape \(N, C\)"),
+    (lambda x, t: fastloss.zloss(x, t[:, None][:, :0]), "needs K >= 1"),
+    (lambda x, t: fastloss.nt_xent_loss(x, x, temperature=torch.ones(3)), "temperature must be a number or a scalar"),
+], ids=["softcap", "zloss_a", "eps", "scale", "contrastive_scale", "beta", "zloss_0d", "zloss_K0", "nt_xent_t"])
+def test_options_name_themselves(call, msg):
+    """Finite options beyond float32 range (the kernels hold options in fp32: they gave inf / NaN rows) and odd
+    shapes raise a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=msg):
+        call(*_good())

@@ -90,6 +90,8 @@ def check_finite(fn: str, name: str, value, *, positive: bool = False, nonnegati
         raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}") from None
     if not -math.inf < v < math.inf:  # not math.isfinite: torch.compile(dynamic=True) traces v as a SymFloat
         raise ValueError(f"{fn}: {name} must be finite, got {v}")
+    if not -_F32_MAX <= v <= _F32_MAX:  # the kernels hold their options in fp32 (inf / NaN rows otherwise)
+        raise ValueError(f"{fn}: {name} must be within float32 range, got {v}")
     if positive and v <= 0:
         raise ValueError(f"{fn}: {name} must be > 0, got {v}")
     if nonnegative and v < 0:
@@ -128,8 +130,6 @@ def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_in
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     lse_square_scale = check_finite(fn, "lse_square_scale", lse_square_scale, nonnegative=True)
     logit_scale = check_finite(fn, "logit_scale", logit_scale)
-    if not -_F32_MAX <= logit_scale <= _F32_MAX:  # the kernels hold it in fp32 (fp64 rows aside)
-        raise ValueError(f"{fn}: logit_scale must be within float32 range, got {logit_scale}")
     if softcap is not None:
         softcap = check_finite(fn, "softcap", softcap, positive=True)
     if isinstance(target_margin, torch.Tensor):
@@ -143,11 +143,12 @@ def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_in
 def check_spherical_args(fn, logits, target, target_weight, *, ignore_index, reduction) -> bool:
     """Checks of the spherical family on logits. target is (...) class ids, or (..., K) for K targets per row
     (padded with ignore_index) with optional target_weight of the same shape. Returns True for (..., K)."""
-    if isinstance(target, torch.Tensor) and isinstance(logits, torch.Tensor) and target.dim() == logits.dim():
+    if (isinstance(target, torch.Tensor) and isinstance(logits, torch.Tensor) and target.dim() == logits.dim()
+            and logits.dim() >= 1):
         multi = True
-        check_logits_target(fn, logits, target[..., 0])
         if target.shape[-1] < 1:
             raise ValueError(f"{fn}: target (..., K) needs K >= 1, got shape {tuple(target.shape)}")
+        check_logits_target(fn, logits, target[..., 0])
     else:
         multi = False
         check_logits_target(fn, logits, target)

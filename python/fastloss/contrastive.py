@@ -333,5 +333,8 @@ def supcon_loss(features, labels, *, temperature, base_temperature=None, reducti
 
 def _inverse(fn, temperature):
     if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or temperature.dim() > 1:
+            raise ValueError(f"{fn}: temperature must be a number or a scalar tensor, got shape "
+                             f"{tuple(temperature.shape)}")
         return 1.0 / temperature
     return 1.0 / V.check_finite(fn, "temperature", temperature, positive=True)
