@@ -188,3 +188,21 @@ def test_options_name_themselves(call, msg):
     shapes raise a ValueError naming the argument."""
     with pytest.raises(ValueError, match=msg):
         call(*_good())
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda x, t, v: fastloss.cross_entropy(x, t, return_lse=v), "return_lse"),
+    (lambda x, t, v: fastloss.contrastive_loss(x, x, logit_scale=1.0, decoupled=v), "decoupled"),
+    (lambda x, t, v: fastloss.contrastive_loss(x, x, logit_scale=1.0, symmetric=v), "symmetric"),
+    (lambda x, t, v: fastloss.contrastive_loss(x, x, logit_scale=1.0, return_stats=v), "return_stats"),
+    (lambda x, t, v: fastloss.linear_spherical_loss(x, torch.randn(5, 5), t, allow_tf32=v), "allow_tf32"),
+], ids=["return_lse", "decoupled", "symmetric", "return_stats", "allow_tf32"])
+def test_flags_take_bools_only(call, name):
+    """A flag given a string ("no") or None is refused by name instead of being read as its truth value; real
+    bools (also numpy's and 0-d torch bools) run."""
+    x, t = _good()
+    for bad in ("no", None, 1):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            call(x, t, bad)
+    for ok in (False, torch.tensor(False)):
+        call(x, t, ok)

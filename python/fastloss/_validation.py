@@ -75,6 +75,14 @@ def check_no_grad(fn: str, name: str, v) -> None:
                            f"{name}.detach()")
 
 
+def check_bool(fn: str, name: str, value) -> bool:
+    """A flag: True / False (numpy and torch bools included), not any truthy object ("no" would read True)."""
+    if isinstance(value, bool) or (hasattr(value, "dtype") and getattr(value, "shape", None) == () and
+                                   str(value.dtype) in ("bool", "torch.bool")):
+        return bool(value)
+    raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+
+
 def check_reduction(fn: str, reduction) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")

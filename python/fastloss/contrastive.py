@@ -191,6 +191,8 @@ def run(fn: str, parts_fn, query, key, *, positive=None, labels=None, logit_scal
         raise ValueError(f"{fn}: key is on {key.device} but query is on {query.device}")
     N, M = query.shape[0], key.shape[0]
     V.check_reduction(fn, reduction)
+    symmetric, decoupled = V.check_bool(fn, "symmetric", symmetric), V.check_bool(fn, "decoupled", decoupled)
+    return_stats = V.check_bool(fn, "return_stats", return_stats)
     if loss not in _LOSSES:
         raise ValueError(f"{fn}: loss must be 'softmax' or 'sigmoid', got {loss!r}")
     kind = SUPCON if supcon else _LOSSES[loss]

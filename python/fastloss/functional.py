@@ -64,6 +64,7 @@ def cross_entropy(
         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, logit_scale=logit_scale,
         softcap=softcap, target_margin=target_margin,
     )
+    return_lse = V.check_bool(fn, "return_lse", return_lse)
 
     if not _ops.use_kernel("cross_entropy_fwd", logits.device):
         return reference.cross_entropy(

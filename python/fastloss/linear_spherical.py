@@ -441,6 +441,7 @@ def linear_spherical_loss(
                                      reduction)
     a, b = V.check_zloss_args(fn, a, b)
     eps = V.check_finite(fn, "eps", eps, nonnegative=True)
+    allow_tf32 = V.check_bool(fn, "allow_tf32", allow_tf32)
     split = _use_split(fn, bf16_split, hidden)
     if centred_gram is not None and not isinstance(centred_gram, bool):
         raise TypeError(f"{fn}: centred_gram must be None, True or False, got {centred_gram!r}")
