@@ -10,9 +10,9 @@
 #          .whl/, filled by scripts/fetch_gpu_wheels.sh on a machine with network; the build is skipped when
 #          .prebuilt/ holds a wheel of these sources from scripts/prebuild_gpu.sh: carry [".whl", ".prebuilt"])
 #   a second call after a cut-short first one: GPU_SKIP="<the steps summary.txt lists as done>" (e.g.
-#          "pytest_cuda pytest_fused bandwidth bandwidth_general bandwidth_noprefetch bench_spherical"; the three
-#          bandwidth steps append to one CSV: skip all three or none), and FUSED_OK=1 if the first call's
-#          pytest_fused passed: bash scripts/gpu_check.sh
+#          "pytest_cuda pytest_fused bandwidth bandwidth_unstaged bandwidth_noprefetch bandwidth_general
+#          bench_spherical"; the four bandwidth steps append to one CSV: skip all four or none), and FUSED_OK=1
+#          if the first call's pytest_fused passed: bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/fastloss_gpu}
 mkdir -p "$OUT"
@@ -78,12 +78,15 @@ step pytest_fused "$OUT/pytest_cuda.log" 180 $PY -m pytest "$REPO/tests" -m cuda
   -p no:cacheprovider -rfE && FUSED=1
 step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
   ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}
-# bf16 again with the CE forward's light loop off, then with no L2 prefetch (CE light loop, zloss forward), in
-# the same CSV (columns ce_light, row_prefetch): what each gains
-FASTLOSS_CE_LIGHT=0 step bandwidth_general "$LOGS/bandwidth.log" 120 $PY "$REPO/bench/bench_bandwidth.py" \
+# bf16 again in the same CSV (columns row_staged, row_prefetch, ce_light; each row checks its forward against
+# torch): without the staged forwards (the light loop and Z-loss loop with their L2 prefetch), then without the
+# prefetch too, then the CE forward's general loop: what each step gains
+FASTLOSS_ROW_STAGED=0 step bandwidth_unstaged "$LOGS/bandwidth.log" 120 $PY "$REPO/bench/bench_bandwidth.py" \
   --dtypes bfloat16 --out "$OUT/bandwidth.csv"
-FASTLOSS_ROW_PREFETCH=0 step bandwidth_noprefetch "$LOGS/bandwidth.log" 120 $PY "$REPO/bench/bench_bandwidth.py" \
-  --dtypes bfloat16 --out "$OUT/bandwidth.csv"
+FASTLOSS_ROW_STAGED=0 FASTLOSS_ROW_PREFETCH=0 step bandwidth_noprefetch "$LOGS/bandwidth.log" 120 $PY \
+  "$REPO/bench/bench_bandwidth.py" --dtypes bfloat16 --out "$OUT/bandwidth.csv"
+FASTLOSS_ROW_STAGED=0 FASTLOSS_CE_LIGHT=0 step bandwidth_general "$LOGS/bandwidth.log" 120 $PY \
+  "$REPO/bench/bench_bandwidth.py" --dtypes bfloat16 --out "$OUT/bandwidth.csv"
 # Gram form at the issue's GPU shape (N=32768, d=2048, V=131072, bf16) against torch, Liger and CCE; the table
 # lands in bench_quick.log (the $OUT file budget is spent), the CSV in $LOGS.
 step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical.py" --device cuda \

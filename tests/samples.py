@@ -107,3 +107,27 @@ def check_compile_fullgraph(loss, device):
     torch.testing.assert_close(out, eager)
     for g, ge in zip([p.grad for p in model.parameters()], g_eager, strict=True):
         torch.testing.assert_close(g, ge)
+
+
+def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, logits, target) of 16-byte-aligned 2-byte rows, enough of them that every block of the CUDA staged
+    forwards' persistent grid streams several rows through its shared-memory ring (csrc/cuda/common.cuh,
+    stream_rows_staged): one partial group per row, a 5-element tail past the last whole pack, three groups per
+    thread with the last partial, and rows starting 16 bytes into a wider row. A tenth of the targets are
+    ignored (-100); the first and last class are targets of rows 0 and 1."""
+    gen = torch.Generator().manual_seed(21)
+    out = []
+    for name, (N, width, lo, hi) in {
+        "one_group_per_row": (6000, 264, 0, 264),
+        "tail": (2000, 2056, 0, 2053),
+        "partial_last_group": (1200, 9000, 0, 9000),
+        "aligned_slice": (500, 4104, 8, 4104),
+    }.items():
+        # scale 2: the squared error of a 9000-class row stays within fp16's range
+        full = (torch.randn(N, width, generator=gen, dtype=torch.float64) * 2).to(dtype).to(device)
+        C = hi - lo
+        t = torch.randint(0, C, (N,), generator=gen)
+        t[torch.rand(N, generator=gen) < 0.1] = -100
+        t[0], t[1] = 0, C - 1
+        out.append((name, full[:, lo:hi], t.to(device)))
+    return out

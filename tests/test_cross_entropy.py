@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastloss
 from fastloss import reference
-from samples import LOW_PRECISION, TOL, grad_like, loss_and_grad, row_samples
+from samples import LOW_PRECISION, TOL, grad_like, loss_and_grad, row_samples, streamed_rows
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -178,6 +178,31 @@ def test_low_precision_rows_masked_with_finfo_min(device, dtype, opts):
         x, t = x.to(device=device, dtype=dtype), t.to(device)
         loss, g = _check_low_precision_vs_float64(x, t, opts, torch.arange(t.numel(), device=device))
         assert torch.isfinite(loss).all() and not g.isnan().any()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("opts", [{}, {"logit_scale": 0.37, "weight": "rand"}, {"label_smoothing": 0.1}],
+                         ids=lambda o: "-".join(o) or "plain")
+def test_cuda_many_rows_per_block(dtype, opts):
+    """Thousands of aligned rows: the plain call and a positive scale with class weights take the staged forward
+    (a persistent grid, several rows per block through its ring), smoothing the general loop. Loss and gradient
+    against float64 of the same values; a bad target in row 7 gives NaN in that row only."""
+    for name, x, t in streamed_rows("cuda", dtype):
+        kw = _materialise(opts, x.shape[-1], "cuda", torch.float32)
+        good = t.clone()
+        t = t.clone()
+        t[7] = x.shape[-1]  # out of range: NaN row, no host sync
+        rows = torch.arange(t.numel(), device="cuda") != 7
+        xi = x.clone().requires_grad_()
+        loss = fastloss.cross_entropy(xi, t, reduction="none", **kw)
+        (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
+        assert loss[7].isnan() and g[7].isnan().all(), name
+        assert not loss[rows].isnan().any() and not g[rows].isnan().any(), name
+        good_loss, good_g = _check_low_precision_vs_float64(x, good, kw, rows)
+        torch.testing.assert_close(loss[rows], good_loss[rows], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(g[rows], good_g[rows], rtol=0, atol=0, msg=name)
 
 
 EXTRAS = [

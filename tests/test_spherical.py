@@ -6,7 +6,7 @@ import torch
 
 import fastloss
 from fastloss import reference
-from samples import TOL, grad_like, row_samples
+from samples import TOL, grad_like, row_samples, streamed_rows
 
 LOSSES = {
     "zloss": (fastloss.zloss, reference.zloss, {"a": 1.7, "b": 0.3}),
@@ -69,6 +69,37 @@ def test_low_precision(device, name, dtype):
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(loss.double(), ref_loss, rtol=4 * eps, atol=4 * eps)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=4 * eps, atol=4 * eps * ref_grad.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [0, 2])
+def test_cuda_many_rows_per_block(name, dtype, K):
+    """Thousands of aligned 2-byte rows through the staged forward (a persistent grid, several rows per block,
+    each row's shift loaded a row ahead, targets checked at the row's end), one or two weighted targets per row:
+    loss and gradient against float64 of the same values; a bad target in row 7 gives NaN in that row only."""
+    fn, ref, kw = LOSSES[name]
+    gen = torch.Generator().manual_seed(8)
+    for case, x, t in streamed_rows("cuda", dtype):
+        C = x.shape[-1]
+        w = None
+        if K:
+            t = _multi_targets(t, C, K, gen)
+            w = (torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.2).to(device="cuda", dtype=dtype)
+        rows = torch.arange(x.shape[0], device="cuda") != 7
+        loss, grad = _loss_grad(fn, x, t, target_weight=w, reduction="none", **kw)
+        ref_loss, ref_grad = _loss_grad(ref, x.double(), t, target_weight=w, reduction="none", **kw)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=4 * eps, atol=4 * eps, msg=case)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=4 * eps, atol=4 * eps * ref_grad.abs().max().item(),
+                                   msg=case)
+        bad = t.clone()
+        bad[7] = C  # out of range (the first target of a multi-target row)
+        loss, grad = _loss_grad(fn, x, bad, target_weight=w, reduction="none", **kw)
+        assert loss[7].isnan() and grad[7].isnan().all(), case
+        assert not loss[rows].isnan().any() and not grad[rows].isnan().any(), case
 
 
 def test_closed_forms(device):

@@ -111,6 +111,121 @@ __device__ __forceinline__ void for_each_pack_group(const T* row, int64_t C, con
   for (int64_t k = head + n_vec * V + tid; k < C; k += nt) element(k, row[k]);
 }
 
+// cp.async (sm_80+): a 16-byte copy global -> shared (a shared-space address) that holds no register while in
+// flight, cached in L2 only. Older GPUs never launch a staged kernel (staged_row_launch); their build copies
+// synchronously.
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(__cvta_shared_to_generic(smem)) = *static_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Streams the rows blockIdx.x, blockIdx.x + gridDim.x, ... < N of a row-major (N, C) matrix (a persistent grid)
+// through a per-thread ring of S slots in shared memory, each slot one group of U 16-byte packs filled by
+// cp.async. While a thread works on one group, its next S - 1 groups are in flight, those of the block's next row
+// included, and they hold no registers: the walk never waits on DRAM at a row's start or between groups, which
+// the register loads of for_each_pack_group do (they cover one group only).
+// Needs every row 16-byte aligned and at least one whole pack long: x, and row_stride * sizeof(T) unless N == 1
+// (staged_row_launch checks). Callbacks, in order for each row: row_begin(row); group(p, n, k0, step) for each
+// group of packs (as in for_each_pack_group: p[u] starts at element k0 + u * step; only the row's last group
+// may have n < U, its p[u] for u >= n past the row and holding pad); element(k, x_k) for the C % V elements past
+// the last whole pack; row_end(row), which may __syncthreads (every thread of the block walks the same rows and
+// groups). `ring` holds S * U * blockDim.x packs. Each thread reads back only the slots it filled itself, so the
+// ring needs no barrier.
+template <typename T, int U, int S, typename B, typename G, typename E, typename R>
+__device__ __forceinline__ void stream_rows_staged(const T* __restrict__ x, int64_t row_stride, int64_t N, int64_t C,
+                                                   Pack<T>* ring, const Pack<T>& pad, B&& row_begin, G&& group,
+                                                   E&& element, R&& row_end) {
+  static_assert(S >= 2, "a ring of one slot has nothing in flight");
+  constexpr int V = Pack<T>::N;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t n_vec = C / V;  // whole packs per row, >= 1
+  const int64_t per_group = int64_t(U) * nt;
+  const int64_t groups = (n_vec + per_group - 1) / per_group;  // per row, the same for every thread; >= 1
+  // this thread's pack u of slot s: mine[(s * U + u) * nt], at shared address mine_s + that * 16
+  const Pack<T>* mine = ring + tid;
+  const uint32_t mine_s = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
+  const uint32_t pack_stride_s = uint32_t(nt) * 16u;
+  // The producer: the next group to stage is group pg of row prow, this thread's first pack of it at src. One
+  // commit per call, empty past the last row, so that the consumer's wait always leaves S - 2 newer groups.
+  int64_t prow = blockIdx.x, pg = 0;
+  const Pack<T>* src = reinterpret_cast<const Pack<T>*>(x + prow * row_stride) + tid;
+  auto stage = [&](int slot) {
+    if (prow < N) {
+      const uint32_t dst = mine_s + uint32_t(slot * U) * pack_stride_s;
+      if (pg + 1 < groups) {  // a whole group
+#pragma unroll
+        for (int u = 0; u < U; ++u) cp_async16(dst + u * pack_stride_s, src + u * nt);
+      } else {  // the row's last group: the packs still in the row
+        const int64_t left = n_vec - (pg * per_group + tid);
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (int64_t(u) * nt < left) cp_async16(dst + u * pack_stride_s, src + u * nt);
+      }
+      src += per_group;
+      if (++pg == groups) {
+        pg = 0;
+        prow += gridDim.x;
+        src = reinterpret_cast<const Pack<T>*>(x + prow * row_stride) + tid;  // never dereferenced past N
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) stage(s);
+  int slot = 0;
+  // Waits for the next group (this thread's own copies), reads it and refills the slot read one step before
+  // (whose values already went through registers into that step's arithmetic).
+  auto next_group = [&](Pack<T>(&p)[U]) {
+    cp_async_wait<S - 2>();
+#pragma unroll
+    for (int u = 0; u < U; ++u) p[u] = mine[(slot * U + u) * nt];
+    stage(slot == 0 ? S - 1 : slot - 1);
+    slot = slot + 1 == S ? 0 : slot + 1;
+  };
+  const int64_t step = int64_t(nt) * V;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    row_begin(row);
+    int64_t k0 = int64_t(tid) * V;
+    for (int64_t g = 0; g + 1 < groups; ++g, k0 += int64_t(U) * step) {
+      Pack<T> p[U];
+      next_group(p);
+      group(p, U, k0, step);
+    }
+    {
+      Pack<T> p[U];
+      next_group(p);
+      const int64_t left = n_vec - k0 / V;
+      int n = 0;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const bool in = int64_t(u) * nt < left;
+        n += in;
+        if (!in) p[u] = pad;
+      }
+      group(p, n, k0, step);
+    }
+    const T* x_row = x + row * row_stride;
+    for (int64_t k = n_vec * V + tid; k < C; k += nt) element(k, x_row[k]);
+    row_end(row);
+  }
+  cp_async_wait<0>();
+}
+
 // Visits a row: element(k, x_k) for the unaligned head and the tail, pack(k0, Pack) for each 16-byte-aligned
 // pack of the body, each thread a strided share with U packs in flight.
 template <typename T, int U = 4, int kAhead = 0, typename E, typename P>

@@ -38,4 +38,52 @@ inline Launch row_launch(const at::Tensor& x) {
 // Elements between rows (a single row may have any stride(0)).
 inline int64_t row_stride_of(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
 
+// Whether the streaming row forwards take their staged kernels (FASTLOSS_ROW_STAGED=0 turns them off).
+inline bool row_staged() {
+  static const bool on = env_flag("FASTLOSS_ROW_STAGED");
+  return on;
+}
+
+// A persistent grid for a kernel built on stream_rows_staged: as many blocks as the device holds at once with
+// `ring_bytes_per_thread` of dynamic shared memory per thread, at most one per row. ok == false (the caller takes
+// its unstaged kernel) when a row is not 16-byte aligned or shorter than one pack, the GPU predates cp.async
+// (sm_80), the ring does not fit, or FASTLOSS_ROW_STAGED=0.
+struct StagedLaunch {
+  bool ok = false;
+  Launch launch{};
+  size_t smem = 0;
+};
+template <typename Kernel>
+StagedLaunch staged_row_launch(Kernel* kernel, const at::Tensor& x, int ring_bytes_per_thread) {
+  StagedLaunch s;
+  const int64_t N = x.size(0), C = x.size(1), elem = x.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (C == 1 || x.stride(1) == 1) &&
+                       (N == 1 || (row_stride_of(x) * elem) % 16 == 0);
+  if (!row_staged() || !aligned || C * elem < 16 || N < 1) return s;
+  const int device = x.get_device();
+  int major = 0, smem_optin = 0, sms = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the error: the unstaged kernel runs instead
+    return s;
+  }
+  if (major < 8) return s;
+  const Launch base = row_launch(x);
+  const int threads = static_cast<int>(base.block.x);
+  s.smem = size_t(threads) * size_t(ring_bytes_per_thread);
+  if (s.smem > size_t(smem_optin)) return s;
+  int per_sm = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(s.smem)) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, s.smem) != cudaSuccess || per_sm < 1) {
+    (void)cudaGetLastError();
+    return s;
+  }
+  const int64_t blocks = std::min<int64_t>(N, int64_t(per_sm) * sms);
+  s.launch = {dim3(static_cast<unsigned>(blocks)), base.block, base.stream};
+  s.ok = true;
+  return s;
+}
+
 }  // namespace fastloss::cuda

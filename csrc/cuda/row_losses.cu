@@ -143,6 +143,37 @@ __device__ __forceinline__ Pack<T> neg_inf_pack() {
   return p;
 }
 
+template <typename acc_t>
+__device__ __forceinline__ void merge_ce_state(CeThreadState<acc_t>& a, const CeThreadState<acc_t>& b) {
+  a.st.merge(b.st);
+  a.sum_wz += b.sum_wz;
+}
+
+// Thread 0's end of a CE row: the loss parts, and the statistics the backward reads (z_y: the target logit the
+// loop saw; 0 on an ignored row).
+template <typename acc_t>
+__device__ __forceinline__ void ce_write_row(const CeOpts<acc_t>& o, int64_t C, int64_t row, int64_t y, acc_t z_y,
+                                             const CeThreadState<acc_t>& ts, acc_t* __restrict__ parts,
+                                             acc_t* __restrict__ stats) {
+  const bool ignored = y == o.ignore_index;
+  const acc_t w_y = ignored ? acc_t(1) : o.weight_of(y);
+  const CeParts<acc_t> p = ce_finalize<acc_t>(ts.st, z_y, w_y, ts.sum_wz, o.sum_weights(C), ignored, o.with_smoothing);
+  parts[3 * row] = p.nll;
+  parts[3 * row + 1] = p.smooth;
+  parts[3 * row + 2] = p.lse;
+  stats[3 * row] = ts.st.m;
+  stats[3 * row + 1] = ts.st.r;
+  stats[3 * row + 2] = z_y;
+}
+
+// A row with a bad target: NaN parts and statistics (its backward then gives NaN too).
+template <typename acc_t>
+__device__ __forceinline__ void ce_write_nan_row(int64_t row, acc_t* __restrict__ parts, acc_t* __restrict__ stats) {
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  parts[3 * row] = parts[3 * row + 1] = parts[3 * row + 2] = nan;
+  stats[3 * row] = stats[3 * row + 1] = stats[3 * row + 2] = nan;
+}
+
 template <typename scalar_t, bool kSoftcap>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     ce_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
@@ -155,11 +186,7 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const int64_t y = target[row];
     if (bad_target(y, C, o.ignore_index)) {
-      if (threadIdx.x == 0) {
-        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-        parts[3 * row] = parts[3 * row + 1] = parts[3 * row + 2] = nan;
-        stats[3 * row] = stats[3 * row + 1] = stats[3 * row + 2] = nan;
-      }
+      if (threadIdx.x == 0) ce_write_nan_row(row, parts, stats);
       continue;
     }
     const bool ignored = y == o.ignore_index;
@@ -217,29 +244,68 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
             for (int j = 0; j < V; ++j) ts.sum_wz += o.weight_of(k0 + j) * z[j];
           }
         });
-    ts = block_merge(ts, smem, [](CeThreadState<acc_t>& a, const CeThreadState<acc_t>& b) {
-      a.st.merge(b.st);
-      a.sum_wz += b.sum_wz;
-    });
+    ts = block_merge(ts, smem, [](auto& a, const auto& b) { merge_ce_state(a, b); });
     if (threadIdx.x == 0) {
-      const acc_t w_y = ignored ? acc_t(1) : o.weight_of(y);
       acc_t z_y = ignored ? acc_t(0) : s_zy;
       if constexpr (kFastExp<scalar_t> && !kSoftcap) {
         // the rounded product the light loop saw: no FFMA contraction into m - z_y, which must be exactly 0
         // when the target is the maximum
         if (light && !ignored) z_y = __fmul_rn(o.pm.scale, static_cast<acc_t>(x_row[y]));
       }
-      const CeParts<acc_t> p =
-          ce_finalize<acc_t>(ts.st, z_y, w_y, ts.sum_wz, o.sum_weights(C), ignored, o.with_smoothing);
-      parts[3 * row] = p.nll;
-      parts[3 * row + 1] = p.smooth;
-      parts[3 * row + 2] = p.lse;
-      stats[3 * row] = ts.st.m;
-      stats[3 * row + 1] = ts.st.r;
-      stats[3 * row + 2] = z_y;
+      ce_write_row(o, C, row, y, z_y, ts, parts, stats);
     }
     __syncthreads();  // s_zy is reused by the next row
   }
+}
+
+// Slots of the staged forwards' shared-memory ring (stream_rows_staged): two groups in flight while one is
+// worked on, across rows. Per thread: kRowStages * 4 packs * 16 bytes = 192 bytes, 96 KiB for a 512-thread block.
+constexpr int kRowStages = 3;
+constexpr int kRowGroupPacks = 4;
+constexpr int kStagedRingBytes = kRowStages * kRowGroupPacks * 16;
+static_assert(kRowGroupPacks == kLightPacks, "the staged CE forward walks the light loop's groups");
+
+// The light loop over a persistent grid, each block's rows streamed through its ring. Taken when nothing in the
+// loop depends on the row (2-byte logits, no softcap, no target margin, no smoothing, logit_scale > 0), so the
+// target is needed only at the row's end (thread 0, prefetched into L2 at the row's start).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    ce_fwd_staged_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                         const int64_t* __restrict__ target, CeOpts<float> o, float* __restrict__ parts,
+                         float* __restrict__ stats) {
+  static_assert(kFastExp<scalar_t>, "the light loop reads 2-byte logits");
+  extern __shared__ uint4 staged_ring[];
+  __shared__ CeThreadState<float> smem[kMaxWarps];
+  const float scale = o.pm.scale;
+  LseState<float> st = LseState<float>::empty();
+  stream_rows_staged<scalar_t, kRowGroupPacks, kRowStages>(
+      logits, row_stride, N, C, reinterpret_cast<Pack<scalar_t>*>(staged_ring), neg_inf_pack<scalar_t>(),
+      [&](int64_t row) {
+        st = LseState<float>::empty();
+        if (threadIdx.x == 0) prefetch_l2(target + row);
+      },
+      [&](const Pack<scalar_t>(&p)[kRowGroupPacks], int, int64_t, int64_t) {
+        float x[kRowGroupPacks * Pack<scalar_t>::N];  // a -inf pad (past the row's end) adds nothing
+        unpack(p, x);
+        st.template push_scaled_n<true>(x, packed_max(p, x), scale);
+      },
+      [&](int64_t, scalar_t x) { st.push(__fmul_rn(scale, static_cast<float>(x))); },
+      [&](int64_t row) {
+        const CeThreadState<float> ts = block_merge(CeThreadState<float>{st, 0.f}, smem,
+                                                             [](auto& a, const auto& b) { merge_ce_state(a, b); });
+        if (threadIdx.x == 0) {
+          const int64_t y = target[row];
+          if (bad_target(y, C, o.ignore_index)) {
+            ce_write_nan_row(row, parts, stats);
+          } else {
+            // the rounded product the loop saw (no FFMA contraction: m - z_y is exactly 0 for a maximal target)
+            const float z_y = y == o.ignore_index
+                                  ? 0.f
+                                  : __fmul_rn(scale, static_cast<float>(logits[row * row_stride + y]));
+            ce_write_row(o, C, row, y, z_y, ts, parts, stats);
+          }
+        }
+      });
 }
 
 template <typename scalar_t, bool kSoftcap>
@@ -317,6 +383,19 @@ __device__ __forceinline__ bool any_bad_target(const int64_t* t, int64_t K, int6
   return bad;
 }
 
+// Thread 0's end of a spherical row (targets already checked): the loss and the centred statistics.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void spherical_write_row(const scalar_t* x, const int64_t* t, int64_t K, const acc_t* tw,
+                                                    int64_t ignore_index, const SphericalLoss<acc_t>& sl, int64_t C,
+                                                    int64_t row, acc_t x0, const SphericalSums<acc_t>& st,
+                                                    acc_t* __restrict__ loss, acc_t* __restrict__ stats) {
+  const auto cs = CentredSums<acc_t>::from_shifted(st, C);
+  const SphericalRowTargets<scalar_t, acc_t> tg{x, t, tw ? tw + row * K : nullptr, ignore_index, x0, cs.d};
+  loss[row] = spherical_row(sl, x0 + cs.d, cs.m2, K, tg);
+  stats[2 * row] = cs.d;
+  stats[2 * row + 1] = cs.m2;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     spherical_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
@@ -349,14 +428,56 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       for_each_in_row<scalar_t, 4, 0>(x, C, element, pack);
     }
     st = block_merge(st, smem, [](SphericalSums<acc_t>& p, const SphericalSums<acc_t>& q) { p.merge(q); });
-    if (threadIdx.x == 0) {
-      const auto cs = CentredSums<acc_t>::from_shifted(st, C);
-      const SphericalRowTargets<scalar_t, acc_t> tg{x, t, tw ? tw + row * K : nullptr, ignore_index, x0, cs.d};
-      loss[row] = spherical_row(sl, x0 + cs.d, cs.m2, K, tg);
-      stats[2 * row] = cs.d;
-      stats[2 * row + 1] = cs.m2;
-    }
+    if (threadIdx.x == 0) spherical_write_row(x, t, K, tw, ignore_index, sl, C, row, x0, st, loss, stats);
   }
+}
+
+// spherical_fwd_kernel over a persistent grid, each block's rows streamed through its ring (as
+// ce_fwd_staged_kernel). A row's shift x0 is loaded one row ahead; its targets are checked at its end.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    spherical_fwd_staged_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                                const int64_t* __restrict__ target, int64_t K,
+                                const acc_type<scalar_t>* __restrict__ tw, int64_t ignore_index,
+                                SphericalLoss<acc_type<scalar_t>> sl, acc_type<scalar_t>* __restrict__ loss,
+                                acc_type<scalar_t>* __restrict__ stats) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  extern __shared__ uint4 staged_ring[];
+  __shared__ SphericalSums<acc_t> smem[kMaxWarps];
+  SphericalSums<acc_t> st{0, 0};
+  acc_t x0 = 0, x0_next = blockIdx.x < N ? static_cast<acc_t>(logits[blockIdx.x * row_stride]) : acc_t(0);
+  stream_rows_staged<scalar_t, kRowGroupPacks, kRowStages>(
+      logits, row_stride, N, C, reinterpret_cast<Pack<scalar_t>*>(staged_ring), Pack<scalar_t>{},
+      [&](int64_t row) {
+        x0 = x0_next;
+        if (row + gridDim.x < N) x0_next = static_cast<acc_t>(logits[(row + gridDim.x) * row_stride]);
+        st = {0, 0};
+        if (threadIdx.x == 0) prefetch_l2(target + row * K);
+      },
+      [&](const Pack<scalar_t>(&p)[kRowGroupPacks], int n, int64_t, int64_t) {
+#pragma unroll
+        for (int u = 0; u < kRowGroupPacks; ++u) {
+          if (u < n) {
+            acc_t xs[V];
+            lanes(p[u], xs);
+#pragma unroll
+            for (int j = 0; j < V; ++j) st.push(xs[j] - x0);
+          }
+        }
+      },
+      [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - x0); },
+      [&](int64_t row) {
+        st = block_merge(st, smem, [](SphericalSums<acc_t>& p, const SphericalSums<acc_t>& q) { p.merge(q); });
+        if (threadIdx.x == 0) {
+          const int64_t* t = target + row * K;
+          if (any_bad_target(t, K, C, ignore_index)) {
+            loss[row] = stats[2 * row] = stats[2 * row + 1] = std::numeric_limits<acc_t>::quiet_NaN();
+          } else {
+            spherical_write_row(logits + row * row_stride, t, K, tw, ignore_index, sl, C, row, x0, st, loss, stats);
+          }
+        }
+      });
 }
 
 template <typename scalar_t>
@@ -445,11 +566,23 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
+    const auto o = ce_opts<acc_t>(w, mg, sum_w, margin_scalar, logit_scale, softcap, ignore_index, with_smoothing);
+    const auto* x = static_cast<const scalar_t*>(logits.data_ptr());
+    if constexpr (kFastExp<scalar_t>) {
+      if (o.light_ok && softcap == 0 && logit_scale > 0 && !mg && margin_scalar == 0 && !with_smoothing) {
+        const StagedLaunch S = staged_row_launch(ce_fwd_staged_kernel<scalar_t>, logits, kStagedRingBytes);
+        if (S.ok) {
+          ce_fwd_staged_kernel<scalar_t><<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
+              x, row_stride_of(logits), N, C, t.data_ptr<int64_t>(), o, parts.data_ptr<acc_t>(),
+              stats.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+    }
     auto kernel = softcap > 0 ? ce_fwd_kernel<scalar_t, true> : ce_fwd_kernel<scalar_t, false>;
-    kernel<<<L.grid, L.block, 0, L.stream>>>(
-        static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, t.data_ptr<int64_t>(),
-        ce_opts<acc_t>(w, mg, sum_w, margin_scalar, logit_scale, softcap, ignore_index, with_smoothing),
-        parts.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    kernel<<<L.grid, L.block, 0, L.stream>>>(x, row_stride_of(logits), N, C, t.data_ptr<int64_t>(), o,
+                                             parts.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {parts, stats};
@@ -502,10 +635,23 @@ std::tuple<at::Tensor, at::Tensor> spherical_fwd(const at::Tensor& logits, const
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
-    spherical_fwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
-        static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, t.data_ptr<int64_t>(),
-        t.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index, spherical_loss_of<acc_t>(kind, a, b, eps, C),
-        row_prefetch(), loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+    const auto* x = static_cast<const scalar_t*>(logits.data_ptr());
+    const acc_t* twp = tw ? tw->data_ptr<acc_t>() : nullptr;
+    const auto sl = spherical_loss_of<acc_t>(kind, a, b, eps, C);
+    if constexpr (sizeof(scalar_t) == 2) {  // fp32 rows already stream at copy bandwidth (run 3)
+      const StagedLaunch S = staged_row_launch(spherical_fwd_staged_kernel<scalar_t>, logits, kStagedRingBytes);
+      if (S.ok) {
+        spherical_fwd_staged_kernel<scalar_t><<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
+            x, row_stride_of(logits), N, C, t.data_ptr<int64_t>(), t.size(1), twp, ignore_index, sl,
+            loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    spherical_fwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(x, row_stride_of(logits), N, C,
+                                                                      t.data_ptr<int64_t>(), t.size(1), twp,
+                                                                      ignore_index, sl, row_prefetch(),
+                                                                      loss.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, stats};
