@@ -110,7 +110,7 @@ def check_compile_fullgraph(loss, device):
 
 
 def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, logits, target) of 16-byte-aligned 2-byte rows, enough of them that every block of the CUDA staged
+    """(name, logits, target) of 16-byte-aligned rows, enough of them that every block of the CUDA staged
     forwards' persistent grid streams several rows through its shared-memory ring (csrc/cuda/common.cuh,
     stream_rows_staged): one partial group per row, a 5-element tail past the last whole pack, three groups per
     thread with the last partial, and rows starting 16 bytes into a wider row. A tenth of the targets are

@@ -266,14 +266,16 @@ constexpr int kStagedRingBytes = kRowStages * kRowGroupPacks * 16;
 static_assert(kRowGroupPacks == kLightPacks, "the staged CE forward walks the light loop's groups");
 
 // The light loop over a persistent grid, each block's rows streamed through its ring. Taken when nothing in the
-// loop depends on the row (2-byte logits, no softcap, no target margin, no smoothing, logit_scale > 0), so the
-// target is needed only at the row's end (thread 0, prefetched into L2 at the row's start).
+// loop depends on the row (no softcap, no target margin, no smoothing, logit_scale > 0), so the target is needed
+// only at the row's end (thread 0, prefetched into L2 at the row's start). fp32 logits take it too, with the
+// accurate exp and the maximum over fp32 lanes (their unstaged forward is the general loop).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     ce_fwd_staged_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
                          const int64_t* __restrict__ target, CeOpts<float> o, float* __restrict__ parts,
                          float* __restrict__ stats) {
-  static_assert(kFastExp<scalar_t>, "the light loop reads 2-byte logits");
+  static_assert(sizeof(scalar_t) <= 4, "float64 rows keep the general loop");
+  constexpr int V = Pack<scalar_t>::N;
   extern __shared__ uint4 staged_ring[];
   __shared__ CeThreadState<float> smem[kMaxWarps];
   const float scale = o.pm.scale;
@@ -285,9 +287,20 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
         if (threadIdx.x == 0) prefetch_l2(target + row);
       },
       [&](const Pack<scalar_t>(&p)[kRowGroupPacks], int, int64_t, int64_t) {
-        float x[kRowGroupPacks * Pack<scalar_t>::N];  // a -inf pad (past the row's end) adds nothing
-        unpack(p, x);
-        st.template push_scaled_n<true>(x, packed_max(p, x), scale);
+        float x[kRowGroupPacks * V];  // a -inf pad (past the row's end) adds nothing
+        if constexpr (kFastExp<scalar_t>) {
+          unpack(p, x);
+          st.template push_scaled_n<true>(x, packed_max(p, x), scale);
+        } else {
+#pragma unroll
+          for (int u = 0; u < kRowGroupPacks; ++u)
+#pragma unroll
+            for (int j = 0; j < V; ++j) x[V * u + j] = p[u].v[j];
+          float mx = x[0];
+#pragma unroll
+          for (int j = 1; j < kRowGroupPacks * V; ++j) mx = fl_fmax(mx, x[j]);
+          st.template push_scaled_n<false>(x, mx, scale);
+        }
       },
       [&](int64_t, scalar_t x) { st.push(__fmul_rn(scale, static_cast<float>(x))); },
       [&](int64_t row) {
@@ -568,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
     using acc_t = acc_type<scalar_t>;
     const auto o = ce_opts<acc_t>(w, mg, sum_w, margin_scalar, logit_scale, softcap, ignore_index, with_smoothing);
     const auto* x = static_cast<const scalar_t*>(logits.data_ptr());
-    if constexpr (kFastExp<scalar_t>) {
+    if constexpr (sizeof(scalar_t) <= 4) {
       if (o.light_ok && softcap == 0 && logit_scale > 0 && !mg && margin_scalar == 0 && !with_smoothing) {
         const StagedLaunch S = staged_row_launch(ce_fwd_staged_kernel<scalar_t>, logits, kStagedRingBytes);
         if (S.ok) {
