@@ -110,18 +110,19 @@ def check_compile_fullgraph(loss, device):
 
 
 def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, logits, target) of 16-byte-aligned rows, enough of them that every block of the CUDA staged
-    forwards' persistent grid streams several rows through its shared-memory ring (csrc/cuda/common.cuh,
-    stream_rows_staged): one partial group per row, a 5-element tail past the last whole pack, three groups per
-    thread with the last partial, and rows starting 16 bytes into a wider row. A tenth of the targets are
-    ignored (-100); the first and last class are targets of rows 0 and 1."""
+    """(name, logits, target) of 16-byte-aligned rows for the CUDA staged forwards (csrc/cuda/common.cuh,
+    stream_rows_staged), enough of them that every block of the persistent grid streams at least 3 rows through
+    its shared-memory ring on an H200 (132 SMs, 1024 threads each: 2112 blocks of 64 threads, 1056 of 128): one
+    partial group per row, a 5-element tail past the last whole pack, three groups per thread with the last
+    partial (bf16: 128 threads), and rows starting 16 bytes into a wider row. A tenth of the targets are ignored
+    (-100); the first and last class are targets of rows 0 and 1."""
     gen = torch.Generator().manual_seed(21)
     out = []
     for name, (N, width, lo, hi) in {
-        "one_group_per_row": (6000, 264, 0, 264),
-        "tail": (2000, 2056, 0, 2053),
-        "partial_last_group": (1200, 9000, 0, 9000),
-        "aligned_slice": (500, 4104, 8, 4104),
+        "one_group_per_row": (6400, 264, 0, 264),
+        "tail": (6400, 520, 0, 517),
+        "partial_last_group": (3200, 9000, 0, 9000),
+        "aligned_slice": (6400, 1032, 8, 1032),
     }.items():
         # scale 2: the squared error of a 9000-class row stays within fp16's range
         full = (torch.randn(N, width, generator=gen, dtype=torch.float64) * 2).to(dtype).to(device)
@@ -130,4 +131,23 @@ def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tens
         t[torch.rand(N, generator=gen) < 0.1] = -100
         t[0], t[1] = 0, C - 1
         out.append((name, full[:, lo:hi], t.to(device)))
+    return out
+
+
+STREAMED_LOSSES = ("cross_entropy", "zloss", "spherical_softmax_loss", "taylor_softmax_loss", "spherical_mse_loss")
+
+
+def streamed_losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-row losses and logit gradients of every streamed_rows case on CUDA, for a bitwise comparison of the
+    staged forwards with their unstaged twins (tests/test_cross_entropy.py runs this in a subprocess with
+    FASTLOSS_ROW_STAGED=0)."""
+    import fastloss
+
+    out = {}
+    for case, x, t in streamed_rows("cuda", dtype):
+        for name in STREAMED_LOSSES:
+            xi = x.clone().requires_grad_()
+            loss = getattr(fastloss, name)(xi, t, reduction="none")
+            (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
+            out[f"{case}/{name}/loss"], out[f"{case}/{name}/grad"] = loss.detach().cpu(), g.cpu()
     return out

@@ -1,6 +1,9 @@
 """fastloss.cross_entropy against torch.nn.functional.cross_entropy (the peer) and fastloss.reference."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch.nn.functional as F
 
 import fastloss
 from fastloss import reference
-from samples import LOW_PRECISION, TOL, grad_like, loss_and_grad, row_samples, streamed_rows
+from samples import LOW_PRECISION, TOL, grad_like, loss_and_grad, row_samples, streamed_losses, streamed_rows
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -204,6 +207,27 @@ def test_cuda_many_rows_per_block(dtype, opts):
         good_loss, good_g = _check_low_precision_vs_float64(x, good, kw, rows)
         torch.testing.assert_close(loss[rows], good_loss[rows], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(g[rows], good_g[rows], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_cuda_staged_forwards_bitwise_equal_unstaged(dtype, tmp_path):
+    """The staged forwards (several rows per block through a cp.async ring) against their unstaged twins, run in a
+    subprocess with FASTLOSS_ROW_STAGED=0 (read once per process): for 2-byte rows both walk each thread's packs
+    in the same order and merge in the same order, so losses and gradients must agree bit for bit. Catches a
+    single misplaced pack, which the float64 comparisons could miss."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tmp_path / "unstaged.pt"
+    code = (f"import sys, torch; sys.path.insert(0, {here!r}); from samples import streamed_losses; "
+            f"torch.save(streamed_losses(torch.{str(dtype).split('.')[-1]}), {str(out)!r})")
+    env = {**os.environ, "FASTLOSS_ROW_STAGED": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    unstaged = torch.load(out)
+    staged = streamed_losses(dtype)
+    assert staged.keys() == unstaged.keys()
+    for key, value in staged.items():  # bits, so that NaN rows compare too
+        assert torch.equal(value.contiguous().view(torch.uint8), unstaged[key].contiguous().view(torch.uint8)), key
 
 
 EXTRAS = [

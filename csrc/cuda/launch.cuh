@@ -7,6 +7,11 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <functional>
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "common.cuh"
 
 namespace fastloss::cuda {
@@ -47,12 +52,43 @@ inline bool row_staged() {
 // A persistent grid for a kernel built on stream_rows_staged: as many blocks as the device holds at once with
 // `ring_bytes_per_thread` of dynamic shared memory per thread, at most one per row. ok == false (the caller takes
 // its unstaged kernel) when a row is not 16-byte aligned or shorter than one pack, the GPU predates cp.async
-// (sm_80), the ring does not fit, or FASTLOSS_ROW_STAGED=0.
+// (sm_80), the ring does not fit, the staged kernel would hold fewer threads per SM than the unstaged one (a
+// 512-thread ring on GPUs with less shared memory than Hopper's), or FASTLOSS_ROW_STAGED=0.
 struct StagedLaunch {
   bool ok = false;
   Launch launch{};
   size_t smem = 0;
 };
+// Blocks of `threads` per SM for (kernel, device), 0 if it cannot run staged; cached. The function's dynamic
+// shared memory limit is raised once per (kernel, device) to the largest ring, so that concurrent host threads
+// never see another's smaller limit at launch.
+inline int staged_blocks_per_sm(const void* kernel, int device, int threads, int ring_bytes_per_thread,
+                                const std::function<int(int)>& occupancy) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, device, threads);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0, major = 0, smem_optin = 0;
+  const int largest = kMaxRowThreads * ring_bytes_per_thread;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) ==
+                      cudaSuccess &&
+                  major >= 8 && largest <= smem_optin &&
+                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, largest) == cudaSuccess;
+  if (ok) per_sm = occupancy(threads);
+  if (!ok || per_sm < 0) {
+    (void)cudaGetLastError();  // a failed query leaves an error behind; the unstaged kernel runs instead
+    per_sm = 0;
+  }
+  // the staged kernel must not hold fewer threads per SM than the unstaged one (kMinRowBlocks: two 512-thread
+  // blocks, or their register budget): below 1024 threads per SM it runs unstaged
+  if (int64_t(per_sm) * threads < 1024) per_sm = 0;
+  cache.emplace(key, per_sm);
+  return per_sm;
+}
+
 template <typename Kernel>
 StagedLaunch staged_row_launch(Kernel* kernel, const at::Tensor& x, int ring_bytes_per_thread) {
   StagedLaunch s;
@@ -61,22 +97,16 @@ StagedLaunch staged_row_launch(Kernel* kernel, const at::Tensor& x, int ring_byt
                        (N == 1 || (row_stride_of(x) * elem) % 16 == 0);
   if (!row_staged() || !aligned || C * elem < 16 || N < 1) return s;
   const int device = x.get_device();
-  int major = 0, smem_optin = 0, sms = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the error: the unstaged kernel runs instead
-    return s;
-  }
-  if (major < 8) return s;
   const Launch base = row_launch(x);
   const int threads = static_cast<int>(base.block.x);
   s.smem = size_t(threads) * size_t(ring_bytes_per_thread);
-  if (s.smem > size_t(smem_optin)) return s;
-  int per_sm = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(s.smem)) !=
-          cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, s.smem) != cudaSuccess || per_sm < 1) {
+  const int per_sm = staged_blocks_per_sm(
+      reinterpret_cast<const void*>(kernel), device, threads, ring_bytes_per_thread, [&](int t) {
+        int n = 0;
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, t, s.smem) == cudaSuccess ? n : -1;
+      });
+  int sms = 0;
+  if (per_sm < 1 || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     (void)cudaGetLastError();
     return s;
   }

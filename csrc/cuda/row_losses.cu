@@ -582,7 +582,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits, c
     const auto o = ce_opts<acc_t>(w, mg, sum_w, margin_scalar, logit_scale, softcap, ignore_index, with_smoothing);
     const auto* x = static_cast<const scalar_t*>(logits.data_ptr());
     if constexpr (sizeof(scalar_t) <= 4) {
-      if (o.light_ok && softcap == 0 && logit_scale > 0 && !mg && margin_scalar == 0 && !with_smoothing) {
+      // the kernel's own (float) options, as the unstaged kernel tests them: a scale that rounds to 0 is not light
+      if (o.light_ok && softcap == 0 && o.pm.scale > acc_t(0) && !mg && o.margin_scalar == acc_t(0) &&
+          !with_smoothing) {
         const StagedLaunch S = staged_row_launch(ce_fwd_staged_kernel<scalar_t>, logits, kStagedRingBytes);
         if (S.ok) {
           ce_fwd_staged_kernel<scalar_t><<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
