@@ -187,12 +187,13 @@ def test_low_precision_rows_masked_with_finfo_min(device, dtype, opts):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [*LOW_PRECISION, torch.float32])
-@pytest.mark.parametrize("opts", [{}, {"logit_scale": 0.37, "weight": "rand"}, {"label_smoothing": 0.1}],
-                         ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("opts", [{}, {"logit_scale": 0.37, "weight": "rand"}, {"label_smoothing": 0.1},
+                                  {"softcap": 5.0, "weight": "rand"}], ids=lambda o: "-".join(o) or "plain")
 def test_cuda_many_rows_per_block(dtype, opts):
     """Thousands of aligned rows: the plain call and a positive scale with class weights take the staged forward
-    (a persistent grid, several rows per block through its ring; fp32 too), smoothing the general loop. Loss and
-    gradient against float64 of the same values; a bad target in row 7 gives NaN in that row only."""
+    (a persistent grid, several rows per block through its ring; fp32 too), smoothing and softcap the general
+    loop; every backward here is the staged one. Loss and gradient against float64 of the same values; a bad
+    target in row 7 gives NaN in that row only."""
     for name, x, t in streamed_rows("cuda", dtype):
         kw = _materialise(opts, x.shape[-1], "cuda", torch.float32)
         good = t.clone()

@@ -373,6 +373,102 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
   }
 }
 
+// ce_bwd_kernel over a persistent grid, each block's rows streamed through its ring. A row's inputs (target,
+// forward statistics, upstream gradient parts) are loaded one row ahead, so no thread waits on them at the row's
+// start: every thread holds the next target, lanes 0-5 one of the six values, which they pass on through shared
+// memory (double-buffered by row parity: a block reaches row i + 1's barrier only after every thread has read
+// row i's values).
+// The backward's ring: groups of 2 packs (its per-lane arithmetic is light; 4-pack groups spilled at 64
+// registers), 4 slots: 6 packs in flight while one group is worked on. 128 bytes per thread.
+constexpr int kBwdStages = 4;
+constexpr int kBwdGroupPacks = 2;
+constexpr int kBwdRingBytes = kBwdStages * kBwdGroupPacks * 16;
+
+template <typename scalar_t, bool kSoftcap>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    ce_bwd_staged_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                         const int64_t* __restrict__ target, CeOpts<acc_type<scalar_t>> o,
+                         const acc_type<scalar_t>* __restrict__ stats, const acc_type<scalar_t>* __restrict__ gparts,
+                         scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  extern __shared__ uint4 staged_ring[];
+  __shared__ acc_t s_row[2][6];
+  auto row_value = [&](int64_t r) {  // this lane's value of row r (lanes 0-5)
+    return threadIdx.x < 3 ? stats[3 * r + threadIdx.x] : gparts[3 * r + threadIdx.x - 3];
+  };
+  int64_t y_next = target[blockIdx.x];
+  acc_t v_next = threadIdx.x < 6 ? row_value(blockIdx.x) : acc_t(0);
+  int parity = 0;
+  CeGradRow<acc_t> g;
+  int64_t y_eff = -1;
+  bool bad = false;
+  scalar_t* out = grad;
+  // dL/dx_k; z is taken before the margin (a constant shift, so dz/dx does not see it)
+  auto other = [&](int64_t k, acc_t xv) {
+    acc_t z, dz;
+    o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
+    return static_cast<scalar_t>(g.template other<kFastExp<scalar_t>>(z, o.weight_of(k)) * dz);
+  };
+  acc_t z_y = 0, w_y = 1;  // the forward's own target logit (see CeGradRow) and the target's weight
+  auto at_target = [&](acc_t xv) {
+    acc_t z, dz;
+    o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
+    return static_cast<scalar_t>(g.target(z_y, w_y) * dz);
+  };
+  const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+  stream_rows_staged<scalar_t, kBwdGroupPacks, kBwdStages>(
+      logits, row_stride, N, C, reinterpret_cast<Pack<scalar_t>*>(staged_ring), Pack<scalar_t>{},
+      [&](int64_t row) {
+        const int64_t y = y_next;
+        if (threadIdx.x < 6) s_row[parity][threadIdx.x] = v_next;
+        const int64_t next = row + gridDim.x;
+        if (next < N) {
+          y_next = target[next];
+          if (threadIdx.x < 6) v_next = row_value(next);
+        }
+        __syncthreads();
+        const acc_t* q = s_row[parity];
+        parity ^= 1;
+        bad = bad_target(y, C, o.ignore_index);
+        const bool ignored = y == o.ignore_index;
+        w_y = ignored || bad ? acc_t(1) : o.weight_of(y);
+        z_y = q[2];
+        g = CeGradRow<acc_t>::make(q[0], q[1], q[3], q[4], q[5], w_y, o.sum_weights(C), z_y, ignored);
+        y_eff = ignored || bad ? -1 : y;
+        out = grad + row * C;
+      },
+      [&](const Pack<scalar_t>(&p)[kBwdGroupPacks], int n, int64_t k0, int64_t step) {
+#pragma unroll
+        for (int u = 0; u < kBwdGroupPacks; ++u) {
+          if (u < n) {
+            const int64_t ku = k0 + u * step;
+            Pack<scalar_t> res;
+            if (bad) {  // one uniform branch: the whole row is NaN
+#pragma unroll
+              for (int j = 0; j < V; ++j) res.v[j] = nan;
+            } else {
+              acc_t xs[V];
+              lanes(p[u], xs);
+#pragma unroll
+              for (int j = 0; j < V; ++j) res.v[j] = other(ku + j, xs[j]);
+              if (static_cast<uint64_t>(y_eff - ku) < uint64_t(V)) {  // rare: this pack holds the target
+#pragma unroll
+                for (int j = 0; j < V; ++j)
+                  if (ku + j == y_eff) res.v[j] = at_target(xs[j]);
+              }
+            }
+            *reinterpret_cast<Pack<scalar_t>*>(out + ku) = res;
+          }
+        }
+      },
+      [&](int64_t k, scalar_t xv) {
+        const acc_t x = static_cast<acc_t>(xv);
+        out[k] = bad ? nan : k == y_eff ? at_target(x) : other(k, x);
+      },
+      [](int64_t) {});
+}
+
 // Spherical family (fastloss/spherical.h). Target j of a row, read from global memory; a bad target makes the
 // whole row NaN.
 template <typename scalar_t, typename acc_t>
@@ -618,11 +714,26 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
+    const auto o = ce_opts<acc_t>(w, std::nullopt, sum_w, 0.0, logit_scale, softcap, ignore_index, with_smoothing);
+    if constexpr (sizeof(scalar_t) <= 4) {
+      // the gradient's rows (contiguous, row stride C) must be 16-byte aligned too
+      if (N == 1 || (C * logits.element_size()) % 16 == 0) {
+        auto staged = softcap > 0 ? ce_bwd_staged_kernel<scalar_t, true> : ce_bwd_staged_kernel<scalar_t, false>;
+        const StagedLaunch S = staged_row_launch(staged, logits, kBwdRingBytes);
+        if (S.ok) {
+          staged<<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
+              static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C,
+              in.target.data_ptr<int64_t>(), o, in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
+              static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+    }
     auto kernel = softcap > 0 ? ce_bwd_kernel<scalar_t, true> : ce_bwd_kernel<scalar_t, false>;
     kernel<<<L.grid, L.block, 0, L.stream>>>(
         static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, in.target.data_ptr<int64_t>(),
-        ce_opts<acc_t>(w, std::nullopt, sum_w, 0.0, logit_scale, softcap, ignore_index, with_smoothing),
-        in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(), static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+        o, in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(), static_cast<scalar_t*>(in.grad_logits.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return in.grad_logits;
