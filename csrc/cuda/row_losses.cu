@@ -321,6 +321,55 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       });
 }
 
+// One row of the CE backward, shared by ce_bwd_kernel and ce_bwd_staged_kernel: dL/dx_k from the row's
+// coefficients. z is taken before the margin (a constant shift, so dz/dx does not see it); the target uses the
+// forward's own target logit z_y (see CeGradRow).
+template <typename scalar_t, bool kSoftcap>
+struct CeBwdRow {
+  using acc_t = acc_type<scalar_t>;
+  static constexpr int V = Pack<scalar_t>::N;
+  CeGradRow<acc_t> g;
+  acc_t z_y, w_y;
+  int64_t y_eff;  // -1 on an ignored row
+
+  // y: a valid or ignored target; st: the forward's (m, r, z_y); gp: the upstream (d nll, d smooth, d lse).
+  __device__ __forceinline__ static CeBwdRow make(const CeOpts<acc_t>& o, int64_t C, int64_t y, acc_t m, acc_t r,
+                                                  acc_t z_y, acc_t g_nll, acc_t g_smooth, acc_t g_lse) {
+    const bool ignored = y == o.ignore_index;
+    CeBwdRow b;
+    b.z_y = z_y;
+    b.w_y = ignored ? acc_t(1) : o.weight_of(y);
+    b.g = CeGradRow<acc_t>::make(m, r, g_nll, g_smooth, g_lse, b.w_y, o.sum_weights(C), z_y, ignored);
+    b.y_eff = ignored ? -1 : y;
+    return b;
+  }
+  __device__ __forceinline__ scalar_t other(const CeOpts<acc_t>& o, int64_t k, acc_t xv) const {
+    acc_t z, dz;
+    o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
+    return static_cast<scalar_t>(g.template other<kFastExp<scalar_t>>(z, o.weight_of(k)) * dz);
+  }
+  __device__ __forceinline__ scalar_t target(const CeOpts<acc_t>& o, acc_t xv) const {
+    acc_t z, dz;
+    o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
+    return static_cast<scalar_t>(g.target(z_y, w_y) * dz);
+  }
+  __device__ __forceinline__ scalar_t element(const CeOpts<acc_t>& o, int64_t k, scalar_t xv) const {
+    return k == y_eff ? target(o, static_cast<acc_t>(xv)) : other(o, k, static_cast<acc_t>(xv));
+  }
+  __device__ __forceinline__ void pack(const CeOpts<acc_t>& o, int64_t k0, const Pack<scalar_t>& in,
+                                       Pack<scalar_t>& res) const {
+    acc_t xs[V];
+    lanes(in, xs);
+#pragma unroll
+    for (int j = 0; j < V; ++j) res.v[j] = other(o, k0 + j, xs[j]);
+    if (static_cast<uint64_t>(y_eff - k0) < uint64_t(V)) {  // rare: this pack holds the target
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        if (k0 + j == y_eff) res.v[j] = target(o, xs[j]);
+    }
+  }
+};
+
 template <typename scalar_t, bool kSoftcap>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     ce_bwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
@@ -328,7 +377,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
                   const acc_type<scalar_t>* __restrict__ stats, const acc_type<scalar_t>* __restrict__ gparts,
                   scalar_t* __restrict__ grad) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int V = Pack<scalar_t>::N;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const scalar_t* x = logits + row * row_stride;
     scalar_t* out = grad + row * C;
@@ -338,38 +386,12 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       for (int64_t k = threadIdx.x; k < C; k += blockDim.x) out[k] = nan;
       continue;
     }
-    const bool ignored = y == o.ignore_index;
-    const acc_t z_y = stats[3 * row + 2];  // the forward's own target logit (see CeGradRow)
-    const acc_t w_y = ignored ? acc_t(1) : o.weight_of(y);
-    const auto g = CeGradRow<acc_t>::make(stats[3 * row], stats[3 * row + 1], gparts[3 * row],
-                                          gparts[3 * row + 1], gparts[3 * row + 2], w_y, o.sum_weights(C), z_y,
-                                          ignored);
-    const int64_t y_eff = ignored ? -1 : y;
-    // dL/dx_k; z is taken before the margin (a constant shift, so dz/dx does not see it).
-    auto other = [&](int64_t k, acc_t xv) {
-      acc_t z, dz;
-      o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
-      return static_cast<scalar_t>(g.template other<kFastExp<scalar_t>>(z, o.weight_of(k)) * dz);
-    };
-    auto target = [&](acc_t xv) {
-      acc_t z, dz;
-      o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
-      return static_cast<scalar_t>(g.target(z_y, w_y) * dz);
-    };
-    auto dx = [&](int64_t k, scalar_t xv) {
-      return k == y_eff ? target(static_cast<acc_t>(xv)) : other(k, static_cast<acc_t>(xv));
-    };
-    map_row(x, out, C, dx, [&](int64_t k0, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
-      acc_t xs[V];
-      lanes(in, xs);
-#pragma unroll
-      for (int j = 0; j < V; ++j) res.v[j] = other(k0 + j, xs[j]);
-      if (static_cast<uint64_t>(y_eff - k0) < uint64_t(V)) {  // rare: this pack holds the target
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          if (k0 + j == y_eff) res.v[j] = target(xs[j]);
-      }
-    });
+    const auto b = CeBwdRow<scalar_t, kSoftcap>::make(o, C, y, stats[3 * row], stats[3 * row + 1],
+                                                      stats[3 * row + 2], gparts[3 * row], gparts[3 * row + 1],
+                                                      gparts[3 * row + 2]);
+    map_row(
+        x, out, C, [&](int64_t k, scalar_t xv) { return b.element(o, k, xv); },
+        [&](int64_t k0, const Pack<scalar_t>& in, Pack<scalar_t>& res) { b.pack(o, k0, in, res); });
   }
 }
 
@@ -391,7 +413,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
                          const acc_type<scalar_t>* __restrict__ stats, const acc_type<scalar_t>* __restrict__ gparts,
                          scalar_t* __restrict__ grad) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int V = Pack<scalar_t>::N;
   extern __shared__ uint4 staged_ring[];
   __shared__ acc_t s_row[2][6];
   auto row_value = [&](int64_t r) {  // this lane's value of row r (lanes 0-5)
@@ -400,22 +421,9 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
   int64_t y_next = target[blockIdx.x];
   acc_t v_next = threadIdx.x < 6 ? row_value(blockIdx.x) : acc_t(0);
   int parity = 0;
-  CeGradRow<acc_t> g;
-  int64_t y_eff = -1;
+  CeBwdRow<scalar_t, kSoftcap> b{};
   bool bad = false;
   scalar_t* out = grad;
-  // dL/dx_k; z is taken before the margin (a constant shift, so dz/dx does not see it)
-  auto other = [&](int64_t k, acc_t xv) {
-    acc_t z, dz;
-    o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
-    return static_cast<scalar_t>(g.template other<kFastExp<scalar_t>>(z, o.weight_of(k)) * dz);
-  };
-  acc_t z_y = 0, w_y = 1;  // the forward's own target logit (see CeGradRow) and the target's weight
-  auto at_target = [&](acc_t xv) {
-    acc_t z, dz;
-    o.pm.template value_and_grad<kSoftcap>(xv, z, dz);
-    return static_cast<scalar_t>(g.target(z_y, w_y) * dz);
-  };
   const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
   stream_rows_staged<scalar_t, kBwdGroupPacks, kBwdStages>(
       logits, row_stride, N, C, reinterpret_cast<Pack<scalar_t>*>(staged_ring), Pack<scalar_t>{},
@@ -431,41 +439,25 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
         const acc_t* q = s_row[parity];
         parity ^= 1;
         bad = bad_target(y, C, o.ignore_index);
-        const bool ignored = y == o.ignore_index;
-        w_y = ignored || bad ? acc_t(1) : o.weight_of(y);
-        z_y = q[2];
-        g = CeGradRow<acc_t>::make(q[0], q[1], q[3], q[4], q[5], w_y, o.sum_weights(C), z_y, ignored);
-        y_eff = ignored || bad ? -1 : y;
+        b = CeBwdRow<scalar_t, kSoftcap>::make(o, C, bad ? o.ignore_index : y, q[0], q[1], q[2], q[3], q[4], q[5]);
         out = grad + row * C;
       },
       [&](const Pack<scalar_t>(&p)[kBwdGroupPacks], int n, int64_t k0, int64_t step) {
 #pragma unroll
         for (int u = 0; u < kBwdGroupPacks; ++u) {
           if (u < n) {
-            const int64_t ku = k0 + u * step;
             Pack<scalar_t> res;
             if (bad) {  // one uniform branch: the whole row is NaN
 #pragma unroll
-              for (int j = 0; j < V; ++j) res.v[j] = nan;
+              for (int j = 0; j < Pack<scalar_t>::N; ++j) res.v[j] = nan;
             } else {
-              acc_t xs[V];
-              lanes(p[u], xs);
-#pragma unroll
-              for (int j = 0; j < V; ++j) res.v[j] = other(ku + j, xs[j]);
-              if (static_cast<uint64_t>(y_eff - ku) < uint64_t(V)) {  // rare: this pack holds the target
-#pragma unroll
-                for (int j = 0; j < V; ++j)
-                  if (ku + j == y_eff) res.v[j] = at_target(xs[j]);
-              }
+              b.pack(o, k0 + u * step, p[u], res);
             }
-            *reinterpret_cast<Pack<scalar_t>*>(out + ku) = res;
+            *reinterpret_cast<Pack<scalar_t>*>(out + k0 + u * step) = res;
           }
         }
       },
-      [&](int64_t k, scalar_t xv) {
-        const acc_t x = static_cast<acc_t>(xv);
-        out[k] = bad ? nan : k == y_eff ? at_target(x) : other(k, x);
-      },
+      [&](int64_t k, scalar_t xv) { out[k] = bad ? nan : b.element(o, k, xv); },
       [](int64_t) {});
 }
 
