@@ -1,4 +1,4 @@
-"""A small run of every CUDA op for compute-sanitizer (memcheck): odd widths, misaligned rows, every dtype,
+"""A small run of every CUDA op for compute-sanitizer (memcheck): odd widths, misaligned and aligned rows, every dtype,
 every option path, an out-of-range target (NaN row, no out-of-bounds access) and N = 0. ``--fused``: only the
 opt-in fused sm_90 contrastive GEMMs (scripts/gpu_check.sh runs them in a step of their own)."""
 
@@ -64,6 +64,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         bad[-1] = C + 5
         fastloss.cross_entropy(x, bad).backward()
         fastloss.zloss(x, bad).backward()
+    # the staged kernels (16-byte-aligned rows of 2-byte / fp32 logits, a persistent grid): several rows per
+    # block, a tail past the last whole pack, an offset row start, the general forward before a staged backward
+    if dtype != torch.float64:
+        for N, width, lo, hi in ((3000, 264, 0, 264), (300, 2056, 0, 2053), (40, 9000, 0, 9000), (64, 1032, 8, 1032)):
+            xa = torch.randn(N, width, device=dev, dtype=dtype)[:, lo:hi].requires_grad_()
+            C = hi - lo
+            t = torch.randint(0, C, (N,), device=dev)
+            t[0], t[-1] = -100, C + 5
+            for kw in ({}, {"softcap": 3.0, "weight": torch.rand(C, device=dev, dtype=dtype)}):
+                fastloss.cross_entropy(xa, t, reduction="none", **kw).sum().backward()
+            fastloss.zloss(xa, t, reduction="none").sum().backward()
+            fastloss.spherical_softmax_loss(xa, torch.stack([t, t.flip(0)], -1), reduction="none").sum().backward()
     # Gram form: odd widths, a weight shard's worth of rows, multi-target, an out-of-range target
     h = torch.randn(6, 37, device=dev, dtype=dtype, requires_grad=True)
     W = torch.randn(101, 37, device=dev, dtype=dtype, requires_grad=True)
