@@ -114,40 +114,57 @@ def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tens
     stream_rows_staged), enough of them that every block of the persistent grid streams at least 3 rows through
     its shared-memory ring on an H200 (132 SMs, 1024 threads each: 2112 blocks of 64 threads, 1056 of 128): one
     partial group per row, a 5-element tail past the last whole pack, three groups per thread with the last
-    partial (bf16: 128 threads), and rows starting 16 bytes into a wider row. A tenth of the targets are ignored
-    (-100); the first and last class are targets of rows 0 and 1."""
+    partial (bf16: 128 threads), rows starting 16 bytes into a wider row, and one long row whose tail is the
+    only one a staged backward sees (with N > 1 a row of C % 8 != 0 2-byte logits leaves the gradient's rows
+    misaligned, and the backward runs unstaged). A tenth of the targets are ignored (-100); the first and last
+    class are targets of rows 0 and 1 (of row 0 in the single row)."""
     gen = torch.Generator().manual_seed(21)
     out = []
-    for name, (N, width, lo, hi) in {
-        "one_group_per_row": (6400, 264, 0, 264),
-        "tail": (6400, 520, 0, 517),
-        "partial_last_group": (3200, 9000, 0, 9000),
-        "aligned_slice": (6400, 1032, 8, 1032),
+    # (rows, row width, first and past-last class, scale: the squared error of a row stays within fp16's range)
+    for name, (N, width, lo, hi, scale) in {
+        "one_group_per_row": (6400, 264, 0, 264, 2.0),
+        "tail": (6400, 520, 0, 517, 2.0),
+        "partial_last_group": (3200, 9000, 0, 9000, 2.0),
+        "aligned_slice": (6400, 1032, 8, 1032, 2.0),
+        "single_row_tail": (1, 70005, 0, 70005, 0.5),
     }.items():
-        # scale 2: the squared error of a 9000-class row stays within fp16's range
-        full = (torch.randn(N, width, generator=gen, dtype=torch.float64) * 2).to(dtype).to(device)
+        full = (torch.randn(N, width, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
         C = hi - lo
         t = torch.randint(0, C, (N,), generator=gen)
         t[torch.rand(N, generator=gen) < 0.1] = -100
-        t[0], t[1] = 0, C - 1
+        t[0], t[-1] = 0, C - 1
         out.append((name, full[:, lo:hi], t.to(device)))
     return out
 
 
-STREAMED_LOSSES = ("cross_entropy", "zloss", "spherical_softmax_loss", "taylor_softmax_loss", "spherical_mse_loss")
-
-
 def streamed_losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Per-row losses and logit gradients of every streamed_rows case on CUDA, for a bitwise comparison of the
-    staged forwards with their unstaged twins (tests/test_cross_entropy.py runs this in a subprocess with
-    FASTLOSS_ROW_STAGED=0)."""
+    staged kernels with their unstaged twins (tests/test_cross_entropy.py runs this in a subprocess with
+    FASTLOSS_ROW_STAGED=0): the spherical family, and cross-entropy plain (staged light forward), with a scale
+    and an lse penalty (the backward's lse term) and with softcap, smoothing and class weights (general forward,
+    staged backward); a bad target in row 7 (NaN row)."""
     import fastloss
 
     out = {}
     for case, x, t in streamed_rows("cuda", dtype):
-        for name in STREAMED_LOSSES:
+        C = x.shape[-1]
+        gen = torch.Generator().manual_seed(3)
+        w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(device="cuda", dtype=torch.float32)
+        calls = {
+            "cross_entropy": lambda x, t: fastloss.cross_entropy(x, t, reduction="none"),
+            "ce_scaled_lse": lambda x, t: fastloss.cross_entropy(x, t, reduction="none", logit_scale=0.37,
+                                                                 lse_square_scale=1e-3),
+            "ce_softcap_smooth_weight": lambda x, t, w=w: fastloss.cross_entropy(x, t, reduction="none", softcap=5.0,
+                                                                                 label_smoothing=0.1, weight=w),
+            **{name: lambda x, t, name=name: getattr(fastloss, name)(x, t, reduction="none") for name in (
+                "zloss", "spherical_softmax_loss", "taylor_softmax_loss", "spherical_mse_loss")},
+        }
+        if t.numel() > 7:
+            t = t.clone()
+            t[7] = C
+        for name, call in calls.items():
             xi = x.clone().requires_grad_()
-            loss = getattr(fastloss, name)(xi, t, reduction="none")
+            loss = call(xi, t)
             (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
             out[f"{case}/{name}/loss"], out[f"{case}/{name}/grad"] = loss.detach().cpu(), g.cpu()
     return out

@@ -192,18 +192,20 @@ def test_low_precision_rows_masked_with_finfo_min(device, dtype, opts):
 def test_cuda_many_rows_per_block(dtype, opts):
     """Thousands of aligned rows: the plain call and a positive scale with class weights take the staged forward
     (a persistent grid, several rows per block through its ring; fp32 too), smoothing and softcap the general
-    loop; every backward here is the staged one. Loss and gradient against float64 of the same values; a bad
-    target in row 7 gives NaN in that row only."""
+    loop; the backward is the staged one except for the 517-class rows (their gradient rows are misaligned).
+    Loss and gradient against float64 of the same values; a bad target in row 7 gives NaN in that row only."""
     for name, x, t in streamed_rows("cuda", dtype):
         kw = _materialise(opts, x.shape[-1], "cuda", torch.float32)
         good = t.clone()
         t = t.clone()
-        t[7] = x.shape[-1]  # out of range: NaN row, no host sync
         rows = torch.arange(t.numel(), device="cuda") != 7
+        if t.numel() > 7:
+            t[7] = x.shape[-1]  # out of range: NaN row, no host sync
         xi = x.clone().requires_grad_()
         loss = fastloss.cross_entropy(xi, t, reduction="none", **kw)
         (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
-        assert loss[7].isnan() and g[7].isnan().all(), name
+        if t.numel() > 7:
+            assert loss[7].isnan() and g[7].isnan().all(), name
         assert not loss[rows].isnan().any() and not g[rows].isnan().any(), name
         good_loss, good_g = _check_low_precision_vs_float64(x, good, kw, rows)
         torch.testing.assert_close(loss[rows], good_loss[rows], rtol=0, atol=0, msg=name)
@@ -218,6 +220,8 @@ def test_cuda_staged_forwards_bitwise_equal_unstaged(dtype, tmp_path):
     subprocess with FASTLOSS_ROW_STAGED=0 (read once per process): for 2-byte rows both walk each thread's packs
     in the same order and merge in the same order, so losses and gradients must agree bit for bit. Catches a
     single misplaced pack, which the float64 comparisons could miss."""
+    if os.environ.get("FASTLOSS_ROW_STAGED") == "0":
+        pytest.skip("FASTLOSS_ROW_STAGED=0 here: both sides would run unstaged")
     here = os.path.dirname(os.path.abspath(__file__))
     out = tmp_path / "unstaged.pt"
     code = (f"import sys, torch; sys.path.insert(0, {here!r}); from samples import streamed_losses; "

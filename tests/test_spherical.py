@@ -95,11 +95,12 @@ def test_cuda_many_rows_per_block(name, dtype, K):
         torch.testing.assert_close(loss.double(), ref_loss, rtol=4 * eps, atol=4 * eps, msg=case)
         torch.testing.assert_close(grad.double(), ref_grad, rtol=4 * eps, atol=4 * eps * ref_grad.abs().max().item(),
                                    msg=case)
-        bad = t.clone()
-        bad[7] = C  # out of range (the first target of a multi-target row)
-        loss, grad = _loss_grad(fn, x, bad, target_weight=w, reduction="none", **kw)
-        assert loss[7].isnan() and grad[7].isnan().all(), case
-        assert not loss[rows].isnan().any() and not grad[rows].isnan().any(), case
+        if x.shape[0] > 7:
+            bad = t.clone()
+            bad[7] = C  # out of range (the first target of a multi-target row)
+            loss, grad = _loss_grad(fn, x, bad, target_weight=w, reduction="none", **kw)
+            assert loss[7].isnan() and grad[7].isnan().all(), case
+            assert not loss[rows].isnan().any() and not grad[rows].isnan().any(), case
 
 
 def test_closed_forms(device):

@@ -43,7 +43,8 @@ inline Launch row_launch(const at::Tensor& x) {
 // Elements between rows (a single row may have any stride(0)).
 inline int64_t row_stride_of(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
 
-// Whether the streaming row forwards take their staged kernels (FASTLOSS_ROW_STAGED=0 turns them off).
+// Whether the streaming row kernels that have a staged version (CE forward and backward, spherical forward)
+// take it (FASTLOSS_ROW_STAGED=0 turns them off).
 inline bool row_staged() {
   static const bool on = env_flag("FASTLOSS_ROW_STAGED");
   return on;
@@ -65,9 +66,9 @@ struct StagedLaunch {
 inline int staged_blocks_per_sm(const void* kernel, int device, int threads, int ring_bytes_per_thread,
                                 const std::function<int(int)>& occupancy) {
   static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int>, int> cache;
+  static std::map<std::tuple<const void*, int, int, int>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kernel, device, threads);
+  const auto key = std::make_tuple(kernel, device, threads, ring_bytes_per_thread);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int per_sm = 0, major = 0, smem_optin = 0;

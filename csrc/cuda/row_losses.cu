@@ -395,11 +395,12 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
   }
 }
 
-// ce_bwd_kernel over a persistent grid, each block's rows streamed through its ring. A row's inputs (target,
-// forward statistics, upstream gradient parts) are loaded one row ahead, so no thread waits on them at the row's
-// start: every thread holds the next target, lanes 0-5 one of the six values, which they pass on through shared
-// memory (double-buffered by row parity: a block reaches row i + 1's barrier only after every thread has read
-// row i's values).
+// ce_bwd_kernel over a persistent grid, each block's rows streamed through its ring. A row's inputs (forward
+// statistics, upstream gradient parts, target) are loaded one row ahead by threads 0-6, one value each, and passed
+// on through shared memory, double-buffered by row parity (a block reaches row i + 1's barrier only after every
+// thread has read row i's values), so no thread waits on them at the row's start. (A load by every thread would
+// go to a uniform register, which waits for it before the barrier.) Class weights are still read at the row's
+// start (w_y; L2-resident). Blocks have at least 64 threads (row_block_threads).
 // The backward's ring: groups of 2 packs (its per-lane arithmetic is light; 4-pack groups spilled at 64
 // registers), 4 slots: 6 packs in flight while one group is worked on. 128 bytes per thread.
 constexpr int kBwdStages = 4;
@@ -415,11 +416,13 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
   using acc_t = acc_type<scalar_t>;
   extern __shared__ uint4 staged_ring[];
   __shared__ acc_t s_row[2][6];
+  __shared__ int64_t s_y[2];
+  const int lane = threadIdx.x;
   auto row_value = [&](int64_t r) {  // this lane's value of row r (lanes 0-5)
-    return threadIdx.x < 3 ? stats[3 * r + threadIdx.x] : gparts[3 * r + threadIdx.x - 3];
+    return lane < 3 ? stats[3 * r + lane] : gparts[3 * r + lane - 3];
   };
-  int64_t y_next = target[blockIdx.x];
-  acc_t v_next = threadIdx.x < 6 ? row_value(blockIdx.x) : acc_t(0);
+  int64_t y_next = lane == 6 ? target[blockIdx.x] : 0;
+  acc_t v_next = lane < 6 ? row_value(blockIdx.x) : acc_t(0);
   int parity = 0;
   CeBwdRow<scalar_t, kSoftcap> b{};
   bool bad = false;
@@ -428,15 +431,16 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
   stream_rows_staged<scalar_t, kBwdGroupPacks, kBwdStages>(
       logits, row_stride, N, C, reinterpret_cast<Pack<scalar_t>*>(staged_ring), Pack<scalar_t>{},
       [&](int64_t row) {
-        const int64_t y = y_next;
-        if (threadIdx.x < 6) s_row[parity][threadIdx.x] = v_next;
+        if (lane < 6) s_row[parity][lane] = v_next;
+        if (lane == 6) s_y[parity] = y_next;
         const int64_t next = row + gridDim.x;
         if (next < N) {
-          y_next = target[next];
-          if (threadIdx.x < 6) v_next = row_value(next);
+          if (lane < 6) v_next = row_value(next);
+          if (lane == 6) y_next = target[next];
         }
         __syncthreads();
         const acc_t* q = s_row[parity];
+        const int64_t y = s_y[parity];
         parity ^= 1;
         bad = bad_target(y, C, o.ignore_index);
         b = CeBwdRow<scalar_t, kSoftcap>::make(o, C, bad ? o.ignore_index : y, q[0], q[1], q[2], q[3], q[4], q[5]);
@@ -709,7 +713,8 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
     const auto o = ce_opts<acc_t>(w, std::nullopt, sum_w, 0.0, logit_scale, softcap, ignore_index, with_smoothing);
     if constexpr (sizeof(scalar_t) <= 4) {
       // the gradient's rows (contiguous, row stride C) must be 16-byte aligned too
-      if (N == 1 || (C * logits.element_size()) % 16 == 0) {
+      if (reinterpret_cast<uintptr_t>(in.grad_logits.data_ptr()) % 16 == 0 &&
+          (N == 1 || (C * logits.element_size()) % 16 == 0)) {
         auto staged = softcap > 0 ? ce_bwd_staged_kernel<scalar_t, true> : ce_bwd_staged_kernel<scalar_t, false>;
         const StagedLaunch S = staged_row_launch(staged, logits, kBwdRingBytes);
         if (S.ok) {

@@ -85,6 +85,7 @@ struct CeGradRow {
   T m, r, inv_d;   // state and 1 / (1 + r)
   T ga, gp, gw;
   T target_pm1;    // p_y - 1, computed without cancellation
+  T ga_target_pm1;  // ga * (p_y - 1), rounded once
 
   FL_HD FL_INLINE static CeGradRow make(T m, T r, T g_nll, T g_smooth, T g_lse, T w_target, T sum_w,
                                         T z_target, bool ignored) {
@@ -101,6 +102,7 @@ struct CeGradRow {
     g.gp = g.gw * sum_w + g_lse;
     // Target is the argmax: p_y - 1 = -r / (1 + r) exactly; otherwise p_y <= 1/2 and the difference is safe.
     g.target_pm1 = (z_target >= m) ? -r * g.inv_d : fl_exp(z_target - m) * g.inv_d - T(1);
+    g.ga_target_pm1 = g.ga * g.target_pm1;
     return g;
   }
 
@@ -110,10 +112,11 @@ struct CeGradRow {
     V p = fl_exp_if_fast<kFast>(z - m) * inv_d;
     return (ga + gp) * p - gw * w;
   }
-  // dL/dz_y for the target class.
+  // dL/dz_y for the target class. The fmas are explicit: otherwise the compiler contracts this sum differently
+  // in different kernels (seen in the PTX of the CUDA backward's two walks), and their results differ by an ulp.
   FL_HD FL_INLINE T target(T z, T w) const {
     T p = fl_exp(z - m) * inv_d;
-    return ga * target_pm1 + gp * p - gw * w;
+    return std::fma(-gw, w, std::fma(gp, p, ga_target_pm1));
   }
 };
 
