@@ -401,6 +401,27 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
 // thread has read row i's values), so no thread waits on them at the row's start. (A load by every thread would
 // go to a uniform register, which waits for it before the barrier.) Class weights are still read at the row's
 // start (w_y; L2-resident). Blocks have at least 64 threads (row_block_threads).
+// A staged backward's group: each of its n packs mapped by map_pack(k, in, out) and stored at out_row[k],
+// k = k0 + u * step (16-byte stores), or NaN packs on a row with a bad target (one uniform branch).
+template <typename scalar_t, int U, typename F>
+__device__ __forceinline__ void store_group(const Pack<scalar_t> (&p)[U], int n, int64_t k0, int64_t step, bool bad,
+                                            scalar_t* out_row, F&& map_pack) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (u < n) {
+      Pack<scalar_t> res;
+      if (bad) {
+#pragma unroll
+        for (int j = 0; j < Pack<scalar_t>::N; ++j)
+          res.v[j] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+      } else {
+        map_pack(k0 + u * step, p[u], res);
+      }
+      *reinterpret_cast<Pack<scalar_t>*>(out_row + k0 + u * step) = res;
+    }
+  }
+}
+
 // The backward's ring: groups of 2 packs (its per-lane arithmetic is light; 4-pack groups spilled at 64
 // registers), 4 slots: 6 packs in flight while one group is worked on. 128 bytes per thread.
 constexpr int kBwdStages = 4;
@@ -447,19 +468,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
         out = grad + row * C;
       },
       [&](const Pack<scalar_t>(&p)[kBwdGroupPacks], int n, int64_t k0, int64_t step) {
-#pragma unroll
-        for (int u = 0; u < kBwdGroupPacks; ++u) {
-          if (u < n) {
-            Pack<scalar_t> res;
-            if (bad) {  // one uniform branch: the whole row is NaN
-#pragma unroll
-              for (int j = 0; j < Pack<scalar_t>::N; ++j) res.v[j] = nan;
-            } else {
-              b.pack(o, k0 + u * step, p[u], res);
-            }
-            *reinterpret_cast<Pack<scalar_t>*>(out + k0 + u * step) = res;
-          }
-        }
+        store_group(p, n, k0, step, bad, out,
+                    [&](int64_t k, const Pack<scalar_t>& in, Pack<scalar_t>& res) { b.pack(o, k, in, res); });
       },
       [&](int64_t k, scalar_t xv) { out[k] = bad ? nan : b.element(o, k, xv); },
       [](int64_t) {});
@@ -585,6 +595,48 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       });
 }
 
+// One row of the spherical backward, shared by spherical_bwd_kernel and spherical_bwd_staged_kernel: the
+// dense part beta (x - mean) + alpha for every class, then the target classes, whole in acc_t and rounded once.
+// Thread 0 evaluates the row's coefficients (coefficients(): O(K) target reads, O(K^2) for squared error's
+// duplicate classes) into shared memory; after a barrier every thread takes them (take()). The target fix-ups
+// overwrite dense values, so they come after a barrier that follows the whole dense pass.
+template <typename scalar_t>
+struct SphericalBwdRow {
+  using acc_t = acc_type<scalar_t>;
+  SphericalRowTargets<scalar_t, acc_t> tg;
+  acc_t m2;
+  SphericalRowGrad<acc_t> g;
+  acc_t off;
+
+  __device__ __forceinline__ static SphericalBwdRow make(const scalar_t* x, const int64_t* t, const acc_t* tw,
+                                                         int64_t ignore_index, acc_t d, acc_t m2) {
+    SphericalBwdRow r{};
+    r.tg = {x, t, tw, ignore_index, static_cast<acc_t>(x[0]), d};
+    r.m2 = m2;
+    return r;
+  }
+  __device__ __forceinline__ void coefficients(const SphericalLoss<acc_t>& sl, int64_t K, acc_t g_loss,
+                                               SphericalRowGrad<acc_t>* shared) const {
+    spherical_row(sl, tg.x0 + tg.d, m2, K, tg, g_loss, shared);
+  }
+  __device__ __forceinline__ void take(const SphericalRowGrad<acc_t>& shared) {
+    g = shared;
+    off = g.alpha - g.beta * tg.d;
+  }
+  __device__ __forceinline__ scalar_t dense(acc_t v) const { return static_cast<scalar_t>(g.beta * (v - tg.x0) + off); }
+  __device__ __forceinline__ void dense_pack(const Pack<scalar_t>& in, Pack<scalar_t>& res) const {
+#pragma unroll
+    for (int j = 0; j < Pack<scalar_t>::N; ++j) res.v[j] = dense(static_cast<acc_t>(in.v[j]));
+  }
+  __device__ __forceinline__ void fix_targets(const SphericalLoss<acc_t>& sl, int64_t K, scalar_t* out) const {
+    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
+      const auto tj = tg(j);
+      if (tj.valid)
+        out[tj.c] = static_cast<scalar_t>(g.beta * tj.dev + g.alpha + spherical_target_grad(sl, m2, K, tg, g.gw, tj.c));
+    }
+  }
+};
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     spherical_bwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
@@ -593,7 +645,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
                          const acc_type<scalar_t>* __restrict__ stats, const acc_type<scalar_t>* __restrict__ gloss,
                          scalar_t* __restrict__ grad) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int V = Pack<scalar_t>::N;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const scalar_t* x = logits + row * row_stride;
     const int64_t* t = target + row * K;
@@ -603,31 +654,63 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       for (int64_t k = threadIdx.x; k < C; k += blockDim.x) out[k] = nan;
       continue;
     }
-    const acc_t x0 = static_cast<acc_t>(x[0]);
-    const acc_t d = stats[2 * row], m2 = stats[2 * row + 1];
-    const SphericalRowTargets<scalar_t, acc_t> tg{x, t, tw ? tw + row * K : nullptr, ignore_index, x0, d};
-    // the row's coefficients once (O(K) target reads; O(K^2) for squared error's duplicate classes), shared
+    auto r = SphericalBwdRow<scalar_t>::make(x, t, tw ? tw + row * K : nullptr, ignore_index, stats[2 * row],
+                                             stats[2 * row + 1]);
     __shared__ SphericalRowGrad<acc_t> s_g;
-    if (threadIdx.x == 0) spherical_row(sl, x0 + d, m2, K, tg, gloss[row], &s_g);
+    if (threadIdx.x == 0) r.coefficients(sl, K, gloss[row], &s_g);
     __syncthreads();
-    const SphericalRowGrad<acc_t> g = s_g;
-    // dense part beta (x - mean) + alpha, then the target classes, whole in acc_t and rounded once
-    const acc_t off = g.alpha - g.beta * d;
-    auto dense = [&](acc_t v) { return static_cast<scalar_t>(g.beta * (v - x0) + off); };
+    r.take(s_g);
     map_row(
-        x, out, C, [&](int64_t, scalar_t v) { return dense(static_cast<acc_t>(v)); },
-        [&](int64_t, const Pack<scalar_t>& in, Pack<scalar_t>& res) {
-#pragma unroll
-          for (int j = 0; j < V; ++j) res.v[j] = dense(static_cast<acc_t>(in.v[j]));
-        });
+        x, out, C, [&](int64_t, scalar_t v) { return r.dense(static_cast<acc_t>(v)); },
+        [&](int64_t, const Pack<scalar_t>& in, Pack<scalar_t>& res) { r.dense_pack(in, res); });
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-      const auto tj = tg(j);
-      if (tj.valid)
-        out[tj.c] = static_cast<scalar_t>(g.beta * tj.dev + g.alpha + spherical_target_grad(sl, m2, K, tg, g.gw, tj.c));
-    }
+    r.fix_targets(sl, K, out);
     __syncthreads();  // the next row of this block must not start before the fix-ups (shared-free, but tidy)
   }
+}
+
+// spherical_bwd_kernel over a persistent grid, each block's rows streamed through its ring (as
+// ce_bwd_staged_kernel, same ring): while thread 0 evaluates a row's coefficients (dependent reads of its
+// targets) and while the block waits at the row's barriers, the next packs stay in flight.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    spherical_bwd_staged_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                                const int64_t* __restrict__ target, int64_t K,
+                                const acc_type<scalar_t>* __restrict__ tw, int64_t ignore_index,
+                                SphericalLoss<acc_type<scalar_t>> sl, const acc_type<scalar_t>* __restrict__ stats,
+                                const acc_type<scalar_t>* __restrict__ gloss, scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  extern __shared__ uint4 staged_ring[];
+  // written by thread 0 at a row's start, read by all after that barrier; thread 0 reaches the next row's start
+  // only through this row's end barrier, so one buffer is enough
+  __shared__ SphericalRowGrad<acc_t> s_g;
+  SphericalBwdRow<scalar_t> r{};
+  bool bad = false;
+  scalar_t* out = grad;
+  const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+  stream_rows_staged<scalar_t, kBwdGroupPacks, kBwdStages>(
+      logits, row_stride, N, C, reinterpret_cast<Pack<scalar_t>*>(staged_ring), Pack<scalar_t>{},
+      [&](int64_t row) {
+        const int64_t* t = target + row * K;
+        out = grad + row * C;
+        bad = any_bad_target(t, K, C, ignore_index);  // the same answer in every thread
+        if (!bad) {
+          r = SphericalBwdRow<scalar_t>::make(logits + row * row_stride, t, tw ? tw + row * K : nullptr, ignore_index,
+                                              stats[2 * row], stats[2 * row + 1]);
+          if (threadIdx.x == 0) r.coefficients(sl, K, gloss[row], &s_g);
+        }
+        __syncthreads();
+        if (!bad) r.take(s_g);
+      },
+      [&](const Pack<scalar_t>(&p)[kBwdGroupPacks], int n, int64_t k0, int64_t step) {
+        store_group(p, n, k0, step, bad, out,
+                    [&](int64_t, const Pack<scalar_t>& in, Pack<scalar_t>& res) { r.dense_pack(in, res); });
+      },
+      [&](int64_t k, scalar_t v) { out[k] = bad ? nan : r.dense(static_cast<acc_t>(v)); },
+      [&](int64_t) {
+        __syncthreads();  // every dense value of the row is written before its targets overwrite theirs
+        if (!bad) r.fix_targets(sl, K, out);
+      });
 }
 
 // ------------------------------------------------------------------------------------------------ glue
@@ -793,6 +876,22 @@ at::Tensor spherical_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, 
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
+    if constexpr (sizeof(scalar_t) == 2) {  // fp32 rows already stream at 94-98 % of copy bandwidth (run 3)
+      // the gradient's rows (contiguous, row stride C) must be 16-byte aligned too
+      if (reinterpret_cast<uintptr_t>(in.grad_logits.data_ptr()) % 16 == 0 &&
+          (N == 1 || (C * logits.element_size()) % 16 == 0)) {
+        const StagedLaunch S = staged_row_launch(spherical_bwd_staged_kernel<scalar_t>, logits, kBwdRingBytes);
+        if (S.ok) {
+          spherical_bwd_staged_kernel<scalar_t><<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
+              static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C,
+              in.target.data_ptr<int64_t>(), in.target.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index,
+              spherical_loss_of<acc_t>(kind, a, b, eps, C), in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
+              static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
+    }
     spherical_bwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
         static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C, in.target.data_ptr<int64_t>(),
         in.target.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index,
