@@ -142,7 +142,7 @@ def streamed_losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     staged kernels with their unstaged twins (tests/test_cross_entropy.py runs this in a subprocess with
     FASTLOSS_ROW_STAGED=0): the spherical family, and cross-entropy plain (staged light forward), with a scale
     and an lse penalty (the backward's lse term) and with softcap, smoothing and class weights (general forward,
-    staged backward); a bad target in row 7 (NaN row)."""
+    staged backward), Z-loss with two weighted targets per row; a bad target in row 7 (NaN row)."""
     import fastloss
 
     out = {}
@@ -158,12 +158,16 @@ def streamed_losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
                                                                                  label_smoothing=0.1, weight=w),
             **{name: lambda x, t, name=name: getattr(fastloss, name)(x, t, reduction="none") for name in (
                 "zloss", "spherical_softmax_loss", "taylor_softmax_loss", "spherical_mse_loss")},
+            # two weighted targets per row (the second repeats the first in some rows): the backward's fix-ups
+            "zloss_two_targets": lambda x, t: fastloss.zloss(
+                x, torch.stack([t, t.roll(1)], -1), reduction="none",
+                target_weight=torch.linspace(0.5, 2.0, 2 * t.numel(), device="cuda").reshape(-1, 2)),
         }
         if t.numel() > 7:
             t = t.clone()
             t[7] = C
         for name, call in calls.items():
-            xi = x.clone().requires_grad_()
+            xi = x.detach().requires_grad_()  # the view itself: the offset slice keeps its row stride
             loss = call(xi, t)
             (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
             out[f"{case}/{name}/loss"], out[f"{case}/{name}/grad"] = loss.detach().cpu(), g.cpu()

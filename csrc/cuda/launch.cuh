@@ -43,8 +43,8 @@ inline Launch row_launch(const at::Tensor& x) {
 // Elements between rows (a single row may have any stride(0)).
 inline int64_t row_stride_of(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
 
-// Whether the streaming row kernels that have a staged version (CE forward and backward, spherical forward)
-// take it (FASTLOSS_ROW_STAGED=0 turns them off).
+// Whether the streaming row kernels that have a staged version (CE and spherical, forward and backward) take it
+// (FASTLOSS_ROW_STAGED=0 turns them off).
 inline bool row_staged() {
   static const bool on = env_flag("FASTLOSS_ROW_STAGED");
   return on;

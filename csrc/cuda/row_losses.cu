@@ -406,14 +406,14 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
 template <typename scalar_t, int U, typename F>
 __device__ __forceinline__ void store_group(const Pack<scalar_t> (&p)[U], int n, int64_t k0, int64_t step, bool bad,
                                             scalar_t* out_row, F&& map_pack) {
+  const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     if (u < n) {
       Pack<scalar_t> res;
       if (bad) {
 #pragma unroll
-        for (int j = 0; j < Pack<scalar_t>::N; ++j)
-          res.v[j] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+        for (int j = 0; j < Pack<scalar_t>::N; ++j) res.v[j] = nan;
       } else {
         map_pack(k0 + u * step, p[u], res);
       }
