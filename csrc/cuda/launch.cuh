@@ -90,12 +90,20 @@ inline int staged_blocks_per_sm(const void* kernel, int device, int threads, int
   return per_sm;
 }
 
+// Rows of t (N, C) all 16-byte aligned and contiguous within.
+inline bool rows_aligned16(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1);
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (C == 1 || t.stride(1) == 1) &&
+         (N == 1 || (row_stride_of(t) * t.element_size()) % 16 == 0);
+}
+
+// out: a backward's gradient (N, C), written with 16-byte stores: its rows must be aligned too.
 template <typename Kernel>
-StagedLaunch staged_row_launch(Kernel* kernel, const at::Tensor& x, int ring_bytes_per_thread) {
+StagedLaunch staged_row_launch(Kernel* kernel, const at::Tensor& x, int ring_bytes_per_thread,
+                               const at::Tensor* out = nullptr) {
   StagedLaunch s;
   const int64_t N = x.size(0), C = x.size(1), elem = x.element_size();
-  const bool aligned = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (C == 1 || x.stride(1) == 1) &&
-                       (N == 1 || (row_stride_of(x) * elem) % 16 == 0);
+  const bool aligned = rows_aligned16(x) && (out == nullptr || rows_aligned16(*out));
   if (!row_staged() || !aligned || C * elem < 16 || N < 1) return s;
   const int device = x.get_device();
   const Launch base = row_launch(x);

@@ -795,19 +795,15 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
     using acc_t = acc_type<scalar_t>;
     const auto o = ce_opts<acc_t>(w, std::nullopt, sum_w, 0.0, logit_scale, softcap, ignore_index, with_smoothing);
     if constexpr (sizeof(scalar_t) <= 4) {
-      // the gradient's rows (contiguous, row stride C) must be 16-byte aligned too
-      if (reinterpret_cast<uintptr_t>(in.grad_logits.data_ptr()) % 16 == 0 &&
-          (N == 1 || (C * logits.element_size()) % 16 == 0)) {
-        auto staged = softcap > 0 ? ce_bwd_staged_kernel<scalar_t, true> : ce_bwd_staged_kernel<scalar_t, false>;
-        const StagedLaunch S = staged_row_launch(staged, logits, kBwdRingBytes);
-        if (S.ok) {
-          staged<<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
-              static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C,
-              in.target.data_ptr<int64_t>(), o, in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
-              static_cast<scalar_t*>(in.grad_logits.data_ptr()));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          return;
-        }
+      auto staged = softcap > 0 ? ce_bwd_staged_kernel<scalar_t, true> : ce_bwd_staged_kernel<scalar_t, false>;
+      const StagedLaunch S = staged_row_launch(staged, logits, kBwdRingBytes, &in.grad_logits);
+      if (S.ok) {
+        staged<<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
+            static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C,
+            in.target.data_ptr<int64_t>(), o, in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
+            static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
       }
     }
     auto kernel = softcap > 0 ? ce_bwd_kernel<scalar_t, true> : ce_bwd_kernel<scalar_t, false>;
@@ -877,19 +873,16 @@ at::Tensor spherical_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, 
     using scalar_t = decltype(tag);
     using acc_t = acc_type<scalar_t>;
     if constexpr (sizeof(scalar_t) == 2) {  // fp32 rows already stream at 94-98 % of copy bandwidth (run 3)
-      // the gradient's rows (contiguous, row stride C) must be 16-byte aligned too
-      if (reinterpret_cast<uintptr_t>(in.grad_logits.data_ptr()) % 16 == 0 &&
-          (N == 1 || (C * logits.element_size()) % 16 == 0)) {
-        const StagedLaunch S = staged_row_launch(spherical_bwd_staged_kernel<scalar_t>, logits, kBwdRingBytes);
-        if (S.ok) {
-          spherical_bwd_staged_kernel<scalar_t><<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
-              static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C,
-              in.target.data_ptr<int64_t>(), in.target.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index,
-              spherical_loss_of<acc_t>(kind, a, b, eps, C), in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
-              static_cast<scalar_t*>(in.grad_logits.data_ptr()));
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          return;
-        }
+      const StagedLaunch S =
+          staged_row_launch(spherical_bwd_staged_kernel<scalar_t>, logits, kBwdRingBytes, &in.grad_logits);
+      if (S.ok) {
+        spherical_bwd_staged_kernel<scalar_t><<<S.launch.grid, S.launch.block, S.smem, S.launch.stream>>>(
+            static_cast<const scalar_t*>(logits.data_ptr()), row_stride_of(logits), N, C,
+            in.target.data_ptr<int64_t>(), in.target.size(1), tw ? tw->data_ptr<acc_t>() : nullptr, ignore_index,
+            spherical_loss_of<acc_t>(kind, a, b, eps, C), in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
+            static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
       }
     }
     spherical_bwd_kernel<scalar_t><<<L.grid, L.block, 0, L.stream>>>(
