@@ -19,6 +19,11 @@ fi
 .venv/bin/python -m pip install -q --no-deps entmax
 # CUTLASS headers (the sm_90 fused contrastive GEMM; only its headers are used, so no dependencies).
 .venv/bin/python -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
+# clang++ for the tests' CUDA emulator (tests/cuemu: GCC 12 stops with an internal error on the CUDA sources)
+if ! command -v clang++ >/dev/null && ! command -v clang++-14 >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get install -y -q clang >/dev/null || { $SUDO apt-get update -q && $SUDO apt-get install -y -q clang; }
+fi
 if [ "${CI:-}" = "true" ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=9.0
 fi

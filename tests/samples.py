@@ -109,7 +109,7 @@ def check_compile_fullgraph(loss, device):
         torch.testing.assert_close(g, ge)
 
 
-def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def streamed_rows(device: str, dtype: torch.dtype, rows_div: int = 1) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, logits, target) of 16-byte-aligned rows for the CUDA staged forwards (csrc/cuda/common.cuh,
     stream_rows_staged), enough of them that every block of the persistent grid streams at least 3 rows through
     its shared-memory ring on an H200 (132 SMs, 1024 threads each: 2112 blocks of 64 threads, 1056 of 128): one
@@ -117,7 +117,8 @@ def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tens
     partial (bf16: 128 threads), rows starting 16 bytes into a wider row, and one long row whose tail is the
     only one a staged backward sees (with N > 1 a row of C % 8 != 0 2-byte logits leaves the gradient's rows
     misaligned, and the backward runs unstaged). A tenth of the targets are ignored (-100); the first and last
-    class are targets of rows 0 and 1 (of row 0 in the single row)."""
+    class are targets of rows 0 and 1 (of row 0 in the single row). rows_div divides the row counts (the CUDA
+    emulator of tests/cuemu, with its one SM, needs 1/64 of them for as many rows per block)."""
     gen = torch.Generator().manual_seed(21)
     out = []
     # (rows, row width, first and past-last class, scale: the squared error of a row stays within fp16's range)
@@ -128,6 +129,7 @@ def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tens
         "aligned_slice": (6400, 1032, 8, 1032, 2.0),
         "single_row_tail": (1, 70005, 0, 70005, 0.5),
     }.items():
+        N = max(1, N // rows_div)
         full = (torch.randn(N, width, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
         C = hi - lo
         t = torch.randint(0, C, (N,), generator=gen)
@@ -137,19 +139,21 @@ def streamed_rows(device: str, dtype: torch.dtype) -> list[tuple[str, torch.Tens
     return out
 
 
-def streamed_losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def streamed_losses(dtype: torch.dtype, device: str = "cuda", rows_div: int = 1,
+                    bad_row: bool = True) -> dict[str, torch.Tensor]:
     """Per-row losses and logit gradients of every streamed_rows case on CUDA, for a bitwise comparison of the
     staged kernels with their unstaged twins (tests/test_cross_entropy.py runs this in a subprocess with
     FASTLOSS_ROW_STAGED=0): the spherical family, and cross-entropy plain (staged light forward), with a scale
     and an lse penalty (the backward's lse term) and with softcap, smoothing and class weights (general forward,
-    staged backward), Z-loss with two weighted targets per row; a bad target in row 7 (NaN row)."""
+    staged backward), Z-loss with two weighted targets per row; a bad target in row 7 (NaN row) unless not
+    bad_row. device="cpu" with rows_div=64: the same through the CUDA emulator (tests/cuemu)."""
     import fastloss
 
     out = {}
-    for case, x, t in streamed_rows("cuda", dtype):
+    for case, x, t in streamed_rows(device, dtype, rows_div):
         C = x.shape[-1]
         gen = torch.Generator().manual_seed(3)
-        w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(device="cuda", dtype=torch.float32)
+        w = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(device=device, dtype=torch.float32)
         calls = {
             "cross_entropy": lambda x, t: fastloss.cross_entropy(x, t, reduction="none"),
             "ce_scaled_lse": lambda x, t: fastloss.cross_entropy(x, t, reduction="none", logit_scale=0.37,
@@ -161,9 +165,9 @@ def streamed_losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
             # two weighted targets per row (the second repeats the first in some rows): the backward's fix-ups
             "zloss_two_targets": lambda x, t: fastloss.zloss(
                 x, torch.stack([t, t.roll(1)], -1), reduction="none",
-                target_weight=torch.linspace(0.5, 2.0, 2 * t.numel(), device="cuda").reshape(-1, 2)),
+                target_weight=torch.linspace(0.5, 2.0, 2 * t.numel(), device=device).reshape(-1, 2)),
         }
-        if t.numel() > 7:
+        if bad_row and t.numel() > 7:
             t = t.clone()
             t[7] = C
         for name, call in calls.items():
@@ -172,3 +176,10 @@ def streamed_losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
             (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
             out[f"{case}/{name}/loss"], out[f"{case}/{name}/grad"] = loss.detach().cpu(), g.cpu()
     return out
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as bytes, for bitwise comparisons in which NaNs compare too. Copied into fresh strides first: a
+    tensor with a size-1 dimension counts as contiguous whatever that dimension's stride (a (1,) column of a
+    (1, 3) tensor has stride 3), and view(torch.uint8) needs stride 1."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t).reshape(-1).view(torch.uint8)

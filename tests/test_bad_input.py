@@ -70,6 +70,7 @@ def test_zloss_bad_a(fn, a):
         fn(*_good(), a=a)
 
 
+@pytest.mark.host_kernels
 @pytest.mark.parametrize("fn", list(FUNCS.values()))
 @pytest.mark.parametrize("bad", [5, -1, 100])
 def test_target_out_of_range_cpu_raises_index_error(fn, bad):
@@ -79,11 +80,26 @@ def test_target_out_of_range_cpu_raises_index_error(fn, bad):
         fn(x, t)
 
 
-def test_ops_called_directly_stay_safe():
+@pytest.mark.host_kernels
+def test_ops_called_directly_raise_on_bad_indices():
     x, t = _good()
     t[1] = 7
     with pytest.raises(IndexError):
         torch.ops.fastloss.cross_entropy_fwd(x, t, None, None, 0.0, 1.0, 0.0, -100, False)
+    # the contrastive backward checks its positives as the forward does (a huge one read out of bounds)
+    q, k, s = torch.randn(4, 3), torch.randn(6, 3), torch.ones(4)
+    _, _, rs, cs = torch.ops.fastloss.contrastive_fwd(q, k, s, None, torch.arange(4), None, None, 0, False, False,
+                                                      False, 0.0, 0.0, 0)
+    for bad in (1000, -1, 2**40):
+        p = torch.tensor([0, bad, 1, 2])
+        with pytest.raises(IndexError, match="out of bounds"):
+            torch.ops.fastloss.contrastive_bwd(torch.ones(4), torch.ones(0), q, k, s, None, p, None, None, rs, cs,
+                                               0, False, False, False, 0.0, 0.0, 0, True, True)
+
+
+def test_ops_called_directly_stay_safe():
+    x, t = _good()
+    t[1] = 7
     with pytest.raises(RuntimeError, match="logits must be 2-D"):
         torch.ops.fastloss.spherical_fwd(x[0], t[:1, None], None, 0, 1.0, 0.0, 0.0, -100)
     with pytest.raises(RuntimeError, match="target must be int64"):
@@ -101,15 +117,6 @@ def test_ops_called_directly_stay_safe():
     with pytest.raises(RuntimeError, match="every tensor must be on one device"):
         torch.ops.fastloss.cross_entropy_bwd(torch.ones(4, 3, device="meta"), x, t.clamp(0, 4), None,
                                              torch.ones(4, 3), 1.0, 0.0, -100, False)
-    # the contrastive backward checks its positives as the forward does (a huge one read out of bounds)
-    q, k, s = torch.randn(4, 3), torch.randn(6, 3), torch.ones(4)
-    _, _, rs, cs = torch.ops.fastloss.contrastive_fwd(q, k, s, None, torch.arange(4), None, None, 0, False, False,
-                                                      False, 0.0, 0.0, 0)
-    for bad in (1000, -1, 2**40):
-        p = torch.tensor([0, bad, 1, 2])
-        with pytest.raises(IndexError, match="out of bounds"):
-            torch.ops.fastloss.contrastive_bwd(torch.ones(4), torch.ones(0), q, k, s, None, p, None, None, rs, cs,
-                                               0, False, False, False, 0.0, 0.0, 0, True, True)
 
 
 @pytest.mark.cuda

@@ -45,6 +45,7 @@ def test_compile_dynamic_fullgraph(name):
             torch.testing.assert_close(g, gw, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.host_kernels
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compiled_bad_positive_still_raises():
     torch._dynamo.reset()

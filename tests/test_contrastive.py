@@ -690,6 +690,7 @@ def test_backward_is_exactly_linear_in_a_power_of_two_upstream(device):
         assert torch.equal(b * 2.0**60, a)
 
 
+@pytest.mark.host_kernels
 def test_direct_op_bad_positive_raises_index_error():
     q, k = _good()
     args = list(_op_args("cpu", torch.float32, 0))
@@ -905,6 +906,7 @@ FUSED_SM90 = (HAS_CUDA_KERNELS and fastloss.build_info()["contrastive_fused_sm90
               and torch.cuda.get_device_capability() == (9, 0))
 
 
+@pytest.mark.host_kernels  # on CPU it tests the fused GEMMs' twin, which the emulated CUDA build does not have
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [
     {"N": 300, "M": 300, "d": 64, "symmetric": True},                          # CLIP, tiles cut at 300

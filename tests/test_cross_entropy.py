@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastloss
 from fastloss import reference
-from samples import LOW_PRECISION, TOL, grad_like, loss_and_grad, row_samples, streamed_losses, streamed_rows
+from samples import LOW_PRECISION, TOL, as_bytes, grad_like, loss_and_grad, row_samples, streamed_losses, streamed_rows
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -232,7 +232,7 @@ def test_cuda_staged_forwards_bitwise_equal_unstaged(dtype, tmp_path):
     staged = streamed_losses(dtype)
     assert staged.keys() == unstaged.keys()
     for key, value in staged.items():  # bits, so that NaN rows compare too
-        assert torch.equal(value.contiguous().view(torch.uint8), unstaged[key].contiguous().view(torch.uint8)), key
+        assert torch.equal(as_bytes(value), as_bytes(unstaged[key])), key
 
 
 EXTRAS = [

@@ -58,8 +58,15 @@ struct alignas(16) Pack {
   T v[N];
 };
 
-// Hint: bring the 128-byte line holding p into L2 (no registers held, nothing waits on it).
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.L2 [%0];" ::"l"(p)); }
+// Hint: bring the 128-byte line holding p into L2 (no registers held, nothing waits on it). A host build (the
+// tests' CUDA emulator, tests/cuemu) has nothing to prefetch.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
 
 // Visits a row: element(k, x_k) for the unaligned head and the tail, and group(p, n, k0, step) for the
 // 16-byte-aligned body, each thread a strided share: its packs come U at a time (loaded together, in flight at

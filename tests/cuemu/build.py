@@ -1,0 +1,126 @@
+"""Build fastloss's CUDA sources as host C++ against the emulator in tests/cuemu/shim (README.md there).
+
+The sources are used as they are, with four mechanical rewrites: a launch ``k<<<grid, block, smem, stream>>>(args)``
+becomes ``::emu::launch(grid, block, smem, stream)(k)(args)``, ``extern __shared__ T name[];`` a pointer to the
+emulator's dynamic shared memory, ``__shared__`` a function static (blocks run one at a time), and the ops register
+for the CPU dispatch key under the op namespace ``fastloss_emu`` (``-Dfastloss=fastloss_emu``, registration.cpp
+included), so that ``torch.ops.fastloss_emu.<op>`` runs the CUDA kernels on CPU tensors beside the real CPU
+kernels in ``torch.ops.fastloss``.
+
+    python tests/cuemu/build.py [--out DIR] [--jobs N]    # prints the library's path
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+SOURCES = ["row_losses.cu", "spherical.cu", "stable_softmax.cu", "sparsemax.cu", "contrastive.cu"]
+
+_LAUNCH = re.compile(r"^([ \t]*)(\S[^\n]*?)<<<(.*?)>>>\(", re.M | re.S)
+_DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def rewrite(text: str) -> str:
+    """The emulator's form of one .cu file."""
+    text, n = _LAUNCH.subn(lambda m: f"{m[1]}::emu::launch({m[3]})({m[2]})(", text)
+    if "<<<" in text:
+        raise RuntimeError("cuemu: a kernel launch the rewrite does not understand")
+    text = _DYNAMIC_SMEM.sub(lambda m: f"{m[1]}* {m[2]} = ::emu::dynamic_smem<{m[1]}>();", text)
+    text = re.sub(r"\b__shared__\b", "static", text)
+    return text.replace("TORCH_LIBRARY_IMPL(fastloss, CUDA, m)", "TORCH_LIBRARY_IMPL(fastloss, CPU, m)")
+
+
+def _inputs_hash() -> str:
+    h = hashlib.sha256()
+    files = sorted(CSRC.rglob("*")) + sorted(HERE.rglob("*.h")) + [Path(__file__).resolve()]
+    for f in files:
+        if f.is_file() and "sm90" not in f.name:
+            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(f.read_bytes())
+    import torch
+
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    import torch
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cflags = ["-std=c++20", "-O1", "-fPIC", "-w", "-U_FORTIFY_SOURCE", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+              "-Dfastloss=fastloss_emu", "-DFL_HAVE_SM90_FUSED=0",
+              f"-I{HERE / 'shim'}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'cuda'}", f"-I{CSRC}",
+              f"-I{sysconfig.get_paths()['include']}"]
+    cflags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    lib = Path(torch.__file__).parent / "lib"
+    ldflags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+    return cflags, ldflags
+
+
+def compiler() -> str:
+    """FASTLOSS_EMU_CXX, else clang++ (GCC 12 crashes with an internal error on the row kernels' lambdas)."""
+    if os.environ.get("FASTLOSS_EMU_CXX"):
+        return os.environ["FASTLOSS_EMU_CXX"]
+    for c in ("clang++", "clang++-14", "clang++-15", "clang++-16"):
+        if shutil.which(c):
+            return c
+    raise RuntimeError("cuemu: no clang++ (apt-get install clang; GCC 12 cannot compile the CUDA sources as C++)")
+
+
+def build(out: Path | None = None, jobs: int | None = None) -> Path:
+    """Builds (or finds, by the sources' hash) the emulated library and returns its path."""
+    out = Path(out) if out else ROOT / "build" / "cuemu"
+    so = out / f"fastloss_emu_{_inputs_hash()}.so"
+    if so.exists():
+        return so
+    src = out / "src" / "cuda"
+    src.mkdir(parents=True, exist_ok=True)
+    units = []
+    for name in SOURCES:
+        dst = src / (name + ".cpp")
+        dst.write_text(rewrite((CSRC / "cuda" / name).read_text()))
+        units.append(dst)
+    units.append(CSRC / "registration.cpp")
+    cflags, ldflags = _flags()
+    cxx = compiler()
+
+    def compile_one(u: Path) -> Path:
+        obj = out / (u.name + ".o")
+        r = subprocess.run([cxx, *cflags, "-c", str(u), "-o", str(obj)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"cuemu: compiling {u.name} failed:\n{r.stderr[-6000:]}")
+        return obj
+
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
+        objs = list(pool.map(compile_one, units))
+    tmp = so.with_suffix(f".tmp{os.getpid()}")
+    r = subprocess.run([cxx, "-shared", *map(str, objs), "-o", str(tmp), *ldflags], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cuemu: linking failed:\n{r.stderr[-6000:]}")
+    tmp.replace(so)  # atomic: concurrent builders (pytest-xdist workers) never load a half-written library
+    return so
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=None)
+    a = ap.parse_args()
+    print(build(a.out, a.jobs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
