@@ -13,6 +13,7 @@ kernels in ``torch.ops.fastloss``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import re
@@ -67,7 +68,21 @@ def _flags() -> tuple[list[str], list[str]]:
     cflags += [f"-I{p}" for p in cpp_extension.include_paths()]
     lib = Path(torch.__file__).parent / "lib"
     ldflags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+    if _sanitize():  # AddressSanitizer: the kernels' global reads and writes against the CPU tensors' bounds
+        cflags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-shared-libasan"]
+        ldflags += ["-fsanitize=address", "-shared-libasan"]
     return cflags, ldflags
+
+
+def _sanitize() -> bool:
+    """FASTLOSS_EMU_ASAN=1: build with AddressSanitizer (run with asan_runtime() in LD_PRELOAD)."""
+    return os.environ.get("FASTLOSS_EMU_ASAN") == "1"
+
+
+def asan_runtime() -> str:
+    """The AddressSanitizer runtime of the emulator's compiler, for LD_PRELOAD."""
+    return subprocess.run([compiler(), "-print-file-name=libclang_rt.asan-x86_64.so"], capture_output=True,
+                          text=True, check=True).stdout.strip()
 
 
 def compiler() -> str:
@@ -83,14 +98,23 @@ def compiler() -> str:
 def build(out: Path | None = None, jobs: int | None = None) -> Path:
     """Builds (or finds, by the sources' hash) the emulated library and returns its path."""
     out = Path(out) if out else ROOT / "build" / "cuemu"
-    so = out / f"fastloss_emu_{_inputs_hash()}.so"
+    so = out / f"fastloss_emu_{_inputs_hash()}{'_asan' if _sanitize() else ''}.so"
     if so.exists():
         return so
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:  # one builder at a time (pytest-xdist workers); the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not so.exists():
+            _build(so, out, jobs)
+    return so
+
+
+def _build(so: Path, out: Path, jobs: int | None) -> None:
     src = out / "src" / "cuda"
     src.mkdir(parents=True, exist_ok=True)
     units = []
     for name in SOURCES:
-        dst = src / (name + ".cpp")
+        dst = src / (name + (".asan.cpp" if _sanitize() else ".cpp"))
         dst.write_text(rewrite((CSRC / "cuda" / name).read_text()))
         units.append(dst)
     units.append(CSRC / "registration.cpp")
@@ -98,7 +122,7 @@ def build(out: Path | None = None, jobs: int | None = None) -> Path:
     cxx = compiler()
 
     def compile_one(u: Path) -> Path:
-        obj = out / (u.name + ".o")
+        obj = out / (u.name + (".asan.o" if _sanitize() else ".o"))
         r = subprocess.run([cxx, *cflags, "-c", str(u), "-o", str(obj)], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"cuemu: compiling {u.name} failed:\n{r.stderr[-6000:]}")
@@ -110,8 +134,7 @@ def build(out: Path | None = None, jobs: int | None = None) -> Path:
     r = subprocess.run([cxx, "-shared", *map(str, objs), "-o", str(tmp), *ldflags], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"cuemu: linking failed:\n{r.stderr[-6000:]}")
-    tmp.replace(so)  # atomic: concurrent builders (pytest-xdist workers) never load a half-written library
-    return so
+    tmp.replace(so)  # atomic: a process that finds it never loads a half-written library
 
 
 def main() -> None:
