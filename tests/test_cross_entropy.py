@@ -130,7 +130,7 @@ def _check_low_precision_vs_float64(x, t, opts, rows):
     same values, on the given rows: within one rounding to the output dtype (fp32 logits: within TOL). Returns
     (loss, gradient)."""
     eps = torch.finfo(x.dtype).eps if x.dtype in LOW_PRECISION else TOL[x.dtype][0] / 2
-    xi = x.clone().requires_grad_()
+    xi = x.detach().requires_grad_()  # not a clone: the view's row stride decides staged vs unstaged kernels
     loss = fastloss.cross_entropy(xi, t, reduction="none", **opts)
     (g,) = torch.autograd.grad(loss, xi, torch.ones_like(loss))
     x64 = x.double().requires_grad_()
