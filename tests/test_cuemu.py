@@ -105,3 +105,15 @@ def test_emulated_kernels_stay_in_bounds(runs):
     assert emu.keys() == asan.keys()
     for key in emu:
         assert torch.equal(as_bytes(emu[key]), as_bytes(asan[key])), key
+
+
+def test_emulator_raises_where_a_gpu_would_fault_or_hang(tmp_path):
+    """The emulator's own checks (cuemu/selftest.cpp): a misaligned 16-byte pack load or store, __syncthreads or a
+    full-warp shuffle after some threads returned, a barrier that can never release, a shared address past the
+    launch, too much dynamic shared memory each raise with their message; correct kernels run."""
+    from cuemu import build
+
+    r = subprocess.run([str(build.build_selftest(tmp_path))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert r.stdout.count("ok: ") == 10 and "FAIL" not in r.stdout, r.stdout
+

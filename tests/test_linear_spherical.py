@@ -315,8 +315,10 @@ def test_row_chunks(device, monkeypatch, dtype, split, centred, chunked):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_gram_accuracy_bench(device, loss):
     """bench/gram_accuracy.py (run on the GPU machine too) and the claims it measures: with a large shared logit
-    mean, the raw Gram's fp32 per-row losses (bf16 inputs) stay within 1e-7 × (μ² + σ²) / σ² of float64
-    (measured: ~2e-8 ×) and ten times closer than the losses of bf16-materialised logits, the centred Gram's
+    mean, the raw Gram's fp32 per-row losses (bf16 inputs) stay within 4e-7 × (μ² + σ²) / σ² of float64, a few
+    fp32 roundings of the cancelling subtraction (measured 2e-8 × to 1.1e-7 ×: the GEMM's fp32 summation order
+    is the BLAS's, and differs between CPUs), and ten times closer than the losses of bf16-materialised
+    logits, the centred Gram's
     within 1e-5 regardless; fp32 inputs keep loss and gradients within 1e-5 with the mean ~200 times the
     spread."""
     import importlib.util as iu
@@ -328,7 +330,7 @@ def test_gram_accuracy_bench(device, loss):
     r = bench.measure(loss, 30.0, 32, 16, 2000, device)
     assert r["ratio"] > 1000
     assert r["centred"] < 1e-5
-    assert r["raw"] < 1e-5 + 1e-7 * r["ratio"]
+    assert r["raw"] < 1e-5 + 4e-7 * r["ratio"]
     assert r["raw"] < r["materialised_bf16"] / 10
     f = bench.measure_fp32(loss, 100.0, 64, 16, 301, device)  # fp32, the logits' mean ~200 times their spread
     assert f["ratio"] > 1e4

@@ -12,6 +12,13 @@ namespace fastloss::cuda {
 
 constexpr int kWarp = 32;
 
+// The tests' CUDA emulator (tests/cuemu) defines FL_CHECKED_COPY(Type) to check every copy of a vector type
+// against the type's alignment, as a GPU does (a misaligned vector load or store faults there; x86 would not);
+// a real build adds nothing.
+#ifndef FL_CHECKED_COPY
+#define FL_CHECKED_COPY(Type)
+#endif
+
 // Shuffle any trivially copyable state word by word.
 template <typename S>
 __device__ __forceinline__ S shfl_xor(const S& v, int mask) {
@@ -56,6 +63,7 @@ template <typename T>
 struct alignas(16) Pack {
   static constexpr int N = 16 / sizeof(T);
   T v[N];
+  FL_CHECKED_COPY(Pack)
 };
 
 // Hint: bring the 128-byte line holding p into L2 (no registers held, nothing waits on it). A host build (the

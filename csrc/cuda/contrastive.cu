@@ -46,6 +46,7 @@ struct Pair {
 template <typename O, int V>
 struct alignas(sizeof(O) * V) OutPack {
   O v[V];
+  FL_CHECKED_COPY(OutPack)
 };
 
 // One block per tile row. A 16-byte pack without the row's positive or excluded self and with finite logits

@@ -68,9 +68,15 @@ def _flags() -> tuple[list[str], list[str]]:
     cflags += [f"-I{p}" for p in cpp_extension.include_paths()]
     lib = Path(torch.__file__).parent / "lib"
     ldflags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
-    if _sanitize():  # AddressSanitizer: the kernels' global reads and writes against the CPU tensors' bounds
-        cflags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-shared-libasan"]
-        ldflags += ["-fsanitize=address", "-shared-libasan"]
+    if _sanitize():
+        # AddressSanitizer: the kernels' global reads and writes against the CPU tensors' bounds. With it the
+        # undefined-behaviour checks that are faults or wrong results on a GPU too: a misaligned 16-byte pack
+        # (a misaligned-address fault there), shifts, integer division by zero, signed overflow (an index
+        # that wraps), out-of-bounds local arrays, null pointers. Any report stops the run.
+        ub = "alignment,bounds,shift,integer-divide-by-zero,signed-integer-overflow,null,return,unreachable"
+        cflags += ["-fsanitize=address," + ub, "-fno-sanitize-recover=" + ub, "-fno-omit-frame-pointer",
+                   "-shared-libasan"]
+        ldflags += ["-fsanitize=address," + ub, "-shared-libasan"]
     return cflags, ldflags
 
 
@@ -135,6 +141,19 @@ def _build(so: Path, out: Path, jobs: int | None) -> None:
     if r.returncode != 0:
         raise RuntimeError(f"cuemu: linking failed:\n{r.stderr[-6000:]}")
     tmp.replace(so)  # atomic: a process that finds it never loads a half-written library
+
+
+def build_selftest(out: Path) -> Path:
+    """Compiles selftest.cpp (the emulator's own checks; tests/test_cuemu.py runs it) and returns the program."""
+    out.mkdir(parents=True, exist_ok=True)
+    src = out / "selftest.cpp"
+    src.write_text(rewrite((HERE / "selftest.cpp").read_text()))
+    cflags, ldflags = _flags()
+    exe = out / "selftest"
+    r = subprocess.run([compiler(), *cflags, str(src), "-o", str(exe), *ldflags], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cuemu: compiling selftest.cpp failed:\n{r.stderr[-6000:]}")
+    return exe
 
 
 def main() -> None:

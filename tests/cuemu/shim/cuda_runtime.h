@@ -39,8 +39,35 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+
+namespace emu {
+// A vector load or store at an address its type's alignment does not allow: a "misaligned address" fault on a
+// GPU, silently fine on x86. FL_CHECKED_COPY (csrc/cuda/common.cuh) gives the sources' vector types a copy that
+// checks its source (and, for an assignment, its destination).
+template <typename T>
+inline void check_aligned(const T* p, const char* type) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0)
+    throw std::runtime_error(std::string("misaligned address: a ") + type + " (" +
+                             std::to_string(alignof(T)) + "-byte aligned) at " +
+                             std::to_string(reinterpret_cast<uintptr_t>(p) % alignof(T)) + " bytes past alignment");
+}
+}  // namespace emu
+#define FL_CHECKED_COPY(Type)                                   \
+  Type() = default;                                             \
+  Type(const Type& o) {                                         \
+    ::emu::check_aligned(&o, #Type);                            \
+    std::memcpy(static_cast<void*>(this), &o, sizeof(Type));    \
+  }                                                             \
+  Type& operator=(const Type& o) {                              \
+    ::emu::check_aligned(&o, #Type);                            \
+    ::emu::check_aligned(this, #Type);                          \
+    std::memcpy(static_cast<void*>(this), &o, sizeof(Type));    \
+    return *this;                                               \
+  }
+
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
+  FL_CHECKED_COPY(uint4)
 };
 
 using cudaError_t = int;
@@ -194,13 +221,17 @@ inline void run_block(int threads) {
     if (!d.error.empty()) throw std::runtime_error("cuemu: " + d.error);
     bool all_done = true, released = false;
     for (int w = 0; w < warps; ++w) {  // a warp whose live lanes all wait at a shuffle goes on
-      bool any = false, all = true;
+      bool any = false, all = true, exited = false;
       for (int t = 32 * w; t < std::min(threads, 32 * w + 32); ++t) {
         const State s = d.fibers[t].state;
+        exited = exited || s == State::kDone;
         if (s == State::kDone) continue;
         any = true;
         all = all && s == State::kAtWarpBarrier;
       }
+      if (any && all && exited)  // a full-mask shuffle names every lane: one that has returned never arrives
+        throw std::runtime_error("cuemu: a full-warp shuffle in warp " + std::to_string(w) + " of block (" +
+                                 std::to_string(d.block_idx.x) + ") after some of its lanes returned");
       if (any && all) {
         for (int t = 32 * w; t < std::min(threads, 32 * w + 32); ++t)
           if (d.fibers[t].state == State::kAtWarpBarrier) d.fibers[t].state = State::kReady;
@@ -224,6 +255,12 @@ inline void run_block(int threads) {
       }
       throw std::runtime_error(what + " (B: __syncthreads, W: a warp shuffle, .: exited)");
     }
+    // __syncthreads must be reached by every thread of the block (CUDA leaves it undefined otherwise): one
+    // that has returned while the others wait is a divergent barrier
+    for (int t = 0; t < threads; ++t)
+      if (d.fibers[t].state == State::kDone)
+        throw std::runtime_error("cuemu: __syncthreads in block (" + std::to_string(d.block_idx.x) +
+                                 ") after thread " + std::to_string(t) + " returned");
     for (int t = 0; t < threads; ++t)
       if (d.fibers[t].state == State::kAtBlockBarrier) d.fibers[t].state = State::kReady;
   }
@@ -297,12 +334,12 @@ inline size_t to_shared(const void* p) {
   Device& d = device();
   const auto off = static_cast<const unsigned char*>(p) - d.dynamic_smem;
   if (off < 0 || size_t(off) >= d.dynamic_bytes)
-    throw std::runtime_error("cuemu: a shared address outside the launch's dynamic shared memory");
+    throw std::runtime_error("a shared address outside the launch's dynamic shared memory");
   return size_t(off);
 }
 inline void* from_shared(size_t a) {
   Device& d = device();
-  if (a + 16 > d.dynamic_bytes) throw std::runtime_error("cuemu: a shared access past the dynamic shared memory");
+  if (a + 16 > d.dynamic_bytes) throw std::runtime_error("a shared access past the dynamic shared memory");
   return d.dynamic_smem + a;
 }
 
