@@ -84,7 +84,9 @@ step pytest_cuda "$OUT/pytest_cuda.log" 420 $PY -m pytest "$REPO/tests" -m cuda 
 # The opt-in fused sm_90 GEMMs (FASTLOSS_CONTRASTIVE_FUSED=1, never run before): their own short steps, so that a
 # fault or a hang there costs no other step; the benchmarks and profiles take them only if their tests pass.
 FUSED=${FUSED_OK:-0}  # a second call that skips pytest_fused says FUSED_OK=1 when the first call's passed
-step pytest_fused "$OUT/pytest_cuda.log" 180 $PY -m pytest "$REPO/tests" -m cuda -k fused_matches_tile_loop -q \
+# CUDA_LAUNCH_BLOCKING: a fault is reported at the GEMM that made it (CUTLASS built with NDEBUG only prints a
+# failed TMA descriptor, "Failed to initialize the TMA descriptor", to stderr and launches anyway)
+CUDA_LAUNCH_BLOCKING=1 step pytest_fused "$OUT/pytest_cuda.log" 180 $PY -m pytest "$REPO/tests" -m cuda -k fused_matches_tile_loop -q \
   -p no:cacheprovider -rfE && FUSED=1
 step bandwidth "$LOGS/bandwidth.log" 300 $PY "$REPO/bench/bench_bandwidth.py" --out "$OUT/bandwidth.csv" \
   ${BANDWIDTH_SWEEP:+--sweep "$BANDWIDTH_SWEEP"}

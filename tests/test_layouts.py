@@ -24,10 +24,11 @@ def _positives(t, C):
     return torch.stack([t, other], -1)
 
 
-def _map(fn):
-    """A probability map as a per-row loss: its dot with fixed weights, so the gradient is the map's backward."""
+def _map(fn, dim=-1):
+    """A probability map as a per-row loss: its dot with fixed weights, so the gradient is the map's backward.
+    dim=0: the map taken over the first dimension of the rows' transpose (the same rows, another layout)."""
     def loss(x, t, reduction="none"):
-        p = fn(x)
+        p = fn(x) if dim == -1 else fn(x.transpose(0, -1), dim=0).transpose(0, -1)
         return (p * torch.linspace(-1, 1, x.shape[-1], dtype=p.dtype)).sum(-1)
     return loss
 
@@ -54,10 +55,13 @@ OPS = {
     "entmax15_loss": (fastloss.entmax15_loss, reference.entmax15_loss, {}),
     "sparsemax": (_map(fastloss.sparsemax), _map(reference.sparsemax), {}),
     "entmax15": (_map(fastloss.entmax15), _map(reference.entmax15), {}),
+    "sparsemax_dim0": (_map(fastloss.sparsemax, 0), _map(reference.sparsemax, 0), {}),
+    "entmax15_dim0": (_map(fastloss.entmax15, 0), _map(reference.entmax15, 0), {}),
 }
 
 # ops whose target -100 leaves a row out (a multi-label op's -100 is a padded class list entry)
-SINGLE_LABEL = [n for n in OPS if n not in ("zlpr", "decoupled", "sparsemax", "entmax15")]
+MAPS = ["sparsemax", "entmax15", "sparsemax_dim0", "entmax15_dim0"]
+SINGLE_LABEL = [n for n in OPS if n not in ("zlpr", "decoupled", *MAPS)]
 
 # pack (4 / 8 logits), warp (32 packs), block and group edges, and a few plain sizes
 EDGES = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025, 2047, 2048, 2049,

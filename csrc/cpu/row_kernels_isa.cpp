@@ -259,22 +259,29 @@ void spherical_fwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
     L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
     const acc_t K = static_cast<acc_t>(L.row[0]);  // shift: a value of the row itself
     const V Kv = S::splat(K);
-    SphericalSums<acc_t> st{0, 0};
+    // each chunk centred on its own mean (two passes), then merged in double: a wide row merges thousands of
+    // chunks, and the running mean would gather each merge's rounding in fp32
+    SphericalSums<double> st{0, 0, 0};
     for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
       const int64_t n = std::min(kChunk, C - k0);
       const acc_t* z = L.load(k0, n);
-      V sv = S::splat(0), qv = S::splat(0);
+      V sv = S::splat(0);
       int64_t i = 0;
-      for (; i + S::W <= n; i += S::W) {
-        const V v = S::load(z + i) - Kv;
-        sv += v;
-        qv += v * v;
+      for (; i + S::W <= n; i += S::W) sv += S::load(z + i) - Kv;
+      acc_t sum = S::sum(sv);
+      for (; i < n; ++i) sum += z[i] - K;
+      const acc_t mean = sum / acc_t(n);
+      const V Mv = S::splat(mean);  // (not z - (K + mean): K + mean would round at K's scale)
+      V qv = S::splat(0);
+      for (i = 0; i + S::W <= n; i += S::W) {
+        const V e = (S::load(z + i) - Kv) - Mv;
+        qv += e * e;
       }
-      SphericalSums<acc_t> cs{S::sum(sv), S::sum(qv)};
-      for (; i < n; ++i) cs.push(z[i] - K);
-      st.merge(cs);
+      acc_t dev = S::sum(qv);
+      for (; i < n; ++i) dev += ((z[i] - K) - mean) * ((z[i] - K) - mean);
+      st.merge({double(n), double(mean), double(dev)});
     }
-    const auto cs = CentredSums<acc_t>::from_shifted(st, C);
+    const auto cs = CentredSums<acc_t>::of({acc_t(st.n), acc_t(st.d), acc_t(st.m2)});
     const SphericalRowTargets<scalar_t, acc_t> tg{
         L.row, a.target + row * a.K,
         a.target_weight ? static_cast<const acc_t*>(a.target_weight) + row * a.K : nullptr, a.ignore_index, K,

@@ -451,7 +451,11 @@ struct CudaBackend {
                             col_part.numel() ? col_part.data_ptr<float>() : nullptr};
       const int sms = sm90_multiprocessors();
       at::Tensor ws = at::empty({int64_t(sm90::workspace_bytes(e, p, sms)) + 1}, opts.dtype(at::kByte));
-      TORCH_CHECK(sm90::run(e, p, ws.data_ptr(), sms, stream()), "contrastive: the fused sm_90 GEMM failed to launch");
+      // CUTLASS's run() reports any pending error as its own launch failure (and clears it): an earlier
+      // kernel's error is raised here as itself first
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      TORCH_CHECK(sm90::run(e, p, ws.data_ptr(), sms, stream()), "contrastive: the fused sm_90 GEMM failed to launch (",
+                  cudaGetErrorString(cudaGetLastError()), ")");
       const unsigned row_blocks = blocks_for(a.rows, kMergeWarps), threads = kMergeWarps * cuda::kWarp;
       if (fold) {
         merge_row_parts_kernel<<<row_blocks, threads, 0, stream()>>>(a, p.row_part, n_tiles);

@@ -504,11 +504,26 @@ __device__ __forceinline__ void spherical_write_row(const scalar_t* x, const int
                                                     int64_t ignore_index, const SphericalLoss<acc_t>& sl, int64_t C,
                                                     int64_t row, acc_t x0, const SphericalSums<acc_t>& st,
                                                     acc_t* __restrict__ loss, acc_t* __restrict__ stats) {
-  const auto cs = CentredSums<acc_t>::from_shifted(st, C);
+  const auto cs = CentredSums<acc_t>::of(st);
   const SphericalRowTargets<scalar_t, acc_t> tg{x, t, tw ? tw + row * K : nullptr, ignore_index, x0, cs.d};
   loss[row] = spherical_row(sl, x0 + cs.d, cs.m2, K, tg);
   stats[2 * row] = cs.d;
   stats[2 * row + 1] = cs.m2;
+}
+
+// A group of U packs of a row (the first n in the row) into its statistics, each lane shifted by the row's x0.
+template <typename scalar_t, typename acc_t, int U>
+__device__ __forceinline__ void push_packs(SphericalSums<acc_t>& st, const Pack<scalar_t> (&p)[U], int n, acc_t x0) {
+  constexpr int V = Pack<scalar_t>::N;
+  acc_t y[U * V];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    acc_t xs[V];
+    lanes(p[u], xs);
+#pragma unroll
+    for (int j = 0; j < V; ++j) y[u * V + j] = xs[j] - x0;
+  }
+  st.push_group(y, n * V);
 }
 
 template <typename scalar_t>
@@ -518,7 +533,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
                          int64_t ignore_index, SphericalLoss<acc_type<scalar_t>> sl, bool prefetch,
                          acc_type<scalar_t>* __restrict__ loss, acc_type<scalar_t>* __restrict__ stats) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int V = Pack<scalar_t>::N;
   __shared__ SphericalSums<acc_t> smem[kMaxWarps];
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const scalar_t* x = logits + row * row_stride;
@@ -529,18 +543,13 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       continue;
     }
     const acc_t x0 = static_cast<acc_t>(x[0]);  // shift by a value of the row itself
-    SphericalSums<acc_t> st{0, 0};
+    SphericalSums<acc_t> st{0, 0, 0};
     auto element = [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - x0); };
-    auto pack = [&](int64_t, const Pack<scalar_t>& p) {
-      acc_t xs[V];
-      lanes(p, xs);
-#pragma unroll
-      for (int j = 0; j < V; ++j) st.push(xs[j] - x0);
-    };
+    auto group = [&](const Pack<scalar_t>(&p)[kRowGroupPacks], int n, int64_t, int64_t) { push_packs(st, p, n, x0); };
     if (prefetch) {  // one group ahead
-      for_each_in_row<scalar_t, 4, 1>(x, C, element, pack);
+      for_each_pack_group<scalar_t, kRowGroupPacks, 1>(x, C, Pack<scalar_t>{}, element, group);
     } else {
-      for_each_in_row<scalar_t, 4, 0>(x, C, element, pack);
+      for_each_pack_group<scalar_t, kRowGroupPacks, 0>(x, C, Pack<scalar_t>{}, element, group);
     }
     st = block_merge(st, smem, [](SphericalSums<acc_t>& p, const SphericalSums<acc_t>& q) { p.merge(q); });
     if (threadIdx.x == 0) spherical_write_row(x, t, K, tw, ignore_index, sl, C, row, x0, st, loss, stats);
@@ -557,30 +566,19 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
                                 SphericalLoss<acc_type<scalar_t>> sl, acc_type<scalar_t>* __restrict__ loss,
                                 acc_type<scalar_t>* __restrict__ stats) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int V = Pack<scalar_t>::N;
   extern __shared__ uint4 staged_ring[];
   __shared__ SphericalSums<acc_t> smem[kMaxWarps];
-  SphericalSums<acc_t> st{0, 0};
+  SphericalSums<acc_t> st{0, 0, 0};
   acc_t x0 = 0, x0_next = blockIdx.x < N ? static_cast<acc_t>(logits[blockIdx.x * row_stride]) : acc_t(0);
   stream_rows_staged<scalar_t, kRowGroupPacks, kRowStages>(
       logits, row_stride, N, C, reinterpret_cast<Pack<scalar_t>*>(staged_ring), Pack<scalar_t>{},
       [&](int64_t row) {
         x0 = x0_next;
         if (row + gridDim.x < N) x0_next = static_cast<acc_t>(logits[(row + gridDim.x) * row_stride]);
-        st = {0, 0};
+        st = {0, 0, 0};
         if (threadIdx.x == 0) prefetch_l2(target + row * K);
       },
-      [&](const Pack<scalar_t>(&p)[kRowGroupPacks], int n, int64_t, int64_t) {
-#pragma unroll
-        for (int u = 0; u < kRowGroupPacks; ++u) {
-          if (u < n) {
-            acc_t xs[V];
-            lanes(p[u], xs);
-#pragma unroll
-            for (int j = 0; j < V; ++j) st.push(xs[j] - x0);
-          }
-        }
-      },
+      [&](const Pack<scalar_t>(&p)[kRowGroupPacks], int n, int64_t, int64_t) { push_packs(st, p, n, x0); },
       [&](int64_t, scalar_t v) { st.push(static_cast<acc_t>(v) - x0); },
       [&](int64_t row) {
         st = block_merge(st, smem, [](SphericalSums<acc_t>& p, const SphericalSums<acc_t>& q) { p.merge(q); });

@@ -65,8 +65,10 @@ def zloss(
     Per row of logits o (class dimension last): ``μ`` = mean, ``σ`` = population standard deviation,
     ``z_c = (o_c − μ) / σ`` for the target c, and ``loss = softplus(a · (b − z_c)) / a``. ``a > 0`` sets the
     sharpness, ``b`` the target z-score margin. Its gradient costs O(C) per row and does not depend on the
-    scale or shift of the logits. The statistics are centred sums (shifted by a value of the row itself), so
-    they stay accurate when ``|μ| ≫ σ``. A constant row (σ = 0) has loss ``softplus(a·b)/a`` and gradient 0.
+    scale or shift of the logits. The statistics are a mean taken relative to a value of the row itself and a
+    centred square sum built from groups centred on their own means, so they stay accurate when ``|μ| ≫ σ``, in
+    rows of millions of classes, and when that value is an outlier. A constant row (σ = 0) has loss
+    ``softplus(a·b)/a`` and gradient 0.
 
     ``target`` may be ``(..., K)`` with ``target_weight`` (see :mod:`fastloss.spherical`): the row loss is the
     weighted mean of the per-target losses. From hidden states without logits: :func:`linear_spherical_loss`.

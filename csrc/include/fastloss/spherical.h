@@ -24,30 +24,56 @@ enum SphericalKind : int {
   kSquaredError = 3,      // sum_k (o_k - y_k)^2,  y = sum_j w_j e_{c_j}
 };
 
-// Sums of a row taken relative to a value x0 of the row itself (shifted sums), so the centred square sum keeps
-// its digits when |mean| >> std.
+// A row's count n, mean and centred square sum m2, with the mean taken relative to a value x0 of the row itself
+// (d = mean - x0: the mean keeps its digits when |mean| >> std). m2 never comes from a difference of large
+// sums (q - s d, which cancels by ((mean - x0) / std)^2 when x0 is an outlier, and loses the small terms of a
+// wide row): each group of values is centred on its own mean (two passes over registers) and groups merge by
+// Chan, Golub & LeVeque's pairwise update. Values are pushed already shifted by x0.
 template <typename T>
 struct SphericalSums {
-  T s;  // sum_k (o_k - x0)
-  T q;  // sum_k (o_k - x0)^2
-  FL_HD FL_INLINE void push(T y) {
-    s += y;
-    q += y * y;
-  }
+  T n, d, m2;  // count, mean - x0, sum of squared deviations from the mean
+
+  // Folds in another part of the row (any n >= 0; empty parts change nothing).
   FL_HD FL_INLINE void merge(const SphericalSums& o) {
-    s += o.s;
-    q += o.q;
+    const T total = n + o.n;
+    const T f = share(o.n, total > T(0) ? total : T(1));  // o's share of the merged count
+    const T delta = o.d - d;
+    d += delta * f;
+    m2 += o.m2 + delta * delta * n * f;  // n o.n / total = n f
+    n = total;
+  }
+  FL_HD FL_INLINE void push(T y) { merge({T(1), y, T(0)}); }
+  // part / total: a GPU takes its hardware reciprocal for fp32 (2 instructions, not an IEEE division's ~10 per
+  // group of the forward's hot loop); a weight a few ulps off moves the mean by a few ulps of the step
+  FL_HD FL_INLINE static T share(T part, T total) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<T, float>) return __fdividef(part, total);
+#endif
+    return part / total;
+  }
+  // The first `count` of y[0..L) (count <= L; a full group, count == L, divides by a constant).
+  template <int L>
+  FL_HD FL_INLINE void push_group(const T (&y)[L], int count) {
+    T sum = T(0);
+#pragma unroll
+    for (int i = 0; i < L; ++i) sum += i < count ? y[i] : T(0);
+    const T mean = count == L ? sum * (T(1) / T(L)) : sum / T(count > 0 ? count : 1);
+    T dev = T(0);
+#pragma unroll
+    for (int i = 0; i < L; ++i) {
+      const T e = y[i] - mean;
+      dev += i < count ? e * e : T(0);
+    }
+    merge({T(count), mean, dev});
   }
 };
 
-// d = mean - x0 and m2 = sum_k (o_k - mean)^2 from shifted sums.
+// d = mean - x0 and m2 = sum_k (o_k - mean)^2 of a row.
 template <typename T>
 struct CentredSums {
   T d, m2;
-  FL_HD FL_INLINE static CentredSums from_shifted(const SphericalSums<T>& st, int64_t C) {
-    const T d = st.s / T(C);
-    const T m2 = st.q - st.s * d;
-    return {d, m2 < T(0) ? T(0) : m2};  // rounding below 0 -> 0; a NaN stays NaN
+  FL_HD FL_INLINE static CentredSums of(const SphericalSums<T>& st) {
+    return {st.d, st.m2 < T(0) ? T(0) : st.m2};  // (m2 >= 0 by construction; a NaN stays NaN)
   }
 };
 
