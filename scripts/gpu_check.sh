@@ -106,6 +106,8 @@ step bench_spherical "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_spherical
 # the bf16 Gram's accuracy against the logits' shared mean on the tensor-core GEMMs (raw vs centred Gram)
 step gram_accuracy "$OUT/bench_quick.log" 90 $PY "$REPO/bench/gram_accuracy.py" --device cuda \
   --out "$LOGS/gram_accuracy_cuda.csv"
+# the spherical row statistics (m2, mean) against float64 on the GPU's own arithmetic (fdividef merges, FMA)
+step row_stats_accuracy "$OUT/bench_quick.log" 60 $PY "$REPO/bench/row_stats_accuracy.py" --device cuda
 # contrastive family: quick GPU bench (table appended to bench_quick.log; CSV kept on the machine)
 CONTRASTIVE_PROVIDERS=fastloss,$([ "$FUSED" = 1 ] && echo fastloss_fused,)fastloss_tile2x,torch,open_clip,inf_cl,siglip_kernel
 step bench_contrastive "$OUT/bench_quick.log" 240 $PY "$REPO/bench/bench_contrastive.py" --preset gpu --device cuda \

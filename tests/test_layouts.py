@@ -27,9 +27,12 @@ def _positives(t, C):
 def _map(fn, dim=-1):
     """A probability map as a per-row loss: its dot with fixed weights, so the gradient is the map's backward.
     dim=0: the map taken over the first dimension of the rows' transpose (the same rows, another layout)."""
+    def probs(x):
+        return fn(x) if dim == -1 else fn(x.transpose(0, -1), dim=0).transpose(0, -1)
+
     def loss(x, t, reduction="none"):
-        p = fn(x) if dim == -1 else fn(x.transpose(0, -1), dim=0).transpose(0, -1)
-        return (p * torch.linspace(-1, 1, x.shape[-1], dtype=p.dtype)).sum(-1)
+        return (probs(x).double() * torch.linspace(-1, 1, x.shape[-1], dtype=torch.float64)).sum(-1)  # (not bf16)
+    loss.probs = probs
     return loss
 
 
@@ -112,7 +115,7 @@ def _loss_grad(fn, x, t, kw):
 
 
 @pytest.mark.parametrize("name", list(OPS))
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(problem=problems())
 def test_row_ops_on_every_layout(name, problem):
     fn, ref, kw = OPS[name]
@@ -129,13 +132,26 @@ def test_row_ops_on_every_layout(name, problem):
     overflow = want.abs() > torch.finfo(x.dtype).max * 1.001
     assert loss[overflow & keep].isinf().all(), f"{name} {tuple(x.shape)} {x.dtype}"
     keep = keep & ~beyond
-    eps = 1e-6 if x.dtype == torch.float32 else 4 * torch.finfo(x.dtype).eps
+    # fp32: a few roundings; fp16 / bf16 outputs: their own rounding (half an ulp) and fp32 maths, so one ulp
+    # relative, and an absolute floor far below an ulp of the largest value
+    rtol, atol = (4e-6, 4e-6) if x.dtype == torch.float32 else (torch.finfo(x.dtype).eps, 1e-5)
+    if name in MAPS and x.dtype != torch.float32:
+        # the map comes back rounded to fp16 / bf16 (half an ulp of each p_k) and the weights w (|w| <= 1)
+        # cancel in Σ w p: an absolute error up to half an ulp of Σ p = 1
+        atol = torch.finfo(x.dtype).eps
     scale = want[keep].abs().max().item() if keep.any() else 1.0
     what = f"{name} {layout} {tuple(x.shape)} {x.dtype}"
     msg = lambda m: f"{what}: {m}"  # noqa: E731
-    torch.testing.assert_close(loss.double()[keep], want[keep], rtol=4 * eps, atol=4 * eps * (scale + 1),
-                               equal_nan=True, msg=msg)
+    torch.testing.assert_close(loss.double()[keep], want[keep], rtol=rtol, atol=atol * (scale + 1), equal_nan=True,
+                               msg=msg)
+    if name in MAPS:
+        # a lane exactly at the threshold (likely with 2-byte values on their coarse grid) is a kink of the map:
+        # its support, and with it the Jacobian, may differ by that lane between fp32 and float64 thresholds.
+        # Such rows keep the loss check only.
+        with torch.no_grad():
+            tie = ((fn.probs(x) > 0) != (ref.probs(x.double()) > 0)).flatten(want.dim()).any(-1)
+        beyond = beyond | tie
     # (at least 1: the Z-loss of two classes has an exactly zero gradient, a cancellation of O(1) terms)
     gscale = max(want_g[~beyond].abs().max().item() if (~beyond).any() else 0.0, 1.0)
-    torch.testing.assert_close(g.double()[~beyond], want_g[~beyond], rtol=4 * eps, atol=4 * eps * gscale, msg=msg)
+    torch.testing.assert_close(g.double()[~beyond], want_g[~beyond], rtol=rtol, atol=atol * gscale, msg=msg)
     assert (g[ignored] == 0).all(), what  # ignored rows get no gradient

@@ -454,8 +454,7 @@ struct CudaBackend {
       // CUTLASS's run() reports any pending error as its own launch failure (and clears it): an earlier
       // kernel's error is raised here as itself first
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      TORCH_CHECK(sm90::run(e, p, ws.data_ptr(), sms, stream()), "contrastive: the fused sm_90 GEMM failed to launch (",
-                  cudaGetErrorString(cudaGetLastError()), ")");
+      TORCH_CHECK(sm90::run(e, p, ws.data_ptr(), sms, stream()), "contrastive: the fused sm_90 GEMM failed to launch");
       const unsigned row_blocks = blocks_for(a.rows, kMergeWarps), threads = kMergeWarps * cuda::kWarp;
       if (fold) {
         merge_row_parts_kernel<<<row_blocks, threads, 0, stream()>>>(a, p.row_part, n_tiles);

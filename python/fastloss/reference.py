@@ -428,11 +428,16 @@ def _phi(kind, z, order):
 
 
 def _log_phi(kind, z, order):
+    # (each branch's argument masked with where, not clamp: clamp passes no gradient at its bound, and z = 0 or
+    # z = -20 exactly would lose the target's own term)
     if kind == "stablemax":  # sign(z) log1p|z|
-        return torch.where(z >= 0, torch.log1p(z.clamp(min=0)), -torch.log1p(-z.clamp(max=0)))
+        pos = z >= 0
+        return torch.where(pos, torch.log1p(torch.where(pos, z, 0.0)), -torch.log1p(-torch.where(pos, 0.0, z)))
     if kind == "taylor":
         return torch.log(_phi(kind, z, order))
-    return torch.where(z < -20, z - 0.5 * torch.exp(z.clamp(max=-20)), torch.log(_softplus(z.clamp(min=-20))))
+    tail = z <= -20
+    return torch.where(tail, z - 0.5 * torch.exp(torch.where(tail, z, -20.0)),
+                       torch.log(_softplus(torch.where(tail, -20.0, z))))
 
 
 def additive_rows(fn, kind, logits, target, *, order=2, scale=1.0, margin=0.0, ignore_index=-100):

@@ -36,6 +36,11 @@ __global__ void barrier_against_shuffle(int* out) {
     out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 1);
 }
 
+__global__ void shuffle_among_the_lanes_left(int* out) {  // legal on sm_70+: shfl.sync waits for lanes not exited
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 1);
+}
+
 __global__ void whole_warps_return(int* out) {
   if (threadIdx.x >= 32) return;
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 1);
@@ -98,11 +103,14 @@ int main() {
     barrier_after_return<<<1, 32>>>();
   });
   int lanes[64] = {};
-  expect_raise("a full-warp shuffle after half the lanes returned", "after some of its lanes returned", [&] {
+  expect_raise("a shuffle reading lanes that returned", "which has returned", [&] {
     shuffle_after_return<<<1, 32>>>(lanes);
   });
   expect_raise("__syncthreads against a shuffle", "deadlock", [&] {
     barrier_against_shuffle<<<1, 32>>>(lanes);
+  });
+  expect_ok("a shuffle among the lanes left after the others returned", [&] {
+    shuffle_among_the_lanes_left<<<1, 32>>>(lanes);
   });
   expect_ok("a shuffle after whole warps returned", [&] {
     whole_warps_return<<<1, 64>>>(lanes);

@@ -36,7 +36,8 @@ struct SphericalSums {
   // Folds in another part of the row (any n >= 0; empty parts change nothing).
   FL_HD FL_INLINE void merge(const SphericalSums& o) {
     const T total = n + o.n;
-    const T f = share(o.n, total > T(0) ? total : T(1));  // o's share of the merged count
+    // o's share of the merged count; exactly 1 into an empty state (a GPU's fast division need not give n / n = 1)
+    const T f = n == T(0) ? T(1) : share(o.n, total);
     const T delta = o.d - d;
     d += delta * f;
     m2 += o.m2 + delta * delta * n * f;  // n o.n / total = n f

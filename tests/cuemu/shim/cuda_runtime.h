@@ -221,17 +221,13 @@ inline void run_block(int threads) {
     if (!d.error.empty()) throw std::runtime_error("cuemu: " + d.error);
     bool all_done = true, released = false;
     for (int w = 0; w < warps; ++w) {  // a warp whose live lanes all wait at a shuffle goes on
-      bool any = false, all = true, exited = false;
+      bool any = false, all = true;
       for (int t = 32 * w; t < std::min(threads, 32 * w + 32); ++t) {
         const State s = d.fibers[t].state;
-        exited = exited || s == State::kDone;
         if (s == State::kDone) continue;
         any = true;
         all = all && s == State::kAtWarpBarrier;
       }
-      if (any && all && exited)  // a full-mask shuffle names every lane: one that has returned never arrives
-        throw std::runtime_error("cuemu: a full-warp shuffle in warp " + std::to_string(w) + " of block (" +
-                                 std::to_string(d.block_idx.x) + ") after some of its lanes returned");
       if (any && all) {
         for (int t = 32 * w; t < std::min(threads, 32 * w + 32); ++t)
           if (d.fibers[t].state == State::kAtWarpBarrier) d.fibers[t].state = State::kReady;
@@ -360,8 +356,14 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   const int t = emu::me().linear, lane = t % 32, src = (t - lane) + (lane ^ (lane_mask & 31));
   std::memcpy(&d.warp_slots[t], &v, sizeof(T));
   emu::yield(emu::State::kAtWarpBarrier);
-  T r = v;
-  if (d.fibers[src].state != emu::State::kDone) std::memcpy(&r, &d.warp_slots[src], sizeof(T));
+  // shfl.sync (sm_70+) waits for the mask's lanes that have not exited; a value read from one that has is
+  // undefined
+  const int threads = int(d.block_dim.x * d.block_dim.y * d.block_dim.z);
+  if (src >= threads || d.fibers[src].state == emu::State::kDone)
+    throw std::runtime_error("a warp shuffle read lane " + std::to_string(src % 32) + ", which " +
+                             (src >= threads ? "is past the block" : "has returned"));
+  T r;
+  std::memcpy(&r, &d.warp_slots[src], sizeof(T));
   emu::yield(emu::State::kAtWarpBarrier);  // nobody overwrites a slot before every lane has read it
   return r;
 }
