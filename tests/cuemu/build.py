@@ -70,9 +70,10 @@ def _flags() -> tuple[list[str], list[str]]:
     ldflags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
     if _sanitize():
         # AddressSanitizer: the kernels' global reads and writes against the CPU tensors' bounds. With it the
-        # undefined-behaviour checks that are faults or wrong results on a GPU too: a misaligned 16-byte pack
-        # (a misaligned-address fault there), shifts, integer division by zero, signed overflow (an index
-        # that wraps), out-of-bounds local arrays, null pointers. Any report stops the run.
+        # undefined-behaviour checks that are faults or wrong results on a GPU too: shifts, integer division by
+        # zero, signed overflow (an index that wraps), out-of-bounds local arrays, null pointers, misaligned
+        # scalar and member accesses (a whole 16-byte pack's copy is checked by FL_CHECKED_COPY instead: UBSan
+        # does not see aggregate copies). Any report stops the run.
         ub = "alignment,bounds,shift,integer-divide-by-zero,signed-integer-overflow,null,return,unreachable"
         cflags += ["-fsanitize=address," + ub, "-fno-sanitize-recover=" + ub, "-fno-omit-frame-pointer",
                    "-shared-libasan"]
