@@ -18,6 +18,14 @@ constexpr int kWarp = 32;
 #ifndef FL_CHECKED_COPY
 #define FL_CHECKED_COPY(Type)
 #endif
+// It also defines FL_HOST_CP_ASYNC16 / _COMMIT / _WAIT, the host forms of cp.async, to keep each copy in flight
+// until a wait covers it, as a GPU does; a host pass or a GPU before sm_80 copies synchronously.
+#ifndef FL_HOST_CP_ASYNC16
+#define FL_HOST_CP_ASYNC16(smem, gmem) \
+  (*static_cast<uint4*>(__cvta_shared_to_generic(smem)) = *static_cast<const uint4*>(gmem))
+#define FL_HOST_CP_ASYNC_COMMIT()
+#define FL_HOST_CP_ASYNC_WAIT(pending)
+#endif
 
 // Shuffle any trivially copyable state word by word.
 template <typename S>
@@ -133,12 +141,14 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
 #else
-  *static_cast<uint4*>(__cvta_shared_to_generic(smem)) = *static_cast<const uint4*>(gmem);
+  FL_HOST_CP_ASYNC16(smem, gmem);
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+  FL_HOST_CP_ASYNC_COMMIT();
 #endif
 }
 // Waits until at most `kPending` of this thread's committed groups are still in flight.
@@ -146,6 +156,8 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+#else
+  FL_HOST_CP_ASYNC_WAIT(kPending);
 #endif
 }
 

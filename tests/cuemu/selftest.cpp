@@ -51,6 +51,29 @@ __global__ void shared_past_launch() {
   __cvta_generic_to_shared(smem + 256);  // 4 KiB in
 }
 
+// Two commit groups of cp.async into this thread's two ring slots, then a wait that leaves `pending` groups in
+// flight and a read of slot `read` (the second group's slot is in flight unless pending == 0).
+__global__ void ring_read(const uint4* x, uint4* out, int pending, int read) {
+  extern __shared__ uint4 ring[];
+  const auto slot = [&](int s) { return uint32_t(__cvta_generic_to_shared(ring + s * blockDim.x + threadIdx.x)); };
+  fastloss::cuda::cp_async16(slot(0), x + threadIdx.x);
+  fastloss::cuda::cp_async_commit();
+  fastloss::cuda::cp_async16(slot(1), x + blockDim.x + threadIdx.x);
+  fastloss::cuda::cp_async_commit();
+  if (pending == 0)
+    fastloss::cuda::cp_async_wait<0>();
+  else
+    fastloss::cuda::cp_async_wait<1>();
+  out[threadIdx.x] = ring[read * blockDim.x + threadIdx.x];
+  fastloss::cuda::cp_async_wait<0>();
+}
+
+__global__ void return_with_copy_in_flight(const uint4* x) {
+  extern __shared__ uint4 ring[];
+  fastloss::cuda::cp_async16(uint32_t(__cvta_generic_to_shared(ring + threadIdx.x)), x + threadIdx.x);
+  fastloss::cuda::cp_async_commit();
+}
+
 __global__ void block_sum(const float* x, float* out) {
   __shared__ float partial[64];
   const float v = fastloss::cuda::block_merge(x[threadIdx.x], partial, [](float& a, float b) { a += b; });
@@ -124,6 +147,28 @@ int main() {
   });
   expect_raise("more dynamic shared memory than allowed", "dynamic shared memory above", [] {
     shared_past_launch<<<1, 32, 64 * 1024>>>();
+  });
+  uint4 packs[64], landed[32];
+  for (unsigned i = 0; i < 64; ++i) packs[i].x = packs[i].y = packs[i].z = packs[i].w = i;
+  expect_ok("a ring slot read after the wait that covers its copy", [&] {
+    ring_read<<<1, 32, 1024>>>(packs, landed, 1, 0);
+  });
+  if (landed[5].x != 5) {
+    std::printf("FAIL: the landed slot held %u\n", landed[5].x);
+    ++failures;
+  }
+  expect_raise("a ring slot read while its cp.async is in flight", "cp.async in flight is still writing", [&] {
+    ring_read<<<1, 32, 1024>>>(packs, landed, 1, 1);
+  });
+  expect_ok("every slot read after cp.async.wait_group 0", [&] {
+    ring_read<<<1, 32, 1024>>>(packs, landed, 0, 1);
+  });
+  if (landed[5].x != 37) {
+    std::printf("FAIL: the second slot held %u\n", landed[5].x);
+    ++failures;
+  }
+  expect_raise("a thread returning with a cp.async in flight", "returned with cp.async copies in flight", [&] {
+    return_with_copy_in_flight<<<1, 32, 512>>>(packs);
   });
   float v[256], sum = 0;
   for (int i = 0; i < 256; ++i) v[i] = float(i);

@@ -5,8 +5,9 @@
 // at a time, so `__shared__` variables are function statics and dynamic shared memory is one buffer, filled
 // with 0xff (NaN in every float type) before each block. FASTLOSS_EMU_ORDER=reverse (or shuffle[:seed]) runs the
 // threads between barriers in another order: a result that depends on it has a missing barrier (a race).
-// Not emulated: the device's own instructions (the host paths of fl_exp_*, packed_max and cp.async run
-// instead), timing, and memory ordering beyond barriers.
+// cp.async copies stay in flight until a wait covers them (check_not_in_flight). Not emulated: the device's own
+// instructions (the host paths of fl_exp_* and packed_max run instead), timing, and memory ordering beyond
+// barriers.
 #pragma once
 #include <setjmp.h>
 #include <sys/mman.h>
@@ -51,16 +52,21 @@ inline void check_aligned(const T* p, const char* type) {
                              std::to_string(alignof(T)) + "-byte aligned) at " +
                              std::to_string(reinterpret_cast<uintptr_t>(p) % alignof(T)) + " bytes past alignment");
 }
+// Shared memory that a cp.async is still writing (defined below).
+inline void check_not_in_flight(const void* p, size_t bytes, const char* type);
 }  // namespace emu
 #define FL_CHECKED_COPY(Type)                                   \
   Type() = default;                                             \
   Type(const Type& o) {                                         \
     ::emu::check_aligned(&o, #Type);                            \
+    ::emu::check_not_in_flight(&o, sizeof(Type), #Type);        \
     std::memcpy(static_cast<void*>(this), &o, sizeof(Type));    \
   }                                                             \
   Type& operator=(const Type& o) {                              \
     ::emu::check_aligned(&o, #Type);                            \
     ::emu::check_aligned(this, #Type);                          \
+    ::emu::check_not_in_flight(&o, sizeof(Type), #Type);        \
+    ::emu::check_not_in_flight(this, sizeof(Type), #Type);      \
     std::memcpy(static_cast<void*>(this), &o, sizeof(Type));    \
     return *this;                                               \
   }
@@ -97,6 +103,12 @@ inline int sm_count() {
 enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
 // A fiber starts through its ucontext (setcontext) and then switches with _setjmp / _longjmp, which, unlike
 // swapcontext, make no signal-mask system call per switch (most of the emulator's time otherwise).
+// A cp.async in flight: its 16 bytes, read from global memory at issue, land in shared memory at the wait
+// that covers its commit group.
+struct AsyncCopy {
+  size_t dst;
+  unsigned char bytes[16];
+};
 struct Fiber {
   ucontext_t start;
   jmp_buf env;
@@ -104,6 +116,8 @@ struct Fiber {
   State state = State::kReady;
   uint3 tid{0, 0, 0};
   int linear = 0;
+  std::vector<AsyncCopy> uncommitted;               // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> committed;    // commit groups in flight, oldest first
 };
 
 constexpr size_t kStackBytes = 256 * 1024;
@@ -120,6 +134,8 @@ struct Device {
   std::vector<uint64_t> warp_slots = std::vector<uint64_t>(kMaxThreads);
   alignas(16) unsigned char dynamic_smem[kSmemOptin];
   size_t dynamic_bytes = 0;
+  std::vector<int> in_flight = std::vector<int>(kSmemOptin / 16);  // cp.async copies in flight per 16 bytes
+  int copies_in_flight = 0;
   std::map<const void*, int> dynamic_limit;  // cudaFuncSetAttribute
   std::string error;
   bool running = false;
@@ -146,6 +162,8 @@ inline void fiber_entry() {
   Device& d = device();
   try {
     d.body();
+    if (!me().uncommitted.empty() || !me().committed.empty())
+      throw std::runtime_error("a thread returned with cp.async copies in flight (no cp.async.wait_group 0)");
   } catch (const std::exception& e) {
     if (d.error.empty()) d.error = e.what();
   } catch (...) {
@@ -299,6 +317,8 @@ struct Bound {
             for (unsigned x = 0; x < cfg.grid.x; ++x) {
               d.block_idx = {x, y, z};
               std::memset(d.dynamic_smem, 0xff, cfg.smem);
+              std::fill(d.in_flight.begin(), d.in_flight.end(), 0);
+              d.copies_in_flight = 0;
               run_block(threads);
             }
       } catch (...) {
@@ -339,7 +359,57 @@ inline void* from_shared(size_t a) {
   return d.dynamic_smem + a;
 }
 
+// cp.async as a GPU runs it: a copy is in flight from its issue until a cp.async.wait_group of the issuing
+// thread leaves its commit group out of the newest `pending`; only then do its bytes land. A 16-byte vector
+// read or write of those bytes in between (a missing or too short wait, a ring slot refilled before it was
+// read) raises, as does a second copy into them or a thread returning with copies in flight: on a GPU each
+// would see whichever bytes the copy had landed by then.
+inline void check_not_in_flight(const void* p, size_t bytes, const char* type) {
+  Device& d = device();
+  if (d.copies_in_flight == 0) return;
+  const auto off = static_cast<const unsigned char*>(p) - d.dynamic_smem;
+  if (off < 0 || size_t(off) >= d.dynamic_bytes) return;
+  for (size_t g = size_t(off) / 16; g <= (size_t(off) + bytes - 1) / 16; ++g)
+    if (d.in_flight[g] > 0)
+      throw std::runtime_error(std::string("a ") + type + " at shared offset " + std::to_string(off) +
+                               " that a cp.async in flight is still writing (no cp.async.wait_group covers it)");
+}
+inline void cp_async16(size_t smem, const void* gmem) {
+  Device& d = device();
+  if (smem % 16 != 0 || reinterpret_cast<uintptr_t>(gmem) % 16 != 0)
+    throw std::runtime_error("misaligned address: a 16-byte cp.async");
+  from_shared(smem);  // bounds
+  if (d.in_flight[smem / 16] > 0)
+    throw std::runtime_error("a cp.async into shared memory that another cp.async in flight is still writing");
+  AsyncCopy c{smem, {}};
+  std::memcpy(c.bytes, gmem, 16);
+  me().uncommitted.push_back(c);
+  ++d.in_flight[smem / 16];
+  ++d.copies_in_flight;
+}
+inline void cp_async_commit() {
+  Fiber& f = me();
+  f.committed.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+inline void cp_async_wait(int pending) {
+  Device& d = device();
+  Fiber& f = me();
+  while (f.committed.size() > size_t(pending)) {
+    for (const AsyncCopy& c : f.committed.front()) {
+      std::memcpy(d.dynamic_smem + c.dst, c.bytes, 16);
+      --d.in_flight[c.dst / 16];
+      --d.copies_in_flight;
+    }
+    f.committed.erase(f.committed.begin());
+  }
+}
+
 }  // namespace emu
+
+#define FL_HOST_CP_ASYNC16(smem, gmem) ::emu::cp_async16(smem, gmem)
+#define FL_HOST_CP_ASYNC_COMMIT() ::emu::cp_async_commit()
+#define FL_HOST_CP_ASYNC_WAIT(pending) ::emu::cp_async_wait(pending)
 
 #define threadIdx (::emu::me().tid)
 #define blockIdx (::emu::device().block_idx)
