@@ -110,12 +110,13 @@ def test_emulated_kernels_stay_in_bounds(runs):
 def test_emulator_raises_where_a_gpu_would_fault_or_hang(tmp_path):
     """The emulator's own checks (cuemu/selftest.cpp): a misaligned 16-byte pack load or store, __syncthreads after
     some threads returned, a shuffle reading a lane that returned, a barrier that can never release, a shared
-    address past the launch, too much dynamic shared memory, a ring slot read while its cp.async is in flight and
-    a thread returning with copies in flight each raise with their message; correct kernels (a shuffle among the
-    lanes that have not returned, slots read after the wait that covers them) run."""
+    address past the launch, too much dynamic shared memory, a ring slot read while its cp.async is in flight, a
+    thread returning with copies in flight, a block above the kernel's __launch_bounds__ and a grid past the
+    GPU's limits each raise with their message; correct kernels (a shuffle among the lanes that have not
+    returned, slots read after the wait that covers them, a block within the bounds) run."""
     from cuemu import build
 
     r = subprocess.run([str(build.build_selftest(tmp_path))], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-4000:]
-    assert r.stdout.count("ok: ") == 15 and "FAIL" not in r.stdout, r.stdout
+    assert r.stdout.count("ok: ") == 18 and "FAIL" not in r.stdout, r.stdout
 

@@ -1,7 +1,8 @@
 """Build fastloss's CUDA sources as host C++ against the emulator in tests/cuemu/shim (README.md there).
 
-The sources are used as they are, with four mechanical rewrites: a launch ``k<<<grid, block, smem, stream>>>(args)``
-becomes ``::emu::launch(grid, block, smem, stream)(k)(args)``, ``extern __shared__ T name[];`` a pointer to the
+The sources are used as they are, with five mechanical rewrites: a launch ``k<<<grid, block, smem, stream>>>(args)``
+becomes ``::emu::launch(grid, block, smem, stream)(k)(args)``, a kernel with ``__launch_bounds__(max_threads, ...)``
+checks its block size first, ``extern __shared__ T name[];`` a pointer to the
 emulator's dynamic shared memory, ``__shared__`` a function static (blocks run one at a time), and the ops register
 for the CPU dispatch key under the op namespace ``fastloss_emu`` (``-Dfastloss=fastloss_emu``, registration.cpp
 included), so that ``torch.ops.fastloss_emu.<op>`` runs the CUDA kernels on CPU tensors beside the real CPU
@@ -33,8 +34,39 @@ _LAUNCH = re.compile(r"^([ \t]*)(\S[^\n]*?)<<<(.*?)>>>\(", re.M | re.S)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
+def _check_launch_bounds(text: str) -> str:
+    """Each ``__global__ ... __launch_bounds__(max_threads, ...) name(params) {`` kernel begins with
+    ``::emu::check_launch_bounds(max_threads);``: a GPU refuses a launch of more threads per block than that."""
+    out, pos = [], 0
+    for m in re.finditer(r"__launch_bounds__\(", text):
+        if m.start() < pos:
+            continue
+        depth, i = 1, m.end()
+        while depth:  # the bounds' closing parenthesis
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        args = text[m.end():i - 1]
+        angle, cut = 0, len(args)
+        for j, c in enumerate(args):  # the first argument (template arguments may hold commas)
+            angle += {"<": 1, ">": -1, "(": 1, ")": -1}.get(c, 0)
+            if c == "," and angle == 0:
+                cut = j
+                break
+        k = text.index("(", i)  # the kernel's parameter list, then its body
+        depth = 1
+        k += 1
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[k], 0)
+            k += 1
+        body = text.index("{", k) + 1
+        out += [text[pos:body], f" ::emu::check_launch_bounds({args[:cut].strip()});"]
+        pos = body
+    return "".join(out) + text[pos:]
+
+
 def rewrite(text: str) -> str:
     """The emulator's form of one .cu file."""
+    text = _check_launch_bounds(text)
     text, n = _LAUNCH.subn(lambda m: f"{m[1]}::emu::launch({m[3]})({m[2]})(", text)
     if "<<<" in text:
         raise RuntimeError("cuemu: a kernel launch the rewrite does not understand")

@@ -74,6 +74,8 @@ __global__ void return_with_copy_in_flight(const uint4* x) {
   fastloss::cuda::cp_async_commit();
 }
 
+__global__ void __launch_bounds__(64) bounded_to_64(int* out) { out[threadIdx.x] = 1; }
+
 __global__ void block_sum(const float* x, float* out) {
   __shared__ float partial[64];
   const float v = fastloss::cuda::block_merge(x[threadIdx.x], partial, [](float& a, float b) { a += b; });
@@ -169,6 +171,15 @@ int main() {
   }
   expect_raise("a thread returning with a cp.async in flight", "returned with cp.async copies in flight", [&] {
     return_with_copy_in_flight<<<1, 32, 512>>>(packs);
+  });
+  expect_ok("a launch within the kernel's __launch_bounds__", [&] {
+    bounded_to_64<<<1, 64>>>(lanes);
+  });
+  expect_raise("a launch past the kernel's __launch_bounds__", "too many resources requested", [&] {
+    bounded_to_64<<<1, 128>>>(lanes);
+  });
+  expect_raise("a grid of 65536 blocks in y", "bad launch configuration", [&] {
+    bounded_to_64<<<dim3(1, 65536), 32>>>(lanes);
   });
   float v[256], sum = 0;
   for (int i = 0; i < 256; ++i) v[i] = float(i);

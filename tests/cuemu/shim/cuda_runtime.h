@@ -294,8 +294,13 @@ struct Bound {
       Device& d = device();
       if (d.running) throw std::runtime_error("cuemu: a kernel launched from a kernel");
       const int threads = int(cfg.block.x * cfg.block.y * cfg.block.z);
-      if (threads < 1 || threads > kMaxThreads || cfg.grid.x < 1 || cfg.grid.y < 1 || cfg.grid.z < 1)
-        throw std::runtime_error("cuemu: bad launch configuration");
+      // a GPU's limits: 1024 threads per block (z at most 64), 2^31 - 1 blocks in x and 65535 in y and z
+      if (threads < 1 || threads > kMaxThreads || cfg.block.z > 64 || cfg.grid.x < 1 || cfg.grid.y < 1 ||
+          cfg.grid.z < 1 || cfg.grid.x > 2147483647u || cfg.grid.y > 65535 || cfg.grid.z > 65535)
+        throw std::runtime_error("cuemu: bad launch configuration (grid " + std::to_string(cfg.grid.x) + "x" +
+                                 std::to_string(cfg.grid.y) + "x" + std::to_string(cfg.grid.z) + ", block " +
+                                 std::to_string(cfg.block.x) + "x" + std::to_string(cfg.block.y) + "x" +
+                                 std::to_string(cfg.block.z) + ")");
       auto lim = d.dynamic_limit.find(reinterpret_cast<const void*>(kernel));
       const size_t limit = lim == d.dynamic_limit.end() ? kStaticSmemDefault : size_t(lim->second);
       if (cfg.smem > limit)
@@ -364,6 +369,15 @@ inline void* from_shared(size_t a) {
 // read or write of those bytes in between (a missing or too short wait, a ring slot refilled before it was
 // read) raises, as does a second copy into them or a thread returning with copies in flight: on a GPU each
 // would see whichever bytes the copy had landed by then.
+// A kernel's __launch_bounds__(max_threads): a launch of more threads per block fails on a GPU ("too many
+// resources requested for launch"); build.py puts this check first in each such kernel.
+inline void check_launch_bounds(int max_threads) {
+  const dim3 b = device().block_dim;
+  if (int(b.x * b.y * b.z) > max_threads)
+    throw std::runtime_error("too many resources requested for launch: " + std::to_string(b.x * b.y * b.z) +
+                             " threads per block above the kernel's __launch_bounds__ of " +
+                             std::to_string(max_threads));
+}
 inline void check_not_in_flight(const void* p, size_t bytes, const char* type) {
   Device& d = device();
   if (d.copies_in_flight == 0) return;
