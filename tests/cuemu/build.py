@@ -94,7 +94,7 @@ def _flags() -> tuple[list[str], list[str]]:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cflags = ["-std=c++20", "-O1", "-fPIC", "-w", "-U_FORTIFY_SOURCE", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-              "-Dfastloss=fastloss_emu", "-DFL_HAVE_SM90_FUSED=0",
+              "-Dfastloss=fastloss_emu", "-DFL_HAVE_SM90_FUSED=0", "-DFL_EMULATE_DEVICE_MATH",
               f"-I{HERE / 'shim'}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'cuda'}", f"-I{CSRC}",
               f"-I{sysconfig.get_paths()['include']}"]
     cflags += [f"-I{p}" for p in cpp_extension.include_paths()]

@@ -91,18 +91,38 @@ FL_HD FL_INLINE float fl_exp<float>(float x) {
   return exp_poly(x);
 #endif
 }
+// The fast exps below are the device's: an FFMA or FMUL into the hardware ex2. The tests' CUDA emulator
+// (tests/cuemu) defines FL_EMULATE_DEVICE_MATH to take the same paths on the host, with the same fp32
+// roundings of the argument (the bias M log2(e) rounded once: the fast paths' largest error) and ex2.approx's
+// error bound; the CPU kernels keep the accurate fl_exp.
+#if defined(__CUDA_ARCH__) || defined(FL_EMULATE_DEVICE_MATH)
+#define FL_DEVICE_MATH 1
+#else
+#define FL_DEVICE_MATH 0
+#endif
+
+// ex2.approx.ftz.f32: 2^v within about 2 ulp, results below FLT_MIN flushed to 0. The host form (the emulator's)
+// is 2 ulp high everywhere: the bound's worst case for the sums the kernels take. (The tests pass with it
+// 2 ulp low as well.)
+FL_HD FL_INLINE float fl_ex2_approx_ftz(float v) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(v));
+  return y;
+#else
+  const float y = std::exp2(v);
+  return y < std::numeric_limits<float>::min() ? 0.f : y * (1.0f + 0x1p-22f);  // (a NaN stays NaN)
+#endif
+}
+
 // exp where a few ulp do not matter (logits read from fp16/bf16): one multiply and the hardware ex2 on the
 // device (~2 ulp near 0), flushing results below FLT_MIN to 0 as the host polynomial does (__expf would take
 // the non-flushing ex2 and a range fix-up per call unless the whole build used -ftz=true); the accurate fl_exp
 // everywhere else.
 template <bool kFast, typename T>
 FL_HD FL_INLINE T fl_exp_if_fast(T x) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (kFast && std::is_same_v<T, float>) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
-    return y;
-  }
+#if FL_DEVICE_MATH
+  if constexpr (kFast && std::is_same_v<T, float>) return fl_ex2_approx_ftz(x * 1.44269504088896341f);
 #endif
   return fl_exp(x);
 }
@@ -112,12 +132,10 @@ FL_HD FL_INLINE T fl_exp_if_fast(T x) {
 // serves. Otherwise the exact difference into fl_exp.
 template <bool kFast, typename T>
 FL_HD FL_INLINE T fl_exp_diff_if_fast(T z, T M) {
-#if defined(__CUDA_ARCH__)
+#if FL_DEVICE_MATH
   if constexpr (kFast && std::is_same_v<T, float>) {
     constexpr float kLog2e = 1.44269504088896341f;
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fmaf(z, kLog2e, -M * kLog2e)));
-    return y;
+    return fl_ex2_approx_ftz(fmaf(z, kLog2e, -M * kLog2e));
   }
 #endif
   return fl_exp(z - M);
@@ -130,14 +148,10 @@ FL_HD FL_INLINE T fl_exp_diff_if_fast(T z, T M) {
 // such an M still gives 0, as it should (2-byte neighbours of M lie ~2^-9 |M| below it).
 template <bool kFast, typename T>
 FL_HD FL_INLINE T fl_exp_scaled_diff_if_fast(T x, T s, T M) {
-#if defined(__CUDA_ARCH__)
+#if FL_DEVICE_MATH
   if constexpr (kFast && std::is_same_v<T, float>) {
     constexpr float kLog2e = 1.44269504088896341f;
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;"
-        : "=f"(y)
-        : "f"(fmaf(x, s * kLog2e, fminf(-M * kLog2e, std::numeric_limits<float>::max()))));
-    return y;
+    return fl_ex2_approx_ftz(fmaf(x, s * kLog2e, fminf(-M * kLog2e, std::numeric_limits<float>::max())));
   }
 #endif
   return fl_exp(s * x - M);

@@ -45,10 +45,13 @@ struct SphericalSums {
   }
   FL_HD FL_INLINE void push(T y) { merge({T(1), y, T(0)}); }
   // part / total: a GPU takes its hardware reciprocal for fp32 (2 instructions, not an IEEE division's ~10 per
-  // group of the forward's hot loop); a weight a few ulps off moves the mean by a few ulps of the step
+  // group of the forward's hot loop); a weight a few ulps off moves the mean by a few ulps of the step. (The
+  // emulator rounds twice, as __fdividef's part * rcp(total) does.)
   FL_HD FL_INLINE static T share(T part, T total) {
 #if defined(__CUDA_ARCH__)
     if constexpr (std::is_same_v<T, float>) return __fdividef(part, total);
+#elif FL_DEVICE_MATH
+    if constexpr (std::is_same_v<T, float>) return part * (T(1) / total);
 #endif
     return part / total;
   }
