@@ -22,21 +22,36 @@ constexpr int kMaxTaylorOrder = 10;
 // Runtime options of the additive kernels (the Taylor order is a runtime loop bound).
 template <typename T>
 struct AddOpts {
-  int order;                         // Taylor order n (even, 2..10)
-  T inv[kMaxTaylorOrder + 1];        // inv[i] = 1 / i
-  FL_HD static AddOpts make(int order) {
-    AddOpts o{};
-    o.order = order;
-    for (int i = 1; i <= kMaxTaylorOrder; ++i) o.inv[i] = T(1) / T(i);
-    return o;
-  }
+  int order;  // Taylor order n (even, 2..10)
+  FL_HD static AddOpts make(int order) { return AddOpts{order}; }
 };
 
 // t_n(z) = sum_{i <= n} z^i / i! by Horner: 1 + z (1 + z/2 (1 + ... (1 + z/n))). V is T or a SIMD vector.
-template <typename V, typename T>
-FL_HD FL_INLINE V taylor_poly(V z, int n, const AddOpts<T>& o) {
+// The steps are unrolled with their 1/i as constants and entered at step n (one jump per call): a table of
+// 1/i indexed by a runtime counter is loaded at every step, on the device from local memory.
+template <typename T, typename V>
+FL_HD FL_INLINE V taylor_poly(V z, int n) {
+  static_assert(kMaxTaylorOrder == 10, "one case per order below");
   V p = V{} + T(1);
-  for (int i = n; i >= 1; --i) p = z * (p * o.inv[i]) + T(1);
+#define FL_HORNER_STEP(i)             \
+  case i:                             \
+    p = z * (p * (T(1) / T(i))) + T(1); \
+    [[fallthrough]];
+  switch (n) {
+    FL_HORNER_STEP(10)
+    FL_HORNER_STEP(9)
+    FL_HORNER_STEP(8)
+    FL_HORNER_STEP(7)
+    FL_HORNER_STEP(6)
+    FL_HORNER_STEP(5)
+    FL_HORNER_STEP(4)
+    FL_HORNER_STEP(3)
+    FL_HORNER_STEP(2)
+    FL_HORNER_STEP(1)
+    default:
+      break;
+  }
+#undef FL_HORNER_STEP
   return p;
 }
 
@@ -48,7 +63,7 @@ struct AddPhi {
     if constexpr (K == AddKind::stablemax) {
       return z >= T(0) ? z + T(1) : T(1) / (T(1) - z);  // 1/(1 + inf) = 0 on -inf lanes
     } else if constexpr (K == AddKind::taylor) {
-      return z == neg_inf<T>() ? V{} : taylor_poly(z, o.order, o);
+      return z == neg_inf<T>() ? V{} : taylor_poly<T>(z, o.order);
     } else {
       const V a = z < T(0) ? -z : z;
       const V e = fl_exp(-a);  // overflow-safe softplus max(z, 0) + log1p(e^{-|z|}); 0 at -inf
@@ -62,7 +77,7 @@ struct AddPhi {
       const V s = T(1) / (T(1) - z);
       return z >= T(0) ? V{} + T(1) : s * s;
     } else if constexpr (K == AddKind::taylor) {
-      return z == neg_inf<T>() ? V{} : taylor_poly(z, o.order - 1, o);
+      return z == neg_inf<T>() ? V{} : taylor_poly<T>(z, o.order - 1);
     } else {
       const V e = fl_exp(z < T(0) ? z : -z);  // e^{-|z|}
       return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);  // sigmoid
@@ -86,7 +101,7 @@ struct AddPhi {
     if constexpr (K == AddKind::stablemax) {
       return T(1) / (T(1) + std::fabs(z));
     } else if constexpr (K == AddKind::taylor) {
-      return z == neg_inf<T>() ? T(0) : taylor_poly(z, o.order - 1, o) / taylor_poly(z, o.order, o);
+      return z == neg_inf<T>() ? T(0) : taylor_poly<T>(z, o.order - 1) / taylor_poly<T>(z, o.order);
     } else {
       return z < T(-20) ? T(1) - T(0.5) * std::exp(z) : dphi(z, o) / phi(z, o);
     }
