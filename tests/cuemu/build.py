@@ -3,7 +3,8 @@
 The sources are used as they are, with five mechanical rewrites: a launch ``k<<<grid, block, smem, stream>>>(args)``
 becomes ``::emu::launch(grid, block, smem, stream)(k)(args)``, a kernel with ``__launch_bounds__(max_threads, ...)``
 checks its block size first, ``extern __shared__ T name[];`` a pointer to the
-emulator's dynamic shared memory, ``__shared__`` a function static (blocks run one at a time), and the ops register
+emulator's dynamic shared memory, ``__shared__ T name[n];`` a function static (blocks run one at a time) that the
+emulator fills with 0xff bytes before each block (on a GPU its contents are undefined), and the ops register
 for the CPU dispatch key under the op namespace ``fastloss_emu`` (``-Dfastloss=fastloss_emu``, registration.cpp
 included), so that ``torch.ops.fastloss_emu.<op>`` runs the CUDA kernels on CPU tensors beside the real CPU
 kernels in ``torch.ops.fastloss``.
@@ -32,6 +33,7 @@ SOURCES = ["row_losses.cu", "spherical.cu", "stable_softmax.cu", "sparsemax.cu",
 
 _LAUNCH = re.compile(r"^([ \t]*)(\S[^\n]*?)<<<(.*?)>>>\(", re.M | re.S)
 _DYNAMIC_SMEM = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SMEM = re.compile(r"__shared__\s+(?P<type>[\w:<>, ]+?)\s+(?P<name>\w+)(?P<dims>(?:\s*\[[^\]]+\])*)\s*;")
 
 
 def _check_launch_bounds(text: str) -> str:
@@ -71,7 +73,10 @@ def rewrite(text: str) -> str:
     if "<<<" in text:
         raise RuntimeError("cuemu: a kernel launch the rewrite does not understand")
     text = _DYNAMIC_SMEM.sub(lambda m: f"{m[1]}* {m[2]} = ::emu::dynamic_smem<{m[1]}>();", text)
-    text = re.sub(r"\b__shared__\b", "static", text)
+    text = _STATIC_SMEM.sub(lambda m: f"static {m['type']} {m['name']}{m['dims']}; static const bool "
+                            f"{m['name']}_cuemu = ::emu::static_smem(&{m['name']}, sizeof({m['name']}));", text)
+    if re.search(r"\b__shared__\b", re.sub(r'//[^\n]*|"(?:\\.|[^"\\])*"', "", text)):  # (comments, strings)
+        raise RuntimeError("cuemu: a __shared__ declaration the rewrite does not understand")
     return text.replace("TORCH_LIBRARY_IMPL(fastloss, CUDA, m)", "TORCH_LIBRARY_IMPL(fastloss, CPU, m)")
 
 

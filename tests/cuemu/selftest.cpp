@@ -76,6 +76,14 @@ __global__ void return_with_copy_in_flight(const uint4* x) {
 
 __global__ void __launch_bounds__(64) bounded_to_64(int* out) { out[threadIdx.x] = 1; }
 
+// Each warp's lane 0 writes its slot; thread 0 reads slot 1, which a one-warp block never writes.
+__global__ void read_slot_of_second_warp(float* out) {
+  __shared__ float slot[2];
+  if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = 5.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) *out = slot[1];
+}
+
 __global__ void block_sum(const float* x, float* out) {
   __shared__ float partial[64];
   const float v = fastloss::cuda::block_merge(x[threadIdx.x], partial, [](float& a, float b) { a += b; });
@@ -181,6 +189,17 @@ int main() {
   expect_raise("a grid of 65536 blocks in y", "bad launch configuration", [&] {
     bounded_to_64<<<dim3(1, 65536), 32>>>(lanes);
   });
+  float slot = 0;
+  expect_ok("a two-warp block writing both shared slots", [&] {
+    read_slot_of_second_warp<<<1, 64>>>(&slot);
+  });
+  expect_ok("a one-warp block reading a shared slot it never wrote", [&] {
+    read_slot_of_second_warp<<<1, 32>>>(&slot);
+  });
+  if (slot == slot) {  // undefined on a GPU: NaN here, not the previous block's 5 or a zero
+    std::printf("FAIL: an unwritten __shared__ slot held %g, not NaN\n", slot);
+    ++failures;
+  }
   float v[256], sum = 0;
   for (int i = 0; i < 256; ++i) v[i] = float(i);
   expect_ok("a block merge", [&] {

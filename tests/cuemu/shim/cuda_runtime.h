@@ -2,8 +2,8 @@
 // on the CPU. Each block's threads are fibers (ucontext) on one OS thread, run one after another until each
 // reaches a barrier: __syncthreads releases when every live thread of the block waits there, a warp shuffle
 // when every live lane of the warp does; a barrier that can never release (divergence) raises. Blocks run one
-// at a time, so `__shared__` variables are function statics and dynamic shared memory is one buffer, filled
-// with 0xff (NaN in every float type) before each block. FASTLOSS_EMU_ORDER=reverse (or shuffle[:seed]) runs the
+// at a time, so `__shared__` variables are function statics and dynamic shared memory is one buffer, all
+// filled with 0xff (NaN in every float type) before each block. FASTLOSS_EMU_ORDER=reverse (or shuffle[:seed]) runs the
 // threads between barriers in another order: a result that depends on it has a missing barrier (a race).
 // cp.async copies stay in flight until a wait covers them (check_not_in_flight). Not emulated: the device's own
 // instructions (the host paths of fl_exp_* and packed_max run instead), timing, and memory ordering beyond
@@ -134,6 +134,7 @@ struct Device {
   std::vector<uint64_t> warp_slots = std::vector<uint64_t>(kMaxThreads);
   alignas(16) unsigned char dynamic_smem[kSmemOptin];
   size_t dynamic_bytes = 0;
+  std::vector<std::pair<void*, size_t>> static_smem;  // the kernels' __shared__ variables (function statics)
   std::vector<int> in_flight = std::vector<int>(kSmemOptin / 16);  // cp.async copies in flight per 16 bytes
   int copies_in_flight = 0;
   std::map<const void*, int> dynamic_limit;  // cudaFuncSetAttribute
@@ -322,6 +323,7 @@ struct Bound {
             for (unsigned x = 0; x < cfg.grid.x; ++x) {
               d.block_idx = {x, y, z};
               std::memset(d.dynamic_smem, 0xff, cfg.smem);
+              for (const auto& [p, bytes] : d.static_smem) std::memset(p, 0xff, bytes);
               std::fill(d.in_flight.begin(), d.in_flight.end(), 0);
               d.copies_in_flight = 0;
               run_block(threads);
@@ -342,6 +344,16 @@ struct Launcher {
 };
 inline Launcher launch(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   return {{grid, block, smem}};
+}
+
+// A __shared__ variable (build.py makes it a function static and calls this once, where it is declared): its
+// bytes are 0xff (NaN in every float type) before each block, as undefined as on a GPU, so a block that reads
+// a slot no thread of it wrote (a reduction over more warps than the block has) sees NaN, not the previous
+// block's value or a zero.
+inline bool static_smem(void* p, size_t bytes) {
+  device().static_smem.emplace_back(p, bytes);
+  std::memset(p, 0xff, bytes);
+  return true;
 }
 
 template <typename T>
