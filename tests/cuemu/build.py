@@ -103,6 +103,8 @@ def _flags() -> tuple[list[str], list[str]]:
               f"-I{HERE / 'shim'}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'cuda'}", f"-I{CSRC}",
               f"-I{sysconfig.get_paths()['include']}"]
     cflags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    if _host_has_fma():  # nvcc fuses a * b + c into one FFMA (--fmad=true): round the same way here
+        cflags += ["-mfma", "-ffp-contract=fast"]
     lib = Path(torch.__file__).parent / "lib"
     ldflags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
     if _sanitize():
@@ -116,6 +118,13 @@ def _flags() -> tuple[list[str], list[str]]:
                    "-shared-libasan"]
         ldflags += ["-fsanitize=address," + ub, "-shared-libasan"]
     return cflags, ldflags
+
+
+def _host_has_fma() -> bool:
+    try:
+        return " fma " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
 
 
 def _sanitize() -> bool:
