@@ -103,8 +103,9 @@ def _flags() -> tuple[list[str], list[str]]:
               f"-I{HERE / 'shim'}", f"-I{CSRC / 'include'}", f"-I{CSRC / 'cuda'}", f"-I{CSRC}",
               f"-I{sysconfig.get_paths()['include']}"]
     cflags += [f"-I{p}" for p in cpp_extension.include_paths()]
-    if _host_has_fma():  # nvcc fuses a * b + c into one FFMA (--fmad=true): round the same way here
-        cflags += ["-mfma", "-ffp-contract=fast"]
+    if _host_has_fma():  # nvcc fuses a * b + c into one FFMA (--fmad=true): round the same way here (within
+        # an expression: `fast` leaves it to the optimiser, and the ASan build would fuse differently)
+        cflags += ["-mfma", "-ffp-contract=on"]
     lib = Path(torch.__file__).parent / "lib"
     ldflags = [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
     if _sanitize():
