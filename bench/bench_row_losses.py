@@ -1,10 +1,11 @@
-"""Benchmark fastloss's row losses (cross_entropy, zloss) against torch, the pure-torch reference and peers.
+"""Benchmark fastloss's row losses (cross_entropy with class-index and probability targets, zloss) against torch,
+the pure-torch reference and peers.
 
     python bench/bench_row_losses.py --preset quick --device cpu --plot
     python bench/bench_row_losses.py --preset full --device cuda --out bench/results/cuda.csv --plot
 
 Appends one CSV row per (op, provider, mode, dtype, shape) and prints each provider's speedup over
-``torch.nn.functional.cross_entropy``, which is the baseline for both ops: it is what a user would otherwise
+``torch.nn.functional.cross_entropy``, which is the baseline for every op: it is what a user would otherwise
 run. See bench/README.md for the columns.
 """
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 import fastloss
 
-OPS = ("cross_entropy", "zloss")
+OPS = ("cross_entropy", "cross_entropy_prob", "zloss")  # cross_entropy_prob: (N, C) probability targets
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -39,7 +40,8 @@ def _compiled_reference() -> dict[str, LossFn]:
 
 
 def _reference() -> dict[str, LossFn]:
-    return {"cross_entropy": fastloss.reference.cross_entropy, "zloss": fastloss.reference.zloss}
+    ref = fastloss.reference
+    return {"cross_entropy": ref.cross_entropy, "cross_entropy_prob": ref.cross_entropy, "zloss": ref.zloss}
 
 
 def _liger() -> dict[str, LossFn]:
@@ -51,9 +53,10 @@ def _flash_attn() -> dict[str, LossFn]:
     return {"cross_entropy": importlib.import_module("flash_attn.losses.cross_entropy").CrossEntropyLoss()}
 
 
-# provider -> builder of {op: loss(logits, target)}; torch's cross-entropy stands in for both ops.
+# provider -> builder of {op: loss(logits, target)}; torch's cross-entropy stands in for every op.
 PROVIDERS: dict[str, Callable[[], dict[str, LossFn]]] = {
-    "fastloss": lambda: {"cross_entropy": fastloss.cross_entropy, "zloss": fastloss.zloss},
+    "fastloss": lambda: {"cross_entropy": fastloss.cross_entropy, "cross_entropy_prob": fastloss.cross_entropy,
+                         "zloss": fastloss.zloss},
     "reference": _reference,
     "torch": lambda: dict.fromkeys(OPS, F.cross_entropy),
     "compiled_reference": _compiled_reference,
@@ -108,22 +111,29 @@ def load_providers(names: list[str], device: str) -> dict[str, dict[str, LossFn]
 
 
 def input_setup(fn: LossFn, case: Case):
-    """The harness's fn_setup: logits randn(N, C) * 2 in the case's dtype, uniform targets, fixed seed."""
+    """The harness's fn_setup: logits randn(N, C) * 2 in the case's dtype, uniform targets (cross_entropy_prob:
+    a softmax of randn(N, C) in the logits' dtype), fixed seed."""
     n, c = case.shape["N"], case.shape["C"]
 
     def setup(requires_grad: bool):
         gen = torch.Generator(case.device).manual_seed(0)
         logits = torch.randn(n, c, device=case.device, generator=gen) * 2
         logits = logits.to(case.dtype).requires_grad_(requires_grad)
-        target = torch.randint(c, (n,), device=case.device, generator=gen)
+        if case.op == "cross_entropy_prob":
+            target = torch.softmax(torch.randn(n, c, device=case.device, generator=gen), -1).to(case.dtype)
+        else:
+            target = torch.randint(c, (n,), device=case.device, generator=gen)
         return fn, (logits, target)
 
     return setup
 
 
 def bytes_moved(case: Case) -> int:
-    """Logits read in the forward; logits read and gradient written in the backward; all three in fwdbwd."""
+    """Logits read in the forward; logits read and gradient written in the backward; all three in fwdbwd
+    (probability targets: the targets are read in both passes too)."""
     logits = case.shape["N"] * case.shape["C"] * case.dtype.itemsize
+    if case.op == "cross_entropy_prob":
+        return logits * {"fwd": 2, "bwd": 3, "fwdbwd": 5}[case.mode]
     return logits * {"fwd": 1, "bwd": 2, "fwdbwd": 3}[case.mode]
 
 

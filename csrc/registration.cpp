@@ -21,6 +21,17 @@ TORCH_LIBRARY(fastloss, m) {
   m.def(
       "cross_entropy_bwd(Tensor grad_parts, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
       "float logit_scale, float softcap, int ignore_index, bool with_smoothing) -> Tensor");
+  // Cross-entropy to probability targets t (N, C) (torch's floating-point target), any floating dtype (read in
+  // the logits' dtype when they share it, else in the accumulation type); pre-maps as above, no margin. Returns
+  // parts (N, 3) = [sum_k w_k t_k (lse - z_k), sum_k w_k (lse - z_k) (0 unless with_smoothing), lse] and stats
+  // (N, 3) = [max, rest mass, sum_k w_k t_k].
+  m.def(
+      "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight, float logit_scale, float softcap, "
+      "bool with_smoothing) -> (Tensor parts, Tensor stats)");
+  // dL/dlogits (N, C) in the logits dtype from dL/dparts (N, 3) (the target's gradient is formed in Python).
+  m.def(
+      "cross_entropy_prob_bwd(Tensor grad_parts, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
+      "float logit_scale, float softcap, bool with_smoothing) -> Tensor");
   // Spherical family on logits (fastloss/spherical.h), kind 0 Z-loss (a, b), 1 spherical softmax (eps),
   // 2 log-Taylor softmax of order 2, 3 squared error. target (N, K) int64 class ids (ignore_index pads),
   // target_weight (N, K) or None (weight 1): the losses average their per-target terms with these weights,

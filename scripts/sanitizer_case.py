@@ -60,6 +60,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                    fastloss.spherical_mse_loss):
             fn(x, t).backward()
             fn(x, t2, target_weight=tw).backward()
+        # probability targets: misaligned logits (element path), contiguous ones with targets of their dtype (packs
+        # with heads and tails) and with float32 targets (element path)
+        probs = torch.softmax(torch.randn(N, C, device=dev), -1)
+        xc = x.detach().contiguous().requires_grad_()
+        for xp, tp in ((x, probs.to(dtype)), (xc, probs.to(dtype)), (xc, probs)):
+            fastloss.cross_entropy(xp, tp, weight=w, label_smoothing=0.1, softcap=3.0).backward()
         bad = t.clone()
         bad[-1] = C + 5
         fastloss.cross_entropy(x, bad).backward()

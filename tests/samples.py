@@ -62,6 +62,15 @@ def row_samples(device: str, dtype: torch.dtype, *, big: bool = False) -> list[R
     return out
 
 
+def materialise_options(opts: dict, C: int, device, dtype) -> dict:
+    """Loss options with "weight": "rand" replaced by a fixed random class-weight vector (C,) in [0.1, 1.1)."""
+    opts = dict(opts)
+    if opts.get("weight") == "rand":
+        gen = torch.Generator().manual_seed(7)
+        opts["weight"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(device=device, dtype=dtype)
+    return opts
+
+
 def grad_like(loss: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """An upstream gradient that is not 1 (random for reduction='none', 1.7 for scalars)."""
     if loss.dim() == 0:

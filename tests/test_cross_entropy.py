@@ -11,7 +11,17 @@ import torch.nn.functional as F
 
 import fastloss
 from fastloss import reference
-from samples import LOW_PRECISION, TOL, as_bytes, grad_like, loss_and_grad, row_samples, streamed_losses, streamed_rows
+from samples import (
+    LOW_PRECISION,
+    TOL,
+    as_bytes,
+    grad_like,
+    loss_and_grad,
+    materialise_options,
+    row_samples,
+    streamed_losses,
+    streamed_rows,
+)
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -38,20 +48,12 @@ TORCH_OPTIONS = [
 ]
 
 
-def _materialise(opts, C, device, dtype):
-    opts = dict(opts)
-    if opts.get("weight") == "rand":
-        gen = torch.Generator().manual_seed(7)
-        opts["weight"] = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.1).to(device=device, dtype=dtype)
-    return opts
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("opts", TORCH_OPTIONS, ids=lambda o: "-".join(o) or "plain")
 def test_matches_torch(device, dtype, reduction, opts):
     for s in row_samples(device, dtype):
-        kw = _materialise(opts, s.logits.shape[-1], device, dtype)
+        kw = materialise_options(opts, s.logits.shape[-1], device, dtype)
         if kw.get("ignore_index") == 2:
             s.target[s.target == -100] = 2
         loss, grad = loss_and_grad(fastloss.cross_entropy, s, reduction=reduction, **kw)
@@ -93,7 +95,7 @@ def test_low_precision_no_worse_than_torch(device, dtype, opts):
         pytest.skip("torch has no CPU fp16 weighted nll kernel")
     eps = torch.finfo(dtype).eps
     for s in row_samples(device, dtype)[:4]:
-        kw = _materialise(opts, s.logits.shape[-1], device, dtype)
+        kw = materialise_options(opts, s.logits.shape[-1], device, dtype)
         err, gerr, truth = _errors_vs_float64(fastloss.cross_entropy, s, **kw)
         terr, tgerr, _ = _errors_vs_float64(torch_ce, s, **kw)
         assert err <= 2 * terr + 4 * eps * truth.abs().max() + 1e-6, (s.name, err, terr)
@@ -195,7 +197,7 @@ def test_cuda_many_rows_per_block(dtype, opts):
     loop; the backward is the staged one except for the 517-class rows (their gradient rows are misaligned).
     Loss and gradient against float64 of the same values; a bad target in row 7 gives NaN in that row only."""
     for name, x, t in streamed_rows("cuda", dtype):
-        kw = _materialise(opts, x.shape[-1], "cuda", torch.float32)
+        kw = materialise_options(opts, x.shape[-1], "cuda", torch.float32)
         good = t.clone()
         t = t.clone()
         rows = torch.arange(t.numel(), device="cuda") != 7
@@ -251,7 +253,7 @@ EXTRAS = [
 def test_extras_match_reference_float64(device, reduction, opts):
     for s in row_samples(device, torch.float64):
         C = s.logits.shape[-1]
-        kw = _materialise(opts, C, device, torch.float64)
+        kw = materialise_options(opts, C, device, torch.float64)
         if kw.get("target_margin") == "per_class":
             kw["target_margin"] = torch.linspace(0, 1, C, dtype=torch.float64, device=device)
         loss, grad = loss_and_grad(fastloss.cross_entropy, s, reduction=reduction, **kw)

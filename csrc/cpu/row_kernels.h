@@ -26,9 +26,13 @@ struct RowArgs {
   int kind;
   double a, b, eps;
   const void* target_weight;  // (N, K) of acc, or nullptr for weight 1
+  // probability targets (cross_entropy_prob_*): (N, C) contiguous, of the logits' dtype or (prob_is_acc) of acc
+  const void* prob;
+  bool prob_is_acc;
   // outputs / backward inputs
   void* parts;            // forward: CE (N,3) [nll, smooth, lse]; spherical (N,) loss
-  void* stats;            // forward output / backward input: CE (N,3) [m, r, z_y]; spherical (N,2) [mean - x_0, m2]
+  void* stats;            // forward output / backward input: CE (N,3) [m, r, z_y] (probability targets
+                          // [m, r, sum_k w_k t_k]); spherical (N,2) [mean - x_0, m2]
   const void* grad_parts; // backward: dL/dparts, same layout as parts
   void* grad_logits;      // backward: (N, C) contiguous, logits dtype
 };
@@ -36,7 +40,7 @@ struct RowArgs {
 using RowKernel = void (*)(const RowArgs&, int64_t begin, int64_t end);
 
 struct RowKernels {
-  RowKernel ce_fwd, ce_bwd, spherical_fwd, spherical_bwd;
+  RowKernel ce_fwd, ce_bwd, spherical_fwd, spherical_bwd, ce_prob_fwd, ce_prob_bwd;
 };
 
 namespace base { extern const RowKernels kernels; }

@@ -77,10 +77,11 @@ FL_INLINE void store_chunk(const acc_t* d, int64_t n, scalar_t* out) {
 
 // ------------------------------------------------------------------------------------------------ CE
 
-// Folds one chunk into the online state: the chunk's own (max, rest) is exact, then LseState::merge.
+// Folds one chunk into the online state: the chunk's own (max, rest) is exact, then LseState::merge. Returns
+// the chunk's maximum (-inf for a chunk of -inf and NaN only).
 template <typename acc_t>
-void ce_reduce_chunk(const acc_t* z, const acc_t* w, int64_t n, bool smoothing, LseState<acc_t>& st,
-                     acc_t& sum_wz) {
+acc_t ce_reduce_chunk(const acc_t* z, const acc_t* w, int64_t n, bool smoothing, LseState<acc_t>& st,
+                      acc_t& sum_wz) {
   using S = Simd<acc_t>;
   using V = typename S::V;
   constexpr int W = S::W;
@@ -119,6 +120,7 @@ void ce_reduce_chunk(const acc_t* z, const acc_t* w, int64_t n, bool smoothing, 
     for (; i < n; ++i) s += (w ? w[i] : acc_t(1)) * z[i];
     sum_wz += s;
   }
+  return cm;
 }
 
 template <typename scalar_t>
@@ -219,6 +221,126 @@ void ce_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
       if (!std::is_same_v<scalar_t, acc_t>) store_chunk(d, n, out + k0);
     }
     if (!ignored) out[y] = static_cast<scalar_t>(g.target(z_y, w_y) * dz_y);
+  }
+}
+
+// ------------------------------------------------------------------------------------ CE, probability targets
+
+// u_k = w_k t_k of chunk [k0, k0 + n) of a row of probability targets, as acc_t: the targets themselves when
+// they are acc_t and unweighted, else written to buf.
+template <typename scalar_t, typename acc_t>
+FL_INLINE const acc_t* prob_chunk(const RowArgs& a, int64_t row, int64_t k0, int64_t n, const acc_t* w, acc_t* buf) {
+  const int64_t off = row * a.C + k0;
+  acc_t* u = buf;
+  if (a.prob_is_acc || std::is_same_v<scalar_t, acc_t>) {
+    const acc_t* t = static_cast<const acc_t*>(a.prob) + off;
+    if (!w) return t;
+    for (int64_t i = 0; i < n; ++i) u[i] = w[i] * t[i];
+  } else {
+    const scalar_t* t = static_cast<const scalar_t*>(a.prob) + off;
+    for (int64_t i = 0; i < n; ++i) u[i] = w ? w[i] * static_cast<acc_t>(t[i]) : static_cast<acc_t>(t[i]);
+  }
+  return u;
+}
+
+// The chunk's ProbSums relative to its own maximum cm.
+template <typename acc_t>
+ProbSums<acc_t> prob_chunk_sums(const acc_t* z, const acc_t* u, int64_t n, acc_t cm) {
+  ProbSums<acc_t> c{acc_t(0), acc_t(0)};
+  if (cm == neg_inf<acc_t>()) {  // a masked (or NaN) chunk: the scalar rule for -inf classes
+    for (int64_t i = 0; i < n; ++i) c.add(u[i], z[i], cm);
+    return c;
+  }
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  const V cmv = S::splat(cm), zero = S::splat(0);
+  V sv = zero, av = zero;
+  int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) {
+    const V uv = S::load(u + i);
+    sv += uv;
+    av += uv == zero ? zero : uv * (cmv - S::load(z + i));  // cm - (-inf) = +inf
+  }
+  c.S = S::sum(sv);
+  c.A = S::sum(av);
+  for (; i < n; ++i) c.add(u[i], z[i], cm);
+  return c;
+}
+
+template <typename scalar_t>
+void ce_prob_fwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  acc_t* parts = static_cast<acc_t*>(a.parts);
+  acc_t* stats = static_cast<acc_t*>(a.stats);
+  const int64_t C = a.C;
+  auto L = make_loader<scalar_t>(a);
+  acc_t ubuf[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
+    LseState<acc_t> st = LseState<acc_t>::empty();
+    ProbSums<acc_t> ps{acc_t(0), acc_t(0)};
+    acc_t sum_wz = 0;
+    for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - k0);
+      const acc_t* w = weight ? weight + k0 : nullptr;
+      const acc_t* z = L.load(k0, n);
+      const acc_t* u = prob_chunk<scalar_t>(a, row, k0, n, w, ubuf);
+      const acc_t m_old = st.m;
+      const acc_t cm = ce_reduce_chunk<acc_t>(z, w, n, a.with_smoothing, st, sum_wz);
+      ps.merge(prob_chunk_sums(z, u, n, cm), m_old, cm, st.m);
+    }
+    const acc_t lse = st.lse();
+    parts[3 * row + 0] = ps.nll(st);
+    parts[3 * row + 1] = a.with_smoothing ? acc_t(a.sum_w) * lse - sum_wz : acc_t(0);
+    parts[3 * row + 2] = lse;
+    stats[3 * row + 0] = st.m;
+    stats[3 * row + 1] = st.r;
+    stats[3 * row + 2] = ps.S;
+  }
+}
+
+template <typename acc_t, bool kSoftcap>
+void ce_prob_bwd_chunk(const ProbGradRow<acc_t>& g, acc_t scale, const acc_t* z, const acc_t* dzdx, const acc_t* u,
+                       const acc_t* w, int64_t n, acc_t* d) {
+  using S = Simd<acc_t>;
+  int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) {
+    const auto dv = g.grad(S::load(z + i), S::load(u + i), w ? S::load(w + i) : S::splat(1));
+    S::store(d + i, kSoftcap ? dv * S::load(dzdx + i) : dv * scale);
+  }
+  for (; i < n; ++i) {
+    const acc_t dv = g.grad(z[i], u[i], w ? w[i] : acc_t(1));
+    d[i] = kSoftcap ? dv * dzdx[i] : dv * scale;
+  }
+}
+
+template <typename scalar_t>
+void ce_prob_bwd_rows(const RowArgs& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t* stats = static_cast<const acc_t*>(a.stats);
+  const acc_t* gparts = static_cast<const acc_t*>(a.grad_parts);
+  const int64_t C = a.C;
+  auto L = make_loader<scalar_t>(a);
+  acc_t d[kChunk], ubuf[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    L.row = static_cast<const scalar_t*>(a.logits) + row * a.row_stride;
+    scalar_t* out = static_cast<scalar_t*>(a.grad_logits) + row * C;
+    const auto g = ProbGradRow<acc_t>::make(stats[3 * row], stats[3 * row + 1], stats[3 * row + 2], gparts[3 * row],
+                                            gparts[3 * row + 1], gparts[3 * row + 2], acc_t(a.sum_w));
+    for (int64_t k0 = 0; k0 < C; k0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - k0);
+      const acc_t* w = weight ? weight + k0 : nullptr;
+      const acc_t* z = L.load(k0, n);
+      const acc_t* u = prob_chunk<scalar_t>(a, row, k0, n, w, ubuf);
+      acc_t* dst = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out + k0) : d;
+      if (L.has_softcap)
+        ce_prob_bwd_chunk<acc_t, true>(g, L.pm.scale, z, L.dz, u, w, n, dst);
+      else
+        ce_prob_bwd_chunk<acc_t, false>(g, L.pm.scale, z, L.dz, u, w, n, dst);
+      if (!std::is_same_v<scalar_t, acc_t>) store_chunk(d, n, out + k0);
+    }
   }
 }
 
@@ -358,11 +480,13 @@ FL_ROW_KERNEL(ce_fwd)
 FL_ROW_KERNEL(ce_bwd)
 FL_ROW_KERNEL(spherical_fwd)
 FL_ROW_KERNEL(spherical_bwd)
+FL_ROW_KERNEL(ce_prob_fwd)
+FL_ROW_KERNEL(ce_prob_bwd)
 #undef FL_ROW_KERNEL
 
 }  // namespace
 
-extern const RowKernels kernels{&by_dtype<ce_fwd_k>, &by_dtype<ce_bwd_k>, &by_dtype<spherical_fwd_k>,
-                                &by_dtype<spherical_bwd_k>};
+extern const RowKernels kernels{&by_dtype<ce_fwd_k>,        &by_dtype<ce_bwd_k>,     &by_dtype<spherical_fwd_k>,
+                                &by_dtype<spherical_bwd_k>, &by_dtype<ce_prob_fwd_k>, &by_dtype<ce_prob_bwd_k>};
 
 }  // namespace fastloss::cpu::FL_CPU_ISA_NS

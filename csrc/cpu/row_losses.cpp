@@ -80,6 +80,51 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
   return in.grad_logits;
 }
 
+// Probability targets: the CE forward and backward with t (N, C) in place of class indices (no ignore_index,
+// no target margin; see ProbSums).
+RowArgs prob_args(const at::Tensor& logits, const ProbTargets& pt, const std::optional<at::Tensor>& w,
+                  double logit_scale, double softcap, bool with_smoothing) {
+  RowArgs a{};
+  a.dtype = dtype_of(logits);
+  a.logits = logits.data_ptr();
+  a.row_stride = logits.size(0) > 1 ? logits.stride(0) : logits.size(1);
+  a.C = logits.size(1);
+  a.prob = pt.t.data_ptr();
+  a.prob_is_acc = pt.is_acc;
+  set_ce_options(a, w, std::nullopt, 0.0, logit_scale, softcap, with_smoothing);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          double logit_scale, double softcap, bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_prob_fwd";
+  check_row_logits(logits, op);
+  auto pt = prob_targets(target, logits, op);
+  auto w = class_vector(weight, logits, op, "weight");
+  const int64_t N = logits.size(0);
+  auto opts = logits.options().dtype(acc_type_of(logits));
+  at::Tensor parts = at::empty({N, 3}, opts), stats = at::empty({N, 3}, opts);
+  RowArgs a = prob_args(logits, pt, w, logit_scale, softcap, with_smoothing);
+  a.parts = parts.data_ptr();
+  a.stats = stats.data_ptr();
+  run_rows(FL_CPU_KERNELS(kernels).ce_prob_fwd, a, N);
+  return {parts, stats};
+}
+
+at::Tensor cross_entropy_prob_bwd(const at::Tensor& grad_parts, const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                  double logit_scale, double softcap, bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_prob_bwd";
+  auto in = prepare_prob_backward(grad_parts, logits, stats, op);
+  auto pt = prob_targets(target, logits, op);
+  auto w = class_vector(weight, logits, op, "weight");
+  RowArgs a = prob_args(logits, pt, w, logit_scale, softcap, with_smoothing);
+  set_backward_args(a, in);
+  run_rows(FL_CPU_KERNELS(kernels).ce_prob_bwd, a, logits.size(0));
+  return in.grad_logits;
+}
+
 void set_spherical_options(RowArgs& a, const at::Tensor& target, const std::optional<at::Tensor>& tw, int64_t kind,
                            double a_, double b_, double eps) {
   TORCH_CHECK(kind >= 0 && kind <= 3, "fastloss: unknown spherical loss kind ", kind);
@@ -132,4 +177,6 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("cross_entropy_bwd", &fastloss::cpu::cross_entropy_bwd);
   m.impl("spherical_fwd", &fastloss::cpu::spherical_fwd);
   m.impl("spherical_bwd", &fastloss::cpu::spherical_bwd);
+  m.impl("cross_entropy_prob_fwd", &fastloss::cpu::cross_entropy_prob_fwd);
+  m.impl("cross_entropy_prob_bwd", &fastloss::cpu::cross_entropy_prob_bwd);
 }

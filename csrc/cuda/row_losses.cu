@@ -475,6 +475,112 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
       [](int64_t) {});
 }
 
+// ------------------------------------------------------------------------------------ CE, probability targets
+// Logits and targets t (N, C) read side by side (fastloss/row_losses.h: ProbSums, ProbGradRow); prob_t is the
+// logits' type or, for targets of another dtype, the accumulation type (then element by element).
+
+template <typename acc_t>
+struct ProbThreadState {
+  LseState<acc_t> st;
+  ProbSums<acc_t> ps;
+  acc_t sum_wz;
+
+  // Adds lanes z (pre-mapped) with u = w t; the state's maximum moves first, then A is re-based to it.
+  template <bool kFast, int N>
+  __device__ __forceinline__ void push(const acc_t (&z)[N], const acc_t (&u)[N]) {
+    const acc_t m_old = st.m;
+    st.template push_n<kFast>(z);
+    ps.rebase(m_old, st.m);
+#pragma unroll
+    for (int j = 0; j < N; ++j) ps.add(u[j], z[j], st.m);
+  }
+  __device__ __forceinline__ void merge(const ProbThreadState& o) {
+    const acc_t m_self = st.m;
+    st.merge(o.st);
+    ps.merge(o.ps, m_self, o.st.m, st.m);
+    sum_wz += o.sum_wz;
+  }
+};
+
+template <typename scalar_t, typename prob_t, bool kSoftcap>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    ce_prob_fwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                       const prob_t* __restrict__ prob, CeOpts<acc_type<scalar_t>> o,
+                       acc_type<scalar_t>* __restrict__ parts, acc_type<scalar_t>* __restrict__ stats) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  __shared__ ProbThreadState<acc_t> smem[kMaxWarps];
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    ProbThreadState<acc_t> ts{LseState<acc_t>::empty(), {acc_t(0), acc_t(0)}, acc_t(0)};
+    for_each_in_row_pair(
+        logits + row * row_stride, prob + row * C, C, nullptr,
+        [&](int64_t k, scalar_t x, prob_t t) {
+          const acc_t z[1] = {o.pm.template value<kSoftcap>(static_cast<acc_t>(x))};
+          const acc_t w = o.weight_of(k), u[1] = {w * static_cast<acc_t>(t)};
+          ts.template push<false>(z, u);
+          if (o.with_smoothing) ts.sum_wz += w * z[0];
+        },
+        [&](int64_t k0, const Pack<scalar_t>& px, const Pack<scalar_t>& pt) {
+          acc_t z[V], u[V];
+          lanes(px, z);
+          lanes(pt, u);
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            z[j] = o.pm.template value<kSoftcap>(z[j]);
+            u[j] *= o.weight_of(k0 + j);
+          }
+          ts.template push<kFastExp<scalar_t>>(z, u);
+          if (o.with_smoothing) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) ts.sum_wz += o.weight_of(k0 + j) * z[j];
+          }
+        });
+    ts = block_merge(ts, smem, [](auto& a, const auto& b) { a.merge(b); });
+    if (threadIdx.x == 0) {
+      const acc_t lse = ts.st.lse();
+      parts[3 * row] = ts.ps.nll(ts.st);
+      parts[3 * row + 1] = o.with_smoothing ? o.sum_weights(C) * lse - ts.sum_wz : acc_t(0);
+      parts[3 * row + 2] = lse;
+      stats[3 * row] = ts.st.m;
+      stats[3 * row + 1] = ts.st.r;
+      stats[3 * row + 2] = ts.ps.S;
+    }
+  }
+}
+
+template <typename scalar_t, typename prob_t, bool kSoftcap>
+__global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
+    ce_prob_bwd_kernel(const scalar_t* __restrict__ logits, int64_t row_stride, int64_t N, int64_t C,
+                       const prob_t* __restrict__ prob, CeOpts<acc_type<scalar_t>> o,
+                       const acc_type<scalar_t>* __restrict__ stats, const acc_type<scalar_t>* __restrict__ gparts,
+                       scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Pack<scalar_t>::N;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const auto g = ProbGradRow<acc_t>::make(stats[3 * row], stats[3 * row + 1], stats[3 * row + 2], gparts[3 * row],
+                                            gparts[3 * row + 1], gparts[3 * row + 2], o.sum_weights(C));
+    scalar_t* out = grad + row * C;
+    auto lane = [&](int64_t k, acc_t x, acc_t t) {
+      acc_t z, dz;
+      o.pm.template value_and_grad<kSoftcap>(x, z, dz);
+      const acc_t w = o.weight_of(k);
+      return static_cast<scalar_t>(g.template grad<kFastExp<scalar_t>>(z, w * t, w) * dz);
+    };
+    for_each_in_row_pair(
+        logits + row * row_stride, prob + row * C, C, out,
+        [&](int64_t k, scalar_t x, prob_t t) { out[k] = lane(k, static_cast<acc_t>(x), static_cast<acc_t>(t)); },
+        [&](int64_t k0, const Pack<scalar_t>& px, const Pack<scalar_t>& pt) {
+          acc_t xs[V], ts[V];
+          lanes(px, xs);
+          lanes(pt, ts);
+          Pack<scalar_t> res;
+#pragma unroll
+          for (int j = 0; j < V; ++j) res.v[j] = lane(k0 + j, xs[j], ts[j]);
+          *reinterpret_cast<Pack<scalar_t>*>(out + k0) = res;
+        });
+  }
+}
+
 // Spherical family (fastloss/spherical.h). Target j of a row, read from global memory; a bad target makes the
 // whole row NaN.
 template <typename scalar_t, typename acc_t>
@@ -813,6 +919,75 @@ at::Tensor cross_entropy_bwd(const at::Tensor& grad_parts, const at::Tensor& log
   return in.grad_logits;
 }
 
+// The launch of a probability-target kernel: launch(x, t, opts, L, softcap) with x the logits, t the targets as the
+// kernels read them (the logits' type, or the accumulation type for targets of another dtype) and softcap a
+// std::bool_constant.
+template <typename F>
+void launch_prob(const at::Tensor& logits, const ProbTargets& pt, const std::optional<at::Tensor>& w,
+                 double logit_scale, double softcap, bool with_smoothing, F&& launch) {
+  std::optional<at::Tensor> sum_w;
+  if (w && with_smoothing) sum_w = at::sum(*w);
+  const Launch L = row_launch(logits);
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    const auto o = ce_opts<acc_t>(w, std::nullopt, sum_w, 0.0, logit_scale, softcap, 0, with_smoothing);
+    const auto* x = static_cast<const scalar_t*>(logits.data_ptr());
+    auto run = [&](auto ptag) {
+      const auto* t = static_cast<const decltype(ptag)*>(pt.t.data_ptr());
+      softcap > 0 ? launch(x, t, o, L, std::true_type{}) : launch(x, t, o, L, std::false_type{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    pt.is_acc ? run(acc_t{}) : run(scalar_t{});
+  });
+}
+
+template <typename P>
+using pointee_t = std::remove_cv_t<std::remove_pointer_t<P>>;
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          double logit_scale, double softcap, bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_prob_fwd";
+  check_row_logits(logits, op);
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto pt = prob_targets(target, logits, op);
+  auto w = class_vector(weight, logits, op, "weight");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  auto opts = logits.options().dtype(acc_type_of(logits));
+  at::Tensor parts = at::empty({N, 3}, opts), stats = at::empty({N, 3}, opts);
+  if (N == 0) return {parts, stats};
+  launch_prob(logits, pt, w, logit_scale, softcap, with_smoothing, [&](auto x, auto t, const auto& o, const Launch& L,
+                                                                       auto sc) {
+    using scalar_t = pointee_t<decltype(x)>;
+    using acc_t = acc_type<scalar_t>;
+    ce_prob_fwd_kernel<scalar_t, pointee_t<decltype(t)>, decltype(sc)::value><<<L.grid, L.block, 0, L.stream>>>(
+        x, row_stride_of(logits), N, C, t, o, parts.data_ptr<acc_t>(), stats.data_ptr<acc_t>());
+  });
+  return {parts, stats};
+}
+
+at::Tensor cross_entropy_prob_bwd(const at::Tensor& grad_parts, const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                  double logit_scale, double softcap, bool with_smoothing) {
+  constexpr const char* op = "fastloss.cross_entropy_prob_bwd";
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto in = prepare_prob_backward(grad_parts, logits, stats, op);
+  auto pt = prob_targets(target, logits, op);
+  auto w = class_vector(weight, logits, op, "weight");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (N == 0) return in.grad_logits;
+  launch_prob(logits, pt, w, logit_scale, softcap, with_smoothing, [&](auto x, auto t, const auto& o, const Launch& L,
+                                                                       auto sc) {
+    using scalar_t = pointee_t<decltype(x)>;
+    using acc_t = acc_type<scalar_t>;
+    ce_prob_bwd_kernel<scalar_t, pointee_t<decltype(t)>, decltype(sc)::value><<<L.grid, L.block, 0, L.stream>>>(
+        x, row_stride_of(logits), N, C, t, o, in.stats.data_ptr<acc_t>(), in.grad_rows.data_ptr<acc_t>(),
+        static_cast<scalar_t*>(in.grad_logits.data_ptr()));
+  });
+  return in.grad_logits;
+}
+
 template <typename acc_t>
 SphericalLoss<acc_t> spherical_loss_of(int64_t kind, double a, double b, double eps, int64_t C) {
   TORCH_CHECK(kind >= 0 && kind <= 3, "fastloss: unknown spherical loss kind ", kind);
@@ -901,4 +1076,6 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("cross_entropy_bwd", &fastloss::cuda::cross_entropy_bwd);
   m.impl("spherical_fwd", &fastloss::cuda::spherical_fwd);
   m.impl("spherical_bwd", &fastloss::cuda::spherical_bwd);
+  m.impl("cross_entropy_prob_fwd", &fastloss::cuda::cross_entropy_prob_fwd);
+  m.impl("cross_entropy_prob_bwd", &fastloss::cuda::cross_entropy_prob_bwd);
 }

@@ -69,6 +69,37 @@ if _ops.AVAILABLE:
 
     torch.library.register_autograd("fastloss::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup)
 
+    def _ce_prob_setup(ctx, inputs, output):
+        logits, target, weight, logit_scale, softcap, with_smoothing = inputs
+        _, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(logits, target, weight, stats)
+        ctx.opts = (logit_scale, softcap, with_smoothing)
+
+    @first_order
+    def _ce_prob_backward(ctx, grad_parts, _grad_stats):
+        logits, target, weight, stats = ctx.saved_tensors
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.ops.fastloss.cross_entropy_prob_bwd(grad_parts, logits, target, weight, stats,
+                                                                    *ctx.opts)
+        if ctx.needs_input_grad[1]:  # d nll / d t_k = w_k (lse - z_k): formed here, O(N C) temporaries
+            logit_scale, softcap, _ = ctx.opts
+            acc = stats.dtype
+            z = logits.to(acc) * logit_scale
+            if softcap > 0:
+                z = softcap * torch.tanh(z / softcap)
+            lse = stats[:, 0] + torch.log1p(stats[:, 1])
+            per_class = torch.where(z == float("-inf"), torch.zeros((), dtype=acc, device=z.device), lse[:, None] - z)
+            g = grad_parts[:, 0].to(acc)[:, None] * per_class  # a masked class's target: gradient 0, as in reference
+            if weight is not None:
+                g = g * weight.to(acc)
+            grad_target = g.to(target.dtype)
+        return grad_logits, grad_target, None, None, None, None
+
+    torch.library.register_autograd("fastloss::cross_entropy_prob_fwd", _ce_prob_backward,
+                                    setup_context=_ce_prob_setup)
+
     def _spherical_setup(ctx, inputs, output):
         logits, target, target_weight, *opts = inputs
         _, stats = output

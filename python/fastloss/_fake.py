@@ -38,6 +38,15 @@ if _ops.AVAILABLE:
     def _(grad_parts, logits, target, weight, stats, logit_scale, softcap, ignore_index, with_smoothing):
         return logits.new_empty(logits.shape)
 
+    @_fake("cross_entropy_prob_fwd")
+    def _(logits, target, weight, logit_scale, softcap, with_smoothing):
+        n = logits.shape[0]
+        return logits.new_empty((n, 3), dtype=_acc(logits)), logits.new_empty((n, 3), dtype=_acc(logits))
+
+    @_fake("cross_entropy_prob_bwd")
+    def _(grad_parts, logits, target, weight, stats, logit_scale, softcap, with_smoothing):
+        return logits.new_empty(logits.shape)
+
     @_fake("spherical_fwd")
     def _(logits, target, target_weight, kind, a, b, eps, ignore_index):
         n = logits.shape[0]

@@ -6,9 +6,9 @@ import warnings
 
 import torch
 
-OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "spherical_fwd", "spherical_bwd", "spherical_row_terms",
-       "spherical_gather_dot", "spherical_row_stats", "spherical_grad_hidden", "spherical_split_bf16",
-       "spherical_weight_grad")
+OPS = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_prob_fwd", "cross_entropy_prob_bwd", "spherical_fwd",
+       "spherical_bwd", "spherical_row_terms", "spherical_gather_dot", "spherical_row_stats", "spherical_grad_hidden",
+       "spherical_split_bf16", "spherical_weight_grad")
 OPS += ("contrastive_fwd", "contrastive_fwd_grad", "contrastive_bwd")  # contrastive family
 OPS += ("sparsemax_fwd", "sparsemax_bwd", "sparsemax_loss_fwd", "sparsemax_loss_bwd")  # sparsemax family
 OPS += ("additive_row_fwd", "additive_row_bwd", "multilabel_row_fwd", "multilabel_row_bwd")  # stable softmax

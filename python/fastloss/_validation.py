@@ -25,11 +25,9 @@ def get_validation() -> bool:
     return _validate
 
 
-def check_logits_target(fn: str, logits, target) -> None:
+def check_logits(fn: str, logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{fn}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
     if logits.dim() < 2:
         raise ValueError(
             f"{fn}: logits must have shape (N, C) or (..., C) with the class dimension last, "
@@ -39,10 +37,17 @@ def check_logits_target(fn: str, logits, target) -> None:
         raise TypeError(f"{fn}: logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.shape[-1] < 1:
         raise ValueError(f"{fn}: logits need at least one class, got shape {tuple(logits.shape)}")
+
+
+def check_logits_target(fn: str, logits, target) -> None:
+    check_logits(fn, logits)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(
-            f"{fn}: target must hold integer class indices (int64 or int32), got {target.dtype}; "
-            "probability targets are not supported"
+            f"{fn}: target must hold integer class indices (int64 or int32), got {target.dtype}"
+            + ("; probability targets (a floating tensor shaped like logits) are taken by cross_entropy only"
+               if target.dtype.is_floating_point else "")
         )
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
@@ -125,10 +130,35 @@ def check_target_range(fn: str, target: torch.Tensor, num_classes: int, ignore_i
         )
 
 
+def is_prob_target(target) -> bool:
+    """cross_entropy's probability targets (torch's floating-point target): a floating tensor."""
+    return isinstance(target, torch.Tensor) and target.dtype.is_floating_point
+
+
+def check_prob_target(fn: str, logits, target, *, ignore_index, target_margin) -> None:
+    """Probability targets: a floating tensor shaped like logits, on their device; no ignore_index (torch refuses
+    one >= 0 and ignores a negative one) and no target margin (there is no target class)."""
+    check_logits(fn, logits)
+    if tuple(target.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"{fn}: a probability target (floating point) must have the shape of logits {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}; class indices must be an integer tensor"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"{fn}: target is on {target.device} but logits are on {logits.device}")
+    if isinstance(ignore_index, int) and not isinstance(ignore_index, bool) and ignore_index >= 0:
+        raise ValueError(f"{fn}: ignore_index={ignore_index} is not supported with probability targets")
+    if isinstance(target_margin, torch.Tensor) or target_margin != 0:
+        raise ValueError(f"{fn}: target_margin needs class-index targets, not probability targets")
+
+
 def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_index, label_smoothing,
                              lse_square_scale, logit_scale, softcap, target_margin):
     """All argument checks of cross_entropy; returns the options as plain floats (softcap None or > 0)."""
-    check_logits_target(fn, logits, target)
+    if is_prob_target(target):
+        check_prob_target(fn, logits, target, ignore_index=ignore_index, target_margin=target_margin)
+    else:
+        check_logits_target(fn, logits, target)
     check_class_vector(fn, "weight", weight, logits)
     check_no_grad(fn, "weight", weight)
     check_reduction(fn, reduction)

@@ -6,18 +6,23 @@ import torch
 
 from . import _ops, reference
 from . import _validation as V
-from ._reduce import cross_entropy_output, gather_class_weight
+from ._reduce import cross_entropy_output, gather_class_weight, prob_cross_entropy_output
 from .spherical import spherical_mse_loss, spherical_softmax_loss, zloss  # noqa: F401
 
 
-def _rows(logits: torch.Tensor, target: torch.Tensor):
+def _logit_rows(logits: torch.Tensor) -> torch.Tensor:
     """(N, C) rows of the logits with class stride 1: a view (any row stride) unless the class dim is strided or
     the leading dims do not merge (e.g. logits[:, :-1] of a (B, T, C) tensor), which copy."""
     C = logits.shape[-1]
     x = logits.reshape(-1, C)
     if x.stride(-1) != 1 and C > 1:
         x = x.contiguous()
-    return x, target.reshape(-1).long()
+    return x
+
+
+def _rows(logits: torch.Tensor, target: torch.Tensor):
+    """(N, C) logit rows and the flat int64 targets."""
+    return _logit_rows(logits), target.reshape(-1).long()
 
 
 def cross_entropy(
@@ -54,6 +59,15 @@ def cross_entropy(
     gradient in float32 (no Softmax Collapse). ``-inf`` logits mask classes. Class dimension last: for
     torch's ``(N, C, d1, ...)`` layout, move the class dimension to the end first.
 
+    **Probability targets** (torch's floating-point ``target``, shaped like ``logits``; soft labels,
+    distillation): the loss of a row is ``sum_k w_k t'_k (lse - z_k)`` with ``t' = (1 - label_smoothing) t +
+    label_smoothing / C``, and ``reduction="mean"`` divides by the number of rows, as torch does. ``target`` may
+    have any floating dtype (read as is when it matches the logits', else in float32 / float64); the loss comes
+    back in torch's promoted dtype of the two, and ``target`` gets a gradient when it requires one. The sum is
+    taken next to the row maximum, so a target on the maximum keeps the loss and gradient digits that
+    ``lse - z`` would cancel. A class with target 0 adds 0 also where its logit is ``-inf`` (torch gives NaN
+    there). ``ignore_index`` (>= 0) and ``target_margin`` are refused; the other options apply.
+
     ``reduction="mean"`` over zero counted rows is NaN, like torch. A target outside ``[0, C)`` other than
     ``ignore_index`` raises ``IndexError`` on CPU; on CUDA it makes that row NaN without a host sync unless
     :func:`fastloss.set_validation` is on, which raises the same ``IndexError``.
@@ -66,13 +80,23 @@ def cross_entropy(
     )
     return_lse = V.check_bool(fn, "return_lse", return_lse)
 
-    if not _ops.use_kernel("cross_entropy_fwd", logits.device):
+    prob = V.is_prob_target(target)
+    if not _ops.use_kernel("cross_entropy_prob_fwd" if prob else "cross_entropy_fwd", logits.device):
         return reference.cross_entropy(
             logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
             logit_scale=logit_scale, target_margin=target_margin, return_lse=return_lse,
         )
     C = logits.shape[-1]
+    if prob:
+        parts, _ = torch.ops.fastloss.cross_entropy_prob_fwd(
+            _logit_rows(logits), target.reshape(-1, C), weight, logit_scale, softcap or 0.0, label_smoothing > 0,
+        )
+        nll, smooth, lse = parts.unbind(1)
+        return prob_cross_entropy_output(
+            logits, target, nll, smooth, lse, reduction=reduction, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, return_lse=return_lse,
+        )
     if V.get_validation():
         V.check_target_range(fn, target, C, ignore_index)
     x, t = _rows(logits, target)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as V
-from ._reduce import cross_entropy_output, gather_class_weight, row_loss_output
+from ._reduce import cross_entropy_output, gather_class_weight, prob_cross_entropy_output, row_loss_output
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -71,6 +71,9 @@ def cross_entropy(
         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, logit_scale=logit_scale,
         softcap=softcap, target_margin=target_margin,
     )
+    if V.is_prob_target(target):
+        return _prob_cross_entropy(logits, target, weight, reduction, label_smoothing, lse_square_scale, softcap,
+                                   logit_scale, return_lse)
     C = logits.shape[-1]
     x, t, counted, safe_t = _flat_rows(fn, logits, target, ignore_index)
     acc = x.dtype
@@ -99,6 +102,34 @@ def cross_entropy(
         smooth = torch.zeros_like(nll)
     return cross_entropy_output(
         logits, nll, smooth, lse, counted, w_y, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, return_lse=return_lse,
+    )
+
+
+def _prob_cross_entropy(logits, target, weight, reduction, label_smoothing, lse_square_scale, softcap, logit_scale,
+                        return_lse):
+    """cross_entropy with probability targets: sum_k w_k t'_k (lse - z_k), t' = (1 - eps) t + eps / C, split into
+    the parts the kernels return. A class with w_k t_k = 0 adds 0, also where z_k = -inf (torch: NaN)."""
+    C = logits.shape[-1]
+    x = logits.reshape(-1, C).to(_acc_dtype(logits))
+    t = target.reshape(-1, C).to(x.dtype)
+    z = _premap(x, logit_scale, softcap)
+    m, rest, top = log_sum_exp_rest(z)
+    lse = m + torch.log1p(rest + top)
+    w = weight.to(x.dtype) if weight is not None else None
+    u = t * w if w is not None else t
+    per_class = lse[:, None] - z
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    # a masked class (z = -inf) drops out of the sum (its target's gradient is 0), unless it holds target mass
+    masked = z == float("-inf")
+    nll = (u * torch.where(masked, zero, per_class)).sum(-1)
+    nll = nll + torch.where(masked & (u != 0), u.detach() * float("inf"), zero).sum(-1)
+    if label_smoothing:
+        smooth = (per_class * w).sum(-1) if w is not None else per_class.sum(-1)
+    else:
+        smooth = torch.zeros_like(nll)
+    return prob_cross_entropy_output(
+        logits, target, nll, smooth, lse, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, return_lse=return_lse,
     )
 

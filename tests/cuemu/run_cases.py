@@ -52,6 +52,22 @@ def _row_cases(out: dict, dtype: torch.dtype, gen: torch.Generator) -> None:
     }
     for name, call in calls.items():
         _grads(out, f"rows/{dtype}/{name}", call(), (x,))
+    # probability targets: same dtype (packs, misaligned rows), float32 targets (element path), a masked class
+    probs = torch.softmax(torch.randn(37, 1003, generator=gen), -1)
+    probs[:, 5] = 0.0
+    xm = x.detach().clone()
+    xm[:, 5] = float("-inf")
+    xm.requires_grad_()
+    w = torch.rand(1003, generator=gen).to(dtype)
+    prob_calls = {
+        "prob": lambda: fastloss.cross_entropy(x, probs.to(dtype), reduction="none"),
+        "prob_f32_targets": lambda: fastloss.cross_entropy(x, probs, weight=w, label_smoothing=0.1, reduction="none"),
+        "prob_softcap": lambda: fastloss.cross_entropy(xm, probs.to(dtype), softcap=4.0, logit_scale=1.3,
+                                                       reduction="none"),
+        "prob_sliced": lambda: fastloss.cross_entropy(x[:, 1:], probs[:, 1:].to(dtype), reduction="none"),
+    }
+    for name, call in prob_calls.items():
+        _grads(out, f"rows/{dtype}/{name}", call(), (x, xm))
 
 
 def _contrastive_cases(out: dict, dtype: torch.dtype, gen: torch.Generator) -> None:

@@ -120,6 +120,82 @@ struct CeGradRow {
   }
 };
 
+// ---------------------------------------------------------------------------------------------------------
+// Cross-entropy to a target distribution (torch's floating-point "probability" targets)
+// ---------------------------------------------------------------------------------------------------------
+// With u_k = w_k t_k per class, nll = sum_k u_k (lse - z_k) = S log1p(r) + A, S = sum_k u_k and
+// A = sum_k u_k (m - z_k), both next to the online state (m, r). For t, w >= 0 every term of A is >= 0, so
+// the loss keeps its digits when the target mass sits on the maximum (the Softmax Collapse regime): the form
+// S lse - sum u z would cancel. A is kept relative to the running maximum and re-based when it grows. A class
+// with u_k = 0 adds nothing, also where z_k = -inf (0 log 0 = 0; torch's 0 * -inf gives NaN there); u_k > 0
+// on a -inf class makes the loss +inf.
+template <typename T>
+struct ProbSums {
+  T S;  // sum u
+  T A;  // sum u (m - z), m the maximum this record is relative to
+
+  // The record relative to m_old, re-based to a maximum m >= m_old.
+  FL_HD FL_INLINE void rebase(T m_old, T m) {
+    if (S != T(0) && m != m_old) A += S * (m - m_old);
+  }
+  // Adds one class (u, z) below or at the maximum m (m already includes z).
+  FL_HD FL_INLINE void add(T u, T z, T m) {
+    A += u == T(0) ? T(0) : u * (z == neg_inf<T>() ? std::numeric_limits<T>::infinity() : m - z);
+    S += u;
+  }
+  // Merges o (relative to m_o) into this record (relative to m_self); both end relative to m = max.
+  FL_HD FL_INLINE void merge(const ProbSums& o, T m_self, T m_o, T m) {
+    rebase(m_self, m);
+    ProbSums b = o;
+    b.rebase(m_o, m);
+    S += b.S;
+    A += b.A;
+  }
+  // nll of the row from the merged state.
+  FL_HD FL_INLINE T nll(const LseState<T>& st) const {
+    return (S == T(0) ? T(0) : S * fl_log1p(st.r)) + A;
+  }
+};
+
+// Per-row constants of the probability-target backward: dL/dz_k = gn (S p_k - u_k) + gs (sum_w p_k - w_k)
+// + gl p_k with (gn, gs, gl) = dL/d(nll, smooth, lse). On a maximal lane S p_k - u_k is taken as
+// (S - u_k) p_k + u_k (p_k - 1) with p_k - 1 = -r / (1 + r), so a one-hot target on the maximum keeps the
+// exact gradient -r / (1 + r) that fl(p_k) - 1 would round to 0.
+template <typename T>
+struct ProbGradRow {
+  T m, r, inv_d;
+  T gn, gs, S;
+  T gp;        // gn S + gs sum_w + gl: the coefficient of p_k
+  T gp_other;  // gs sum_w + gl
+  T top_pm1;   // p_k - 1 on a maximal lane: -r / (1 + r)
+
+  FL_HD FL_INLINE static ProbGradRow make(T m, T r, T S, T g_nll, T g_smooth, T g_lse, T sum_w) {
+    ProbGradRow g;
+    g.m = m;
+    g.r = r;
+    g.inv_d = T(1) / (T(1) + r);
+    if (m == neg_inf<T>()) {  // all lanes masked: p = 0 everywhere
+      g.m = T(0);
+      g.inv_d = T(0);
+    }
+    g.gn = g_nll;
+    g.gs = g_smooth;
+    g.S = S;
+    g.gp_other = g_smooth * sum_w + g_lse;
+    g.gp = g_nll * S + g.gp_other;
+    g.top_pm1 = -r * g.inv_d;
+    return g;
+  }
+  // dL/dz_k for logit z, u = w t and class weight w (V is T or a SIMD vector of T).
+  template <bool kFast = false, typename V>
+  FL_HD FL_INLINE V grad(V z, V u, V w) const {
+    const V p = fl_exp_if_fast<kFast>(z - m) * inv_d;
+    const V plain = gp * p - (gn * u + gs * w);
+    const V top = gn * ((S - u) * p + u * top_pm1) + gp_other * p - gs * w;
+    return z >= m ? top : plain;
+  }
+};
+
 template <typename T>
 FL_HD FL_INLINE T softplus(T t) {
   return (t > T(0) ? t : T(0)) + fl_log1p(fl_exp(-std::fabs(t)));
