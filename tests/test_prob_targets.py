@@ -173,9 +173,15 @@ def test_target_on_maximum_keeps_digits(device):
     x[:, 0], x[:, 1] = 1000.0, 1000.0 - 1e-3 * 2**-10 * 1024
     t = torch.zeros_like(x)
     t[:, 0], t[:, 1] = 0.75, 0.25
-    loss = fastloss.cross_entropy(x.float().to(device), t.float().to(device), reduction="none").double().cpu()
-    ref = torch_ce(x.float().double(), t, reduction="none")
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    xi, ti = x.float().to(device).requires_grad_(), t.float().to(device).requires_grad_()
+    loss = fastloss.cross_entropy(xi, ti, reduction="none")
+    (gt,) = torch.autograd.grad(loss.sum(), ti)
+    x64, t64 = x.float().double(), t.clone().requires_grad_()
+    ref = torch_ce(x64, t64, reduction="none")
+    (rgt,) = torch.autograd.grad(ref.sum(), t64)
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=1e-5, atol=0)
+    # the target's gradient lse - z on the maximal classes: digits of log1p(r) kept, not lost to ulp(1000)
+    torch.testing.assert_close(gt[:, :2].double().cpu(), rgt[:, :2], rtol=1e-5, atol=0)
 
 
 def test_masked_classes(device):
@@ -200,6 +206,19 @@ def test_masked_classes(device):
     t_bad = t.clone()
     t_bad[:, 0] = 0.1
     assert (fastloss.cross_entropy(x, t_bad, reduction="none") == float("inf")).all()
+    # a whole CPU chunk (512 classes) and more masked, with and without target mass there; an all-masked row
+    xw = torch.randn(3, 1500, generator=gen, dtype=torch.float64)
+    xw[:, :600] = float("-inf")
+    xw[2] = float("-inf")
+    tw = prob_targets(xw, "dense")
+    tw[:, :600] = 0.0
+    tw[2] = 0.0
+    got = fastloss.cross_entropy(xw.to(device), tw.to(device), reduction="none")
+    want = reference.cross_entropy(xw.to(device), tw.to(device), reduction="none")
+    torch.testing.assert_close(got, want)
+    assert got[2] == 0
+    tw[:, 7] = 0.2
+    assert (fastloss.cross_entropy(xw.to(device), tw.to(device), reduction="none") == float("inf")).all()
 
 
 @pytest.mark.parametrize("case", [{}, {"label_smoothing": 0.2, "weight": True, "reduction": "sum"},
@@ -253,6 +272,15 @@ def test_module_and_dtypes(device):
             torch.promote_types(xd, td)).dtype == torch.promote_types(xd, td)
         ref = F.cross_entropy(x.to(xd).double(), t.to(td).double())
         torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=1e-3)
+
+
+def test_weight_dtype_promotes(device):
+    x, t = torch.randn(4, 6, device=device), torch.rand(4, 6, device=device)
+    for xd, wd in [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)]:
+        w = torch.rand(6, device=device, dtype=wd)
+        got = fastloss.cross_entropy(x.to(xd), t.to(xd), weight=w)
+        assert got.dtype == F.cross_entropy(x.to(xd).double(), t.double(), weight=w.double()).to(
+            torch.promote_types(xd, wd)).dtype == torch.promote_types(xd, wd)
 
 
 def test_deterministic(device):

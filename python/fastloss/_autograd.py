@@ -89,8 +89,9 @@ if _ops.AVAILABLE:
             z = logits.to(acc) * logit_scale
             if softcap > 0:
                 z = softcap * torch.tanh(z / softcap)
-            lse = stats[:, 0] + torch.log1p(stats[:, 1])
-            per_class = torch.where(z == float("-inf"), torch.zeros((), dtype=acc, device=z.device), lse[:, None] - z)
+            # lse - z taken next to the maximum, (m - z) + log1p(r): exact on the maximal class
+            per_class = (stats[:, :1] - z) + torch.log1p(stats[:, 1:2])
+            per_class = torch.where(z == float("-inf"), torch.zeros((), dtype=acc, device=z.device), per_class)
             g = grad_parts[:, 0].to(acc)[:, None] * per_class  # a masked class's target: gradient 0, as in reference
             if weight is not None:
                 g = g * weight.to(acc)

@@ -88,11 +88,11 @@ def cross_entropy_output(logits, nll, smooth, lse, counted, w_y, *, reduction, l
     return (loss, lse.reshape(logits.shape[:-1])) if return_lse else loss
 
 
-def prob_cross_entropy_output(logits, target, nll, smooth, lse, *, reduction, label_smoothing, lse_square_scale,
-                              return_lse):
+def prob_cross_entropy_output(logits, target, nll, smooth, lse, *, weight, reduction, label_smoothing,
+                              lse_square_scale, return_lse):
     """cross_entropy with probability targets from its per-row parts, as torch computes it: per row
     (1 - eps) nll + (eps / C) smooth + lam lse^2 with nll = sum_k w_k t_k (lse - z_k); "mean" divides by the
-    number of rows (not by a weight sum); the loss in torch's promoted dtype of logits and target."""
+    number of rows (not by a weight sum); the loss in torch's promoted dtype of logits, target and weight."""
     eps, lam = float(label_smoothing), float(lse_square_scale)
     loss = nll if eps == 0 else (1.0 - eps) * nll + (eps / logits.shape[-1]) * smooth
     if lam:
@@ -103,7 +103,10 @@ def prob_cross_entropy_output(logits, target, nll, smooth, lse, *, reduction, la
         loss = loss.sum() / loss.shape[0]  # NaN over no rows, like torch
     else:
         loss = loss.reshape(logits.shape[:-1])
-    loss = loss.to(torch.promote_types(logits.dtype, target.dtype))
+    out_dtype = torch.promote_types(logits.dtype, target.dtype)
+    if weight is not None:  # torch forms input * target * weight
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    loss = loss.to(out_dtype)
     return (loss, lse.reshape(logits.shape[:-1])) if return_lse else loss
 
 

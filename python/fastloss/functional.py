@@ -94,7 +94,7 @@ def cross_entropy(
         )
         nll, smooth, lse = parts.unbind(1)
         return prob_cross_entropy_output(
-            logits, target, nll, smooth, lse, reduction=reduction, label_smoothing=label_smoothing,
+            logits, target, nll, smooth, lse, weight=weight, reduction=reduction, label_smoothing=label_smoothing,
             lse_square_scale=lse_square_scale, return_lse=return_lse,
         )
     if V.get_validation():

@@ -129,7 +129,7 @@ def _prob_cross_entropy(logits, target, weight, reduction, label_smoothing, lse_
     else:
         smooth = torch.zeros_like(nll)
     return prob_cross_entropy_output(
-        logits, target, nll, smooth, lse, reduction=reduction, label_smoothing=label_smoothing,
+        logits, target, nll, smooth, lse, weight=weight, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, return_lse=return_lse,
     )
 

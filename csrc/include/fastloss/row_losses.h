@@ -153,6 +153,7 @@ struct ProbSums {
   }
   // nll of the row from the merged state.
   FL_HD FL_INLINE T nll(const LseState<T>& st) const {
+    if (st.m == neg_inf<T>()) return A;  // all classes masked: 0, or +inf with target mass on them
     return (S == T(0) ? T(0) : S * fl_log1p(st.r)) + A;
   }
 };
