@@ -63,7 +63,7 @@ def cross_entropy(
     distillation): the loss of a row is ``sum_k w_k t'_k (lse - z_k)`` with ``t' = (1 - label_smoothing) t +
     label_smoothing / C``, and ``reduction="mean"`` divides by the number of rows, as torch does. ``target`` may
     have any floating dtype (read as is when it matches the logits', else in float32 / float64); the loss comes
-    back in torch's promoted dtype of the two, and ``target`` gets a gradient when it requires one. The sum is
+    back in torch's promoted dtype of logits, target and weight, and ``target`` gets a gradient. The sum is
     taken next to the row maximum, so a target on the maximum keeps the loss and gradient digits that
     ``lse - z`` would cancel. A class with target 0 adds 0 also where its logit is ``-inf`` (torch gives NaN
     there). ``ignore_index`` (>= 0) and ``target_margin`` are refused; the other options apply.
