@@ -258,10 +258,12 @@ def _threshold_rows(z: torch.Tensor, entmax15: bool):
         mu = s1 / n
         var = torch.where(supp, (u_s - mu).square(), zero).sum(-1, keepdim=True) / n
         tau = mu - torch.sqrt((1.0 / n - var).clamp(min=0))
-        p = (u - tau).clamp(min=0).square()
     else:
         tau = (s1 - 1) / n
-        p = (u - tau).clamp(min=0)
+    # [u - tau]_+ as a where, not a clamp: a lane exactly at the threshold (u == tau, frequent on a 2-byte grid)
+    # is outside the support, also in the backward (clamp's gradient there changed between torch releases)
+    p = torch.where(u > tau, u - tau, zero)
+    p = p.square() if entmax15 else p
     p = torch.where(empty[:, None], zero, p)
     return p, u, empty
 
