@@ -36,13 +36,15 @@ def prob_targets(x, kind, seed=3):
 
 
 def _fresh(x):
-    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    return out.copy_(x).requires_grad_()
+    """A leaf copy of x in storage of its own, with x's strides and storage offset (so its alignment too)."""
+    span = x.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True) if n > 0)
+    buf = torch.zeros(span, dtype=x.dtype, device=x.device)
+    return buf.as_strided(x.shape, x.stride(), x.storage_offset()).copy_(x).requires_grad_()
 
 
 def loss_and_grads(fn, x, t, **kw):
     """Loss, d logits, d target (upstream gradient != 1)."""
-    xi, ti = _fresh(x), t.detach().clone().requires_grad_()
+    xi, ti = _fresh(x), _fresh(t)
     out = fn(xi, ti, **kw)
     loss = out[0] if isinstance(out, tuple) else out
     if xi.numel() == 0:
@@ -83,17 +85,45 @@ def test_low_precision_vs_float64(device, dtype, target_dtype, opts):
         x = s.logits
         t = prob_targets(x, "dense").to(dtype if target_dtype == "same" else target_dtype)
         kw = materialise_options(opts, x.shape[-1], device, dtype)
-        loss, gx, gt = loss_and_grads(fastloss.cross_entropy, x, t, reduction="none", **kw)
-        kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
-        ref, rgx, rgt = loss_and_grads(torch_ce, x.double(), t.double(), reduction="none", **kw64)
-        assert loss.dtype == torch.promote_types(dtype, t.dtype), s.name
-        eps = torch.finfo(loss.dtype).eps
-        torch.testing.assert_close(loss.double(), ref, rtol=2 * eps, atol=1e-6)
-        geps = torch.finfo(dtype).eps
-        if gx.numel():
-            torch.testing.assert_close(gx.double(), rgx, rtol=2 * geps, atol=geps * rgx.abs().max().item() + 1e-7)
-            teps = torch.finfo(t.dtype).eps
-            torch.testing.assert_close(gt.double(), rgt, rtol=2 * teps, atol=teps * rgt.abs().max().item() + 1e-6)
+        check_vs_float64(x, t, kw, s.name)
+
+
+def check_vs_float64(x, t, kw, what):
+    """Loss and gradients of 2-byte logits within a few roundings of float64 maths on the same values."""
+    loss, gx, gt = loss_and_grads(fastloss.cross_entropy, x, t, reduction="none", **kw)
+    kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ref, rgx, rgt = loss_and_grads(torch_ce, x.double(), t.double(), reduction="none", **kw64)
+    assert loss.dtype == torch.promote_types(x.dtype, t.dtype), what
+    eps = torch.finfo(loss.dtype).eps
+    torch.testing.assert_close(loss.double(), ref, rtol=2 * eps, atol=1e-6, msg=lambda m: f"{what}: {m}")
+    geps = torch.finfo(x.dtype).eps
+    if gx.numel():
+        torch.testing.assert_close(gx.double(), rgx, rtol=2 * geps, atol=geps * rgx.abs().max().item() + 1e-7,
+                                   msg=lambda m: f"{what}: {m}")
+        teps = torch.finfo(t.dtype).eps
+        torch.testing.assert_close(gt.double(), rgt, rtol=2 * teps, atol=teps * rgt.abs().max().item() + 1e-6,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("target_dtype", ["same", torch.float32])
+def test_row_alignments(device, dtype, target_dtype):
+    """Logits and target rows that start at different offsets from the 16-byte grid, with padded logit rows: the
+    CUDA kernels read both rows in packs only where the packs line up (for float32 targets, two target packs per
+    logit pack) and element by element elsewhere; under FASTLOSS_CUEMU=1 the emulator faults a misaligned pack."""
+    gen = torch.Generator().manual_seed(11)
+    tdtype = dtype if target_dtype == "same" else target_dtype
+    N = 3
+    for C in (1, 7, 8, 9, 17, 64, 131):
+        for x_off, pad in ((0, 0), (1, 0), (5, 0), (8, 0), (0, 3), (2, 8)):
+            for t_off in (0, 1, 2, 4):
+                stride = C + pad
+                xbuf = (torch.randn(x_off + N * stride, generator=gen, dtype=torch.float64) * 3).to(device, dtype)
+                x = xbuf[x_off:].view(N, stride)[:, :C]
+                tbuf = torch.zeros(t_off + N * C, dtype=tdtype, device=device)
+                t = tbuf[t_off:].view(N, C)
+                t.copy_(prob_targets(x, "dense"))
+                check_vs_float64(x, t, {}, f"C={C} logits +{x_off} pad {pad}, targets +{t_off}")
 
 
 EXTRAS = [

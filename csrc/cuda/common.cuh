@@ -304,42 +304,45 @@ __device__ __forceinline__ void map_row(const T* row, T* out, int64_t C, G&& g, 
 }
 
 // Two rows read side by side (logits and probability targets): element(k, a_k, b_k) for the unaligned head and
-// the tail, pack(k0, pa, pb) for each 16-byte-aligned pack pair of the body, U pairs per thread in flight; out
-// (or nullptr) is a third row written with the same packs, so it must share the alignment too. Rows of
-// different element types, or misaligned against each other, take the element path throughout.
+// the tail, pack(k0, pa, pb) for each pack pair of the body: pa a 16-byte pack of a, pb the same lanes of b as
+// R = sizeof(TB) / sizeof(TA) 16-byte packs (bf16 logits beside fp32 targets: two). U / R pairs per thread in
+// flight (at least one): about the same bytes in flight and registers whatever R.
+// out (or nullptr) is a third row, of TA, written with a's packs, so it must share a's alignment. Rows whose
+// packs do not line up (b misaligned where a's body starts, or b narrower than a) take the element path.
 template <typename TA, typename TB, int U = 2, typename E, typename P>
 __device__ __forceinline__ void for_each_in_row_pair(const TA* a, const TB* b, int64_t C, const void* out,
                                                      E&& element, P&& pack) {
   const int tid = threadIdx.x, nt = blockDim.x;
-  if constexpr (!std::is_same_v<TA, TB>) {
+  constexpr bool kPacks = sizeof(TB) % sizeof(TA) == 0;
+  const uintptr_t mis_a = reinterpret_cast<uintptr_t>(a) % 16;
+  constexpr int V = Pack<TA>::N, R = kPacks ? int(sizeof(TB) / sizeof(TA)) : 1;
+  int64_t head = mis_a == 0 ? 0 : (V - int64_t(mis_a / sizeof(TA)));
+  if (head > C) head = C;
+  if (!kPacks || reinterpret_cast<uintptr_t>(b + head) % 16 != 0 ||
+      (out != nullptr && mis_a != reinterpret_cast<uintptr_t>(out) % 16)) {
     for (int64_t k = tid; k < C; k += nt) element(k, a[k], b[k]);
-  } else {
-    using T = TA;
-    constexpr int V = Pack<T>::N;
-    const uintptr_t mis_a = reinterpret_cast<uintptr_t>(a) % 16;
-    if (mis_a != reinterpret_cast<uintptr_t>(b) % 16 ||
-        (out != nullptr && mis_a != reinterpret_cast<uintptr_t>(out) % 16)) {
-      for (int64_t k = tid; k < C; k += nt) element(k, a[k], b[k]);
-      return;
-    }
-    int64_t head = mis_a == 0 ? 0 : (V - int64_t(mis_a / sizeof(T)));
-    if (head > C) head = C;
+    return;
+  }
+  if constexpr (kPacks) {
     for (int64_t k = tid; k < head; k += nt) element(k, a[k], b[k]);
     const int64_t n_vec = (C - head) / V;
-    const Pack<T>* pa = reinterpret_cast<const Pack<T>*>(a + head);
-    const Pack<T>* pb = reinterpret_cast<const Pack<T>*>(b + head);
-    for (int64_t v0 = tid; v0 < n_vec; v0 += int64_t(U) * nt) {
-      Pack<T> xa[U], xb[U];
+    const Pack<TA>* pa = reinterpret_cast<const Pack<TA>*>(a + head);
+    const Pack<TB>* pb = reinterpret_cast<const Pack<TB>*>(b + head);
+    constexpr int UP = U / R > 0 ? U / R : 1;
+    for (int64_t v0 = tid; v0 < n_vec; v0 += int64_t(UP) * nt) {
+      Pack<TA> xa[UP];
+      Pack<TB> xb[UP][R];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < UP; ++u) {
         const int64_t v = v0 + int64_t(u) * nt;
         if (v < n_vec) {
           xa[u] = pa[v];
-          xb[u] = pb[v];
+#pragma unroll
+          for (int r = 0; r < R; ++r) xb[u][r] = pb[v * R + r];
         }
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < UP; ++u) {
         const int64_t v = v0 + int64_t(u) * nt;
         if (v < n_vec) pack(head + v * V, xa[u], xb[u]);
       }

@@ -83,15 +83,16 @@ __device__ __forceinline__ void lanes(const Pack<c10::BFloat16>& p, float (&x)[8
   }
 }
 
-// Lanes of U 2-byte packs as float, pack after pack.
-template <typename T, int U>
-__device__ __forceinline__ void unpack(const Pack<T> (&p)[U], float (&x)[U * 8]) {
+// Lanes of U packs in the accumulation type, pack after pack.
+template <typename T, int U, typename A>
+__device__ __forceinline__ void unpack(const Pack<T> (&p)[U], A (&x)[U * Pack<T>::N]) {
+  constexpr int N = Pack<T>::N;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    float xu[8];
+    A xu[N];
     lanes(p[u], xu);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) x[8 * u + j] = xu[j];
+    for (int j = 0; j < N; ++j) x[N * u + j] = xu[j];
   }
 }
 
@@ -477,7 +478,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
 
 // ------------------------------------------------------------------------------------ CE, probability targets
 // Logits and targets t (N, C) read side by side (fastloss/row_losses.h: ProbSums, ProbGradRow); prob_t is the
-// logits' type or, for targets of another dtype, the accumulation type (then element by element).
+// logits' type or, for targets of another dtype, the accumulation type (2-byte logits beside fp32 targets: each
+// 16-byte pack of logits meets two packs of targets).
 
 template <typename acc_t>
 struct ProbThreadState {
@@ -520,10 +522,10 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
           ts.template push<false>(z, u);
           if (o.with_smoothing) ts.sum_wz += w * z[0];
         },
-        [&](int64_t k0, const Pack<scalar_t>& px, const Pack<scalar_t>& pt) {
+        [&](int64_t k0, const Pack<scalar_t>& px, const auto& pt) {
           acc_t z[V], u[V];
           lanes(px, z);
-          lanes(pt, u);
+          unpack(pt, u);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             z[j] = o.pm.template value<kSoftcap>(z[j]);
@@ -569,10 +571,10 @@ __global__ void __launch_bounds__(kMaxRowThreads, kMinRowBlocks<scalar_t>)
     for_each_in_row_pair(
         logits + row * row_stride, prob + row * C, C, out,
         [&](int64_t k, scalar_t x, prob_t t) { out[k] = lane(k, static_cast<acc_t>(x), static_cast<acc_t>(t)); },
-        [&](int64_t k0, const Pack<scalar_t>& px, const Pack<scalar_t>& pt) {
+        [&](int64_t k0, const Pack<scalar_t>& px, const auto& pt) {
           acc_t xs[V], ts[V];
           lanes(px, xs);
-          lanes(pt, ts);
+          unpack(pt, ts);
           Pack<scalar_t> res;
 #pragma unroll
           for (int j = 0; j < V; ++j) res.v[j] = lane(k0 + j, xs[j], ts[j]);
