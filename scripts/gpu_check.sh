@@ -132,6 +132,10 @@ if command -v ncu >/dev/null 2>&1; then
     --section SpeedOfLight --section WarpStateStats --section InstructionStats --section Occupancy \
     --section LaunchStats --section ComputeWorkloadAnalysis $PY "$REPO/scripts/ncu_case.py"
 fi
+# the chunked LM head + cross-entropy against torch (materialised and chunked), Liger and CCE (bf16, N=16384,
+# d=4096, V=128256)
+step bench_linear_ce "$OUT/bench_quick.log" 240 $PY "$REPO/bench/bench_linear_ce.py" --device cuda \
+  --out "$LOGS/linear_ce_cuda.csv"
 step bench_factored "$OUT/bench_quick.log" 300 $PY "$REPO/bench/bench_factored.py" --device cuda \
   --out "$LOGS/factored_cuda.csv"
 if [ -f "$REPO/bench/bench_sparsemax.py" ]; then  # sparsemax family: rows appended to the same CSV

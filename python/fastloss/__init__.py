@@ -22,6 +22,7 @@ from ._validation import get_validation, set_validation
 from .contrastive import clip_loss, contrastive_loss, nt_xent_loss, siglip_loss, supcon_loss
 from .factored import FactoredSphericalLinear
 from .functional import cross_entropy, spherical_mse_loss, spherical_softmax_loss, zloss
+from .linear_cross_entropy import linear_cross_entropy
 from .linear_spherical import linear_spherical_loss
 from .sparsemax import entmax15, entmax15_loss, sparsemax, sparsemax_loss  # sparsemax family
 from .stable_softmax import (  # stable-softmax family
@@ -50,6 +51,7 @@ __all__ = [
     "contrastive_loss",
     "cross_entropy",
     "get_validation",
+    "linear_cross_entropy",
     "linear_spherical_loss",
     "nn",
     "nt_xent_loss",

@@ -55,6 +55,36 @@ def combine_cross_entropy(
     return loss
 
 
+def cross_entropy_part_grads(
+    counted: torch.Tensor,
+    w_y: torch.Tensor | None,
+    *,
+    dtype: torch.dtype,
+    num_classes: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+) -> torch.Tensor:
+    """(N, 3) rows (a, b, c) with d loss / d (nll, smooth, lse) = (a, b, c · lse) for combine_cross_entropy with
+    reduction "sum" or "mean": its loss is linear in nll and smooth and quadratic in lse, with coefficients that
+    depend only on the targets, so a row's gradient is known from that row's lse alone (linear cross-entropy
+    forms its gradients chunk by chunk in the forward). tests/test_linear_cross_entropy.py checks it against
+    autograd through combine_cross_entropy."""
+    eps, lam = float(label_smoothing), float(lse_square_scale)
+    on = counted.to(dtype)
+    if reduction == "sum":
+        scale = lse_scale = torch.ones((), dtype=dtype, device=counted.device)
+    else:  # combine's denominators: sum of w_y (or the count) for nll and smooth, the count for the penalty
+        count = on.sum()
+        scale, lse_scale = 1.0 / (count if w_y is None else w_y.to(dtype).sum()), 1.0 / count
+    a = torch.full_like(on, 1.0 - eps) * scale
+    b = torch.full_like(on, eps / num_classes) * scale
+    # a where, not a product with `on`: with nothing counted 1 / count is inf, and 0 * inf would reach the
+    # kernels as a NaN lse gradient on every row
+    c = torch.where(counted, (2 * lam) * lse_scale, torch.zeros((), dtype=dtype, device=counted.device))
+    return torch.stack([a, b, c], 1)
+
+
 def mean_over(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """total / count: NaN when count is 0, like torch's mean over no rows, with a zero gradient then (a plain
     division would send 1/0 = inf back, and inf times a row's zero coefficient is NaN)."""

@@ -85,6 +85,37 @@ class LinearSphericalLoss(torch.nn.Module):
                                      weight_grad_precision=self.weight_grad_precision)
 
 
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.LinearCrossEntropyLoss` (an owned ``self.linear`` head, ``forward(input,
+    target)``) backed by :func:`fastloss.linear_cross_entropy`, with its extra keyword options. K-dimensional
+    ``out_features`` are not supported."""
+
+    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False, device=None, dtype=None,
+                 reduction: str = "mean", weight: torch.Tensor | None = None, ignore_index: int = -100,
+                 label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
+                 logit_scale: float = 1.0, target_margin: float | torch.Tensor = 0.0, chunk_size: int | None = None):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        if isinstance(target_margin, torch.Tensor):
+            self.register_buffer("target_margin", target_margin)
+        else:
+            self.target_margin = target_margin
+        self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
+        self.lse_square_scale, self.softcap, self.logit_scale = lse_square_scale, softcap, logit_scale
+        self.chunk_size = chunk_size
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from .linear_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            ignore_index=self.ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing,
+            lse_square_scale=self.lse_square_scale, softcap=self.softcap, logit_scale=self.logit_scale,
+            target_margin=self.target_margin, chunk_size=self.chunk_size,
+        )
+
+
 # --- contrastive family: drop-ins for open_clip's single-device ClipLoss / SigLipLoss call signatures.
 class ClipLoss(torch.nn.Module):
     """``loss = ClipLoss()(image_features, text_features, logit_scale[, logit_bias])``, like open_clip's

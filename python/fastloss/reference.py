@@ -204,6 +204,21 @@ def spherical_mse_loss(logits, target, *, target_weight=None, ignore_index=-100,
     return spherical_loss(3, logits, target, target_weight, ignore_index=ignore_index, reduction=reduction)
 
 
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, ignore_index=-100,
+                         reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=None, logit_scale=1.0,
+                         target_margin=0.0, return_lse=False, chunk_size=None):
+    """Reference of :func:`fastloss.linear_cross_entropy`: the logits ``F.linear(input, linear_weight,
+    linear_bias)`` materialised (in the input's dtype, as the fused path forms each chunk), then
+    :func:`cross_entropy`. ``chunk_size`` is accepted and ignored."""
+    from .linear_cross_entropy import _check_linear_args
+
+    _check_linear_args("fastloss.reference.linear_cross_entropy", input, linear_weight, linear_bias, target)
+    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+    return cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+                         logit_scale=logit_scale, target_margin=target_margin, return_lse=return_lse)
+
+
 def linear_spherical_loss(hidden, weight, target, *, bias=None, loss="zloss", a=1.0, b=0.0, eps=1e-4,
                           target_weight=None, ignore_index=-100, reduction="mean", process_group=None,
                           allow_tf32=False):
