@@ -5,8 +5,9 @@ backward, with peak memory.
 Providers (op ``linear_ce``; every one computes the same mean cross-entropy of h Wᵀ + b):
   fastloss            linear_cross_entropy(h, W, t, linear_bias=b): gradients formed in the forward, 3 GEMMs
   fastloss_recompute  the same with return_lse=True (the recomputing schedule: 4 GEMMs, 12 bytes per row kept)
-  torch               F.linear_cross_entropy(h, W, t, linear_bias=b)       (the N x V logits, and their gradient)
-  torch_chunked       the same with options=nn.LinearCrossEntropyOptions() (torch's batch-chunked op)
+  torch               F.linear_cross_entropy(h, W, t, linear_bias=b)       (the N x V logits, and their gradient;
+                      before torch 2.12 F.cross_entropy(F.linear(h, W, b), t), which it is defined as)
+  torch_chunked       the same with options=nn.LinearCrossEntropyOptions() (torch's batch-chunked op, 2.12+)
   materialised        fastloss.cross_entropy(F.linear(h, W, b), t)
   liger, cce          Liger's fused linear cross-entropy and Cut Cross-Entropy (CUDA), when importable
 
@@ -27,6 +28,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import Case, append_csv, csv_row, format_table, measure, run_info  # noqa: E402
 
 import fastloss  # noqa: E402
+
+
+def _torch():
+    """torch's F.linear_cross_entropy where this torch has it (2.12+), else the two ops it is defined as."""
+    if hasattr(F, "linear_cross_entropy"):
+        return lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b)
+    return lambda h, W, b, t: F.cross_entropy(F.linear(h, W, b), t)
 
 
 def _torch_chunked():
@@ -51,7 +59,7 @@ PROVIDERS = {
     "fastloss": lambda: lambda h, W, b, t: fastloss.linear_cross_entropy(h, W, t, linear_bias=b),
     "fastloss_recompute": lambda: lambda h, W, b, t: fastloss.linear_cross_entropy(h, W, t, linear_bias=b,
                                                                                    return_lse=True)[0],
-    "torch": lambda: lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b),
+    "torch": _torch,
     "torch_chunked": _torch_chunked,
     "materialised": lambda: lambda h, W, b, t: fastloss.cross_entropy(F.linear(h, W, b), t),
     "liger": _liger,

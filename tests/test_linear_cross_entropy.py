@@ -11,6 +11,10 @@ from fastloss import reference
 from fastloss._reduce import combine_cross_entropy, cross_entropy_part_grads
 from fastloss.linear_cross_entropy import default_chunk_rows
 
+# torch's F.linear_cross_entropy (2.12+; the GPU machine has 2.11), else the two ops it is defined as
+torch_linear_ce = getattr(F, "linear_cross_entropy", None) or (
+    lambda x, w, t, *, linear_bias=None, **kw: F.cross_entropy(F.linear(x, w, linear_bias), t, **kw))
+
 REDUCTIONS = ["mean", "sum", "none"]
 TORCH_OPTIONS = [{}, {"label_smoothing": 0.2}, {"weight": True}, {"weight": True, "label_smoothing": 0.4},
                  {"ignore_index": 3}]
@@ -70,7 +74,7 @@ def test_matches_torch(device, dtype, reduction, opts, chunk_size):
     if "ignore_index" in kw:  # an ignore_index naming a real class: its rows drop out, the class stays
         t = torch.where(t == -100, torch.full_like(t, kw["ignore_index"]), t)
     (loss, grads) = run(fastloss.linear_cross_entropy, h, W, b, t, reduction=reduction, chunk_size=chunk_size, **kw)
-    (ref, ref_grads) = run(F.linear_cross_entropy, h, W, b, t, reduction=reduction, **kw)
+    (ref, ref_grads) = run(torch_linear_ce, h, W, b, t, reduction=reduction, **kw)
     assert loss.dtype == ref.dtype and loss.shape == ref.shape
     tol = {} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     torch.testing.assert_close(loss, ref, **tol)
@@ -101,7 +105,7 @@ def test_low_precision(device, dtype, reduction):
     h, W, b, t = problem(device, dtype, lead=(64,), d=32, C=300)
     kw = {"reduction": reduction, "label_smoothing": 0.1}
     out, grads = run(fastloss.linear_cross_entropy, h, W, b, t, chunk_size=8, **kw)
-    peer, peer_grads = run(F.linear_cross_entropy, h, W, b, t, **kw)
+    peer, peer_grads = run(torch_linear_ce, h, W, b, t, **kw)
     # the exact value for these inputs: float64 throughout (logits rounded to the dtype first, as both do)
     exact, exact_grads = run(reference.linear_cross_entropy, h.double(), W.double(), b.double(), t, **kw)
     eps = torch.finfo(dtype).eps
@@ -156,13 +160,13 @@ def test_no_grad_and_shapes(device):
     with torch.no_grad():
         got = fastloss.linear_cross_entropy(h, W, t, linear_bias=b, reduction="none")
     assert got.shape == t.shape  # (torch's takes 1-D or 2-D input only)
-    want = F.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W, t.reshape(-1), linear_bias=b, reduction="none")
+    want = torch_linear_ce(h.reshape(-1, h.shape[-1]), W, t.reshape(-1), linear_bias=b, reduction="none")
     torch.testing.assert_close(got, want.view(t.shape))
     # N = 0, and an all-ignored batch (mean: NaN, as torch)
     h0, t0 = h[:0].reshape(0, h.shape[-1]), t[:0].reshape(0)
     for red in REDUCTIONS:
         torch.testing.assert_close(fastloss.linear_cross_entropy(h0, W, t0, reduction=red),
-                                   F.linear_cross_entropy(h0, W, t0, reduction=red), equal_nan=True)
+                                   torch_linear_ce(h0, W, t0, reduction=red), equal_nan=True)
     h, t = h.reshape(-1, h.shape[-1]), t.reshape(-1)
     t_ign = torch.full_like(t, -100)
     hg = h.clone().requires_grad_()
@@ -170,7 +174,7 @@ def test_no_grad_and_shapes(device):
     assert loss.isnan()
     (g,) = torch.autograd.grad(loss, hg)
     hr = h.clone().requires_grad_()
-    (gr,) = torch.autograd.grad(F.linear_cross_entropy(hr, W, t_ign), hr)
+    (gr,) = torch.autograd.grad(torch_linear_ce(hr, W, t_ign), hr)
     torch.testing.assert_close(g, gr, equal_nan=True)
 
 
@@ -195,14 +199,20 @@ def test_double_backward_raises(device):
 def test_module_matches_torch(device):
     torch.manual_seed(0)
     ours = fastloss.nn.LinearCrossEntropyLoss(12, 37, bias=True, label_smoothing=0.1, device=device)
-    theirs = torch.nn.LinearCrossEntropyLoss(12, 37, bias=True, label_smoothing=0.1, device=device)
-    theirs.load_state_dict(ours.state_dict(), strict=False)
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # torch 2.12+
+        theirs = torch.nn.LinearCrossEntropyLoss(12, 37, bias=True, label_smoothing=0.1, device=device)
+        linear = theirs.linear
+    else:
+        linear = torch.nn.Linear(12, 37, device=device)
+        theirs = lambda x, y: F.cross_entropy(linear(x), y, label_smoothing=0.1)  # noqa: E731
+    linear.load_state_dict(ours.linear.state_dict())
     h, _, _, t = problem(device, torch.float32)
     a, b = ours(h, t), theirs(h, t)
     torch.testing.assert_close(a, b)
     a.backward()
     b.backward()
-    torch.testing.assert_close(ours.linear.weight.grad, theirs.linear.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.linear.weight.grad, linear.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.linear.bias.grad, linear.bias.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_autocast_casts_fp32_operands():
