@@ -115,6 +115,49 @@ def test_low_precision(device, dtype, reduction):
         assert err <= peer_err + 2 * eps * want.abs().max().item() + 1e-6, (err, peer_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.2, "weight": True}], ids=["plain", "smooth-weight"])
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_probability_targets_match_torch(device, dtype, reduction, opts, target_grad):
+    """Soft targets (N, C): the cross_entropy_prob kernels per chunk; the target's gradient when it wants one
+    (then the recomputing schedule also for mean / sum)."""
+    h, W, b, t = problem(device, dtype, lead=(19,))
+    C = W.shape[0]
+    gen = torch.Generator().manual_seed(9)
+    probs = torch.softmax(torch.randn(19, C, generator=gen, dtype=torch.float64) * 2, -1).to(device, dtype)
+    kw = options(opts, C, device, dtype)
+    outs = []
+    for fn in (fastloss.linear_cross_entropy, torch_linear_ce):
+        leaves = [x.clone().requires_grad_() for x in (h, W, b)]
+        tt = probs.clone().requires_grad_(target_grad)
+        extra = {"chunk_size": 5} if fn is fastloss.linear_cross_entropy else {}
+        loss = fn(leaves[0], leaves[1], tt, linear_bias=leaves[2], reduction=reduction, **kw, **extra)
+        up = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5).to(loss)
+        outs.append((loss, torch.autograd.grad((loss * up).sum(), leaves + ([tt] if target_grad else []))))
+    (loss, grads), (ref, ref_grads) = outs
+    assert loss.dtype == ref.dtype
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-12}
+    torch.testing.assert_close(loss, ref, **tol)
+    assert_all_close(grads, ref_grads, **tol)
+
+
+@pytest.mark.parametrize("opts", [{"lse_square_scale": 0.1, "return_lse": True},
+                                  {"softcap": 2.0, "logit_scale": 0.7, "reduction": "sum"}], ids=["lse", "premaps"])
+def test_probability_targets_extras(device, opts):
+    h, W, b, t = problem(device, torch.float64, lead=(2, 5))
+    gen = torch.Generator().manual_seed(10)
+    probs = torch.softmax(torch.randn(2, 5, W.shape[0], generator=gen, dtype=torch.float64), -1).to(device)
+    out, grads = run(fastloss.linear_cross_entropy, h, W, b, probs, chunk_size=3, **opts)
+    ref, ref_grads = run(reference.linear_cross_entropy, h, W, b, probs, **opts)
+    assert_all_close(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,),
+                     rtol=1e-11, atol=1e-12)
+    assert_all_close(grads, ref_grads, rtol=1e-11, atol=1e-12)
+    # bf16 input beside fp32 targets: the loss in torch's promoted dtype
+    lo = fastloss.linear_cross_entropy(h.bfloat16(), W.bfloat16(), probs.float(), linear_bias=b.bfloat16())
+    assert lo.dtype == torch.float32
+
+
 def test_part_grads_match_autograd():
     """cross_entropy_part_grads is d combine_cross_entropy / d parts, for every reduction option."""
     gen = torch.Generator().manual_seed(2)
@@ -266,7 +309,9 @@ def test_default_chunk_rows():
         (lambda h, W, t: (h, W[0], t), {}, ValueError, r"linear_weight \(C, d\)"),
         (lambda h, W, t: (h, W.double(), t), {}, TypeError, "linear_weight has dtype"),
         (lambda h, W, t: (h, W, t[:3]), {}, ValueError, "target"),
-        (lambda h, W, t: (h, W, t.float()), {}, TypeError, "class indices"),
+        (lambda h, W, t: (h, W, t.float()), {}, ValueError, "probability target .* must have the shape of logits"),
+        (lambda h, W, t: (h, W, torch.rand(4, 9)), {"ignore_index": 2}, ValueError, "ignore_index=2"),
+        (lambda h, W, t: (h, W, torch.rand(4, 9)), {"target_margin": 0.5}, ValueError, "target_margin needs"),
         (lambda h, W, t: (h, W, t), {"linear_bias": torch.zeros(3)}, ValueError, r"linear_bias must be .* \(9,\)"),
         (lambda h, W, t: (h, W, t), {"weight": torch.ones(4)}, ValueError, r"weight must have shape \(9,\)"),
         (lambda h, W, t: (h, W, t), {"softcap": -1.0}, ValueError, "softcap must be > 0"),

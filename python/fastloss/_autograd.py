@@ -50,6 +50,20 @@ def first_order(backward):
     return wrapper
 
 
+def prob_target_grad(grad_parts, logits, weight, stats, logit_scale, softcap):
+    """d loss / d t_k = g_nll w_k (lse - z_k) of cross_entropy_prob_fwd's rows (accumulation type): formed here,
+    O(N C) temporaries. lse - z is taken next to the maximum, (m - z) + log1p(r): exact on the maximal class;
+    a masked class (z = -inf) gets 0, as in the reference."""
+    acc = stats.dtype
+    z = logits.to(acc) * logit_scale
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    per_class = (stats[:, :1] - z) + torch.log1p(stats[:, 1:2])
+    per_class = torch.where(z == float("-inf"), torch.zeros((), dtype=acc, device=z.device), per_class)
+    g = grad_parts[:, 0].to(acc)[:, None] * per_class
+    return g * weight.to(acc) if weight is not None else g
+
+
 if _ops.AVAILABLE:
 
     def _ce_setup(ctx, inputs, output):
@@ -83,19 +97,8 @@ if _ops.AVAILABLE:
         if ctx.needs_input_grad[0]:
             grad_logits = torch.ops.fastloss.cross_entropy_prob_bwd(grad_parts, logits, target, weight, stats,
                                                                     *ctx.opts)
-        if ctx.needs_input_grad[1]:  # d nll / d t_k = w_k (lse - z_k): formed here, O(N C) temporaries
-            logit_scale, softcap, _ = ctx.opts
-            acc = stats.dtype
-            z = logits.to(acc) * logit_scale
-            if softcap > 0:
-                z = softcap * torch.tanh(z / softcap)
-            # lse - z taken next to the maximum, (m - z) + log1p(r): exact on the maximal class
-            per_class = (stats[:, :1] - z) + torch.log1p(stats[:, 1:2])
-            per_class = torch.where(z == float("-inf"), torch.zeros((), dtype=acc, device=z.device), per_class)
-            g = grad_parts[:, 0].to(acc)[:, None] * per_class  # a masked class's target: gradient 0, as in reference
-            if weight is not None:
-                g = g * weight.to(acc)
-            grad_target = g.to(target.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_target = prob_target_grad(grad_parts, logits, weight, stats, *ctx.opts[:2]).to(target.dtype)
         return grad_logits, grad_target, None, None, None, None
 
     torch.library.register_autograd("fastloss::cross_entropy_prob_fwd", _ce_prob_backward,

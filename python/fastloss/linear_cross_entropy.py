@@ -25,8 +25,14 @@ import torch.nn.functional as F
 
 from . import _ops
 from . import _validation as V
-from ._autograd import first_order
-from ._reduce import combine_cross_entropy, cross_entropy_output, cross_entropy_part_grads, gather_class_weight
+from ._autograd import first_order, prob_target_grad
+from ._reduce import (
+    combine_cross_entropy,
+    cross_entropy_output,
+    cross_entropy_part_grads,
+    gather_class_weight,
+    prob_cross_entropy_output,
+)
 from .linear_spherical import _HAS_MM_DTYPE, _autocast_operands
 
 _MIN_CHUNK_LOGITS = 1 << 24  # 64 MB of fp32 logits
@@ -46,13 +52,16 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 class _Head:
-    """The linear layer and the cross-entropy options, shared by both schedules."""
+    """The linear layer and the cross-entropy options, shared by both schedules; `prob`: probability targets
+    (rows of t shaped like the logits, the cross_entropy_prob ops) instead of class indices."""
 
     def __init__(self, weight, bias, class_weight, margin, margin_scalar, logit_scale, softcap, ignore_index,
-                 with_smoothing, chunk):
+                 with_smoothing, chunk, prob):
         self.weight, self.bias, self.class_weight, self.margin = weight, bias, class_weight, margin
+        self.logit_scale, self.softcap, self.prob = logit_scale, softcap, prob
         self.fwd_opts = (margin_scalar, logit_scale, softcap, ignore_index, with_smoothing)
         self.bwd_opts = (logit_scale, softcap, ignore_index, with_smoothing)
+        self.prob_opts = (logit_scale, softcap, with_smoothing)
         self.chunk = chunk
 
     def spans(self, n: int):
@@ -62,9 +71,14 @@ class _Head:
         return F.linear(h, self.weight, self.bias)
 
     def forward_rows(self, z: torch.Tensor, t: torch.Tensor):
+        if self.prob:
+            return torch.ops.fastloss.cross_entropy_prob_fwd(z, t, self.class_weight, *self.prob_opts)
         return torch.ops.fastloss.cross_entropy_fwd(z, t, self.class_weight, self.margin, *self.fwd_opts)
 
     def logit_grad(self, grad_parts, z, t, stats):
+        if self.prob:
+            return torch.ops.fastloss.cross_entropy_prob_bwd(grad_parts, z, t, self.class_weight, stats,
+                                                             *self.prob_opts)
         return torch.ops.fastloss.cross_entropy_bwd(grad_parts, z, t, self.class_weight, stats, *self.bwd_opts)
 
     def accumulate(self, g, h_c, r0, r1, grads, need):
@@ -124,13 +138,19 @@ class _RecomputeParts(torch.autograd.Function):
         head = ctx.head
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], head.bias is not None and ctx.needs_input_grad[2])
         grads = head.new_grads(h, need)
+        grad_t = torch.empty_like(t) if ctx.needs_input_grad[3] else None  # probability targets only
         grad_parts = grad_parts.contiguous()
         with torch.autocast(h.device.type, enabled=False):  # the logits exactly as the forward formed them
             for r0, r1 in head.spans(h.shape[0]):
                 h_c = h[r0:r1]
-                g = head.logit_grad(grad_parts[r0:r1], head.logits(h_c), t[r0:r1], stats[r0:r1])
-                head.accumulate(g, h_c, r0, r1, grads, need)
-        return (*_finish(grads, head, need), None, None)
+                z = head.logits(h_c)
+                if any(need):
+                    g = head.logit_grad(grad_parts[r0:r1], z, t[r0:r1], stats[r0:r1])
+                    head.accumulate(g, h_c, r0, r1, grads, need)
+                if grad_t is not None:
+                    grad_t[r0:r1] = prob_target_grad(grad_parts[r0:r1], z, head.class_weight, stats[r0:r1],
+                                                     head.logit_scale, head.softcap)
+        return (*_finish(grads, head, need), grad_t, None)
 
 
 class _GradsInForward(torch.autograd.Function):
@@ -186,23 +206,24 @@ def linear_cross_entropy(
     """:func:`fastloss.cross_entropy` of ``F.linear(input, linear_weight, linear_bias)`` without the logits.
 
     Drop-in for ``torch.nn.functional.linear_cross_entropy(input, linear_weight, target, linear_bias=...,
-    weight=..., reduction=..., ignore_index=..., label_smoothing=...)`` with class-index targets, plus every
-    option of :func:`fastloss.cross_entropy`: ``lse_square_scale``, ``softcap``, ``logit_scale``,
-    ``target_margin`` and ``return_lse`` (per-row lse in float32, float64 for float64 inputs).
+    weight=..., reduction=..., ignore_index=..., label_smoothing=...)``, plus every option of
+    :func:`fastloss.cross_entropy`: ``lse_square_scale``, ``softcap``, ``logit_scale``, ``target_margin`` and
+    ``return_lse`` (per-row lse in float32, float64 for float64 inputs).
 
     ``input (..., d)``, ``linear_weight (C, d)`` and ``linear_bias (C,)`` share a floating dtype; ``target``
-    ``(...)`` holds class indices. The logits are formed ``chunk_size`` rows at a time (default: a chunk of logits
-    about the size of ``input``, as Liger does, and at least 2^24 logits, a power of two of rows) in the input's
-    dtype, exactly as ``F.linear`` forms them, and never all at once: peak memory is one chunk of logits and its
-    gradient, plus the gradients themselves.
+    ``(...)`` holds class indices, or is a floating tensor ``(..., C)`` of probability targets (soft labels,
+    distillation; semantics, dtypes and refused options as in :func:`fastloss.cross_entropy`, and ``target`` gets
+    a gradient when it requires one). The logits are formed ``chunk_size`` rows at a time (default: a chunk of
+    logits about the size of ``input``, as Liger does, and at least 2^24 logits, a power of two of rows) in the
+    input's dtype, exactly as ``F.linear`` forms them, and never all at once: peak memory is one chunk of logits
+    and its gradient, plus the gradients themselves.
 
-    With ``reduction`` "mean" or "sum", ``return_lse=False`` and a gradient wanted, the gradients are formed in
-    the forward (three GEMMs per chunk) and the backward scales them, so calling the forward without a backward
-    under autograd costs the gradients too; run evaluation under ``torch.no_grad()``. Otherwise the forward keeps
-    only per-row statistics and the backward forms the logits again. The weight and bias gradients accumulate
-    over chunks in float32 (float64 for float64). Inside ``torch.autocast`` float32 operands are cast to the
-    autocast dtype, as ``F.linear``'s would be. Probability targets are not supported here (use
-    :func:`fastloss.cross_entropy` on the logits).
+    With ``reduction`` "mean" or "sum", ``return_lse=False``, a gradient wanted (and none for ``target``), the
+    gradients are formed in the forward (three GEMMs per chunk) and the backward scales them, so calling the
+    forward without a backward under autograd costs the gradients too; run evaluation under
+    ``torch.no_grad()``. Otherwise the forward keeps only per-row statistics and the backward forms the logits
+    again. The weight and bias gradients accumulate over chunks in float32 (float64 for float64). Inside
+    ``torch.autocast`` float32 operands are cast to the autocast dtype, as ``F.linear``'s would be.
     """
     fn = "fastloss.linear_cross_entropy"
     input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
@@ -214,44 +235,61 @@ def linear_cross_entropy(
         softcap=softcap, target_margin=target_margin,
     )
     return_lse = V.check_bool(fn, "return_lse", return_lse)
+    prob = V.is_prob_target(target)
     d = input.shape[-1]
     h = input.reshape(-1, d)
-    t = target.reshape(-1).long()
+    t = target.reshape(-1, C) if prob else target.reshape(-1).long()
     if chunk_size is None:
         chunk_size = default_chunk_rows(h.shape[0], C, d)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not _ops.use_kernel("cross_entropy_fwd", input.device):
+    if not _ops.use_kernel("cross_entropy_prob_fwd" if prob else "cross_entropy_fwd", input.device):
         from . import reference
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
             softcap=softcap, logit_scale=logit_scale, target_margin=target_margin, return_lse=return_lse,
         )
-    if V.get_validation():
+    if V.get_validation() and not prob:
         V.check_target_range(fn, target, C, ignore_index)
     per_class_margin = isinstance(target_margin, torch.Tensor)
     h = h if h.stride(-1) == 1 else h.contiguous()
     head = _Head(linear_weight, linear_bias, weight, target_margin if per_class_margin else None,
                  0.0 if per_class_margin else target_margin, logit_scale, softcap or 0.0, ignore_index,
-                 label_smoothing > 0, chunk_size)
-    counted = t != ignore_index
+                 label_smoothing > 0, chunk_size, prob)
     acc = _acc(h)
-    w_y = gather_class_weight(weight.to(acc) if weight is not None else None, t, counted, C)
+    # probability targets: every row counts, without w_y (torch's "mean" divides by the number of rows)
+    counted = torch.ones(h.shape[0], dtype=torch.bool, device=h.device) if prob else t != ignore_index
+    w_y = None if prob else gather_class_weight(weight.to(acc) if weight is not None else None, t, counted, C)
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (input, linear_weight, linear_bias))
+    target_grad = prob and torch.is_grad_enabled() and target.requires_grad
     with torch.autocast(input.device.type, enabled=False):
-        if reduction != "none" and not return_lse and wants_grad:
+        if reduction != "none" and not return_lse and wants_grad and not target_grad:
             combine = {"num_classes": C, "reduction": reduction, "label_smoothing": label_smoothing,
                        "lse_square_scale": lse_square_scale}
             loss = _GradsInForward.apply(h, linear_weight, linear_bias, t, head, counted, w_y, combine)
-            return loss.to(input.dtype)
+            return loss.to(_output_dtype(input, target, weight, prob))
         parts = _RecomputeParts.apply(h, linear_weight, linear_bias, t, head)
     nll, smooth, lse = parts.unbind(1)
+    if prob:
+        return prob_cross_entropy_output(
+            logits_like, target, nll, smooth, lse, weight=weight, reduction=reduction,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, return_lse=return_lse,
+        )
     return cross_entropy_output(
         logits_like, nll, smooth, lse, counted, w_y, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, return_lse=return_lse,
     )
+
+
+def _output_dtype(input, target, weight, prob) -> torch.dtype:
+    """The loss dtype: the input's, or for probability targets torch's promotion over input, target and weight
+    (as _reduce.prob_cross_entropy_output)."""
+    if not prob:
+        return input.dtype
+    out = torch.promote_types(input.dtype, target.dtype)
+    return torch.promote_types(out, weight.dtype) if weight is not None else out
 
 
 def _check_linear_args(fn, input, weight, bias, target) -> int:
@@ -279,7 +317,4 @@ def _check_linear_args(fn, input, weight, bias, target) -> int:
         if bias.dtype != input.dtype or bias.device != input.device:
             raise TypeError(f"{fn}: linear_bias must have the dtype and device of input ({input.dtype}, "
                             f"{input.device})")
-    if V.is_prob_target(target):
-        raise TypeError(f"{fn}: target must hold class indices (probability targets: fastloss.cross_entropy on "
-                        f"the logits), got {target.dtype}")
     return weight.shape[0]
