@@ -25,16 +25,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_spherical import _cce, _liger, _torch_linear_ce, setup_for  # noqa: E402
 from harness import Case, append_csv, csv_row, format_table, measure, run_info  # noqa: E402
 
 import fastloss  # noqa: E402
-
-
-def _torch():
-    """torch's F.linear_cross_entropy where this torch has it (2.12+), else the two ops it is defined as."""
-    if hasattr(F, "linear_cross_entropy"):
-        return lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b)
-    return lambda h, W, b, t: F.cross_entropy(F.linear(h, W, b), t)
 
 
 def _torch_chunked():
@@ -42,47 +36,17 @@ def _torch_chunked():
     return lambda h, W, b, t: F.linear_cross_entropy(h, W, t, linear_bias=b, options=options)
 
 
-def _liger():
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    loss = LigerFusedLinearCrossEntropyLoss()
-    return lambda h, W, b, t: loss(W, h, t, b)
-
-
-def _cce():
-    from cut_cross_entropy import linear_cross_entropy
-
-    return lambda h, W, b, t: linear_cross_entropy(h, W, t)  # no bias argument (the bench's bias is zero)
-
-
 PROVIDERS = {
     "fastloss": lambda: lambda h, W, b, t: fastloss.linear_cross_entropy(h, W, t, linear_bias=b),
     "fastloss_recompute": lambda: lambda h, W, b, t: fastloss.linear_cross_entropy(h, W, t, linear_bias=b,
                                                                                    return_lse=True)[0],
-    "torch": _torch,
+    "torch": _torch_linear_ce,
     "torch_chunked": _torch_chunked,
     "materialised": lambda: lambda h, W, b, t: fastloss.cross_entropy(F.linear(h, W, b), t),
     "liger": _liger,
     "cce": _cce,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-
-
-def setup_for(fn, case: Case):
-    N, d, V = case.shape["N"], case.shape["d"], case.shape["V"]
-
-    def setup(requires_grad: bool):
-        gen = torch.Generator(case.device).manual_seed(0)
-        h = torch.randn(N, d, device=case.device, generator=gen).to(case.dtype).requires_grad_(requires_grad)
-        W = (torch.randn(V, d, device=case.device, generator=gen) / d**0.5).to(case.dtype)
-        b = torch.zeros(V, device=case.device).to(case.dtype)
-        W.requires_grad_(requires_grad)
-        b.requires_grad_(requires_grad)
-        t = torch.randint(V, (N,), device=case.device, generator=gen)
-        t[::7] = -100  # padding tokens
-        return fn, (h, W, b, t)
-
-    return setup
 
 
 def main(argv=None):
@@ -114,7 +78,7 @@ def main(argv=None):
                 continue
             case = Case("linear_ce", {"N": n, "d": d, "V": v}, dtype, args.device, "fwdbwd")
             try:
-                r = measure(setup_for(fns[prov], case), case, min_run_time=0.5, min_samples=3)
+                r = measure(setup_for(fns[prov], case, ignore_every=7), case, min_run_time=0.5, min_samples=3)
             except torch.OutOfMemoryError:
                 print(f"{prov:18s} N={n} d={d} V={v}: out of memory", flush=True)
                 continue

@@ -68,7 +68,8 @@ PROVIDERS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
-def setup_for(fn, case: Case):
+def setup_for(fn, case: Case, ignore_every: int = 0):
+    """Inputs (h, W, b, t) of one case; ignore_every = k > 0 marks every k-th target -100 (padding tokens)."""
     N, d, V = case.shape["N"], case.shape["d"], case.shape["V"]
 
     def setup(requires_grad: bool):
@@ -79,6 +80,8 @@ def setup_for(fn, case: Case):
         W.requires_grad_(requires_grad)
         b.requires_grad_(requires_grad)
         t = torch.randint(V, (N,), device=case.device, generator=gen)
+        if ignore_every:
+            t[::ignore_every] = -100
         return fn, (h, W, b, t)
 
     return setup

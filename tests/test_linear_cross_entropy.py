@@ -306,7 +306,7 @@ def test_default_chunk_rows():
     "make,kw,exc,msg",
     [
         (lambda h, W, t: (h[:, :5], W, t), {}, ValueError, "input has width 5 but linear_weight rows have width 6"),
-        (lambda h, W, t: (h, W[0], t), {}, ValueError, r"linear_weight \(C, d\)"),
+        (lambda h, W, t: (h, W[0], t), {}, ValueError, r"linear_weight \(classes, d\)"),
         (lambda h, W, t: (h, W.double(), t), {}, TypeError, "linear_weight has dtype"),
         (lambda h, W, t: (h, W, t[:3]), {}, ValueError, "target"),
         (lambda h, W, t: (h, W, t.float()), {}, ValueError, "probability target .* must have the shape of logits"),

@@ -178,6 +178,33 @@ def check_cross_entropy_args(fn, logits, target, *, weight, reduction, ignore_in
     return label_smoothing, lse_square_scale, logit_scale, softcap, target_margin
 
 
+def check_linear_layer(fn, x, weight, bias, names=("hidden", "weight", "bias")) -> None:
+    """Inputs of a loss over the logits ``x @ weight.T + bias`` that are never formed: x (..., d), weight (C, d)
+    with C >= 1, bias (C,) or None, one floating dtype and device. ``names``: the arguments' public names."""
+    xn, wn, bn = names
+    for name, t in ((xn, x), (wn, weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"{fn}: {xn} must be (..., d) and {wn} (classes, d), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: {xn} has width {x.shape[-1]} but {wn} rows have width {weight.shape[1]}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{fn}: {wn} needs at least one row (class)")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {xn} must be a floating tensor (fp16/bf16/fp32/fp64), got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{fn}: {wn} has dtype {weight.dtype} but {xn} has {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: {wn} is on {weight.device} but {xn} is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: {bn} must be a tensor of shape ({weight.shape[0]},) or None")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"{fn}: {bn} must have the dtype and device of {xn} ({x.dtype}, {x.device})")
+
+
 def check_spherical_args(fn, logits, target, target_weight, *, ignore_index, reduction) -> bool:
     """Checks of the spherical family on logits. target is (...) class ids, or (..., K) for K targets per row
     (padded with ignore_index) with optional target_weight of the same shape. Returns True for (..., K)."""

@@ -294,27 +294,7 @@ def _output_dtype(input, target, weight, prob) -> torch.dtype:
 
 def _check_linear_args(fn, input, weight, bias, target) -> int:
     """The linear layer's checks; returns the number of classes C."""
-    for name, x in (("input", input), ("linear_weight", weight), ("target", target)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if input.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"{fn}: input must be (..., d) and linear_weight (C, d), got {tuple(input.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{fn}: input has width {input.shape[-1]} but linear_weight rows have width "
-                         f"{weight.shape[1]}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"{fn}: linear_weight needs at least one row (class)")
-    if input.dtype not in V._FLOAT_DTYPES:
-        raise TypeError(f"{fn}: input must be a floating tensor (fp16/bf16/fp32/fp64), got {input.dtype}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"{fn}: linear_weight has dtype {weight.dtype} but input has {input.dtype}")
-    if weight.device != input.device:
-        raise ValueError(f"{fn}: linear_weight is on {weight.device} but input is on {input.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{fn}: linear_bias must be a tensor of shape ({weight.shape[0]},) or None")
-        if bias.dtype != input.dtype or bias.device != input.device:
-            raise TypeError(f"{fn}: linear_bias must have the dtype and device of input ({input.dtype}, "
-                            f"{input.device})")
+    V.check_linear_layer(fn, input, weight, bias, names=("input", "linear_weight", "linear_bias"))
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
     return weight.shape[0]

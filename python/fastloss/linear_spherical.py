@@ -500,29 +500,11 @@ def _autocast_operands(hidden, weight, bias):
 
 
 def _check_linear_args(fn, hidden, weight, target, bias, loss, target_weight, ignore_index, reduction):
-    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    V.check_linear_layer(fn, hidden, weight, bias)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
     if loss not in KINDS:
         raise ValueError(f"{fn}: loss must be one of {tuple(KINDS)}, got {loss!r}")
-    if hidden.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"{fn}: hidden must be (..., d) and weight (V, d), got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{fn}: hidden has width {hidden.shape[-1]} but weight rows have width {weight.shape[1]}")
-    if weight.shape[0] < 1:
-        raise ValueError(f"{fn}: weight needs at least one row (class)")
-    if hidden.dtype not in V._FLOAT_DTYPES:
-        raise TypeError(f"{fn}: hidden must be a floating tensor (fp16/bf16/fp32/fp64), got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but hidden has {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{fn}: weight is on {weight.device} but hidden is on {hidden.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"{fn}: bias must be a tensor of shape ({weight.shape[0]},) or None")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"{fn}: bias must have the dtype and device of hidden ({hidden.dtype}, {hidden.device})")
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise TypeError(f"{fn}: target must hold integer class indices, got {target.dtype}")
     if target.device != hidden.device:
