@@ -61,7 +61,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             fn(x, t).backward()
             fn(x, t2, target_weight=tw).backward()
         # probability targets: misaligned logits (element path), contiguous ones with targets of their dtype (packs
-        # with heads and tails) and with float32 targets (element path)
+        # with heads and tails) and with float32 targets (2-byte logits: two target packs per logit pack)
         probs = torch.softmax(torch.randn(N, C, device=dev), -1)
         xc = x.detach().contiguous().requires_grad_()
         for xp, tp in ((x, probs.to(dtype)), (xc, probs.to(dtype)), (xc, probs)):

@@ -52,7 +52,8 @@ def _row_cases(out: dict, dtype: torch.dtype, gen: torch.Generator) -> None:
     }
     for name, call in calls.items():
         _grads(out, f"rows/{dtype}/{name}", call(), (x,))
-    # probability targets: same dtype (packs, misaligned rows), float32 targets (element path), a masked class
+    # probability targets: same dtype (packs, misaligned rows), float32 targets (beside 2-byte logits two target
+    # packs per logit pack; fp64 logits read them converted), a masked class
     probs = torch.softmax(torch.randn(37, 1003, generator=gen), -1)
     probs[:, 5] = 0.0
     xm = x.detach().clone()
