@@ -270,14 +270,22 @@ def test_autocast_casts_fp32_operands():
     assert Wp.grad.dtype == torch.float32
 
 
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("schedule", ["grads_in_forward", "recompute_prob"])
+def test_compile_fullgraph(device, schedule):
     torch._dynamo.reset()
     h, W, b, t = problem(device, torch.float32, lead=(4, 6))
     lin = torch.nn.Linear(12, 37).to(device)
+    if schedule == "recompute_prob":  # soft targets, reduction="none" and a gradient through the returned lse
+        gen = torch.Generator().manual_seed(3)
+        t = torch.softmax(torch.randn(4, 6, 37, generator=gen), -1).to(device)
 
     def step(x, y):
-        return fastloss.linear_cross_entropy(torch.tanh(x), lin.weight, y, linear_bias=lin.bias,
-                                             label_smoothing=0.1, chunk_size=8)
+        if schedule == "grads_in_forward":
+            return fastloss.linear_cross_entropy(torch.tanh(x), lin.weight, y, linear_bias=lin.bias,
+                                                 label_smoothing=0.1, chunk_size=8)
+        loss, lse = fastloss.linear_cross_entropy(torch.tanh(x), lin.weight, y, linear_bias=lin.bias,
+                                                  reduction="none", return_lse=True, chunk_size=8)
+        return loss.sum() + 0.1 * lse.square().sum()
 
     eager = step(h, t)
     eager.backward()
